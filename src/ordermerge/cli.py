@@ -1,0 +1,179 @@
+"""``ordermerge <stage>``: every workflow stage as a command, usable without Snakemake."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _json_arg(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_base_model(a):
+    from .base_model import build_base_model
+
+    build_base_model(a.source, a.out, dtype=a.dtype, trust_remote_code=a.trust_remote_code, revision=a.revision)
+
+
+def cmd_prepare_data(a):
+    from transformers import AutoTokenizer
+
+    from .data import prepare_task
+
+    summary = prepare_task(a.task, a.spec, AutoTokenizer.from_pretrained(a.base), a.seed, a.out_dir)
+    print(json.dumps(summary))
+
+
+def cmd_orders(a):
+    from .data import read_jsonl
+    from .orders import make_order, save_order
+
+    n = len(read_jsonl(a.train))
+    save_order(make_order(n, a.epochs, a.scheme, a.batch_size, a.seed, a.task, a.run), a.out)
+
+
+def cmd_fine_tune(a):
+    _set_threads(a.threads)
+    from .train import fine_tune
+
+    fine_tune(a.base, a.train, a.order, a.out_dir, a.task_spec, a.train_cfg, a.seed, a.run_name)
+
+
+def cmd_sample_losses(a):
+    _set_threads(a.threads)
+    from .losses import sample_losses_stage
+
+    splits = dict(s.split("=", 1) for s in a.split)
+    sample_losses_stage(a.model_dir, splits, a.task_spec, a.batch_size, a.out)
+
+
+def cmd_merge(a):
+    _set_threads(a.threads)
+    from .checkpoint_io import CheckpointError
+    from .merge import merge_models
+
+    weights = [float(w) for w in a.weights.split(",")] if a.weights else None
+    try:
+        prov = merge_models(a.base, a.models, a.out, method=a.method, resample=a.resample, seed=a.seed,
+                            weights=weights, shard_size=a.shard_size, force=a.force)
+    except (CheckpointError, ValueError, FileExistsError) as exc:
+        print(f"ordermerge merge: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    s = prov["stats"]
+    print(f"merged {len(a.models)} models ({prov['method_key']}, seed {a.seed}) into {a.out}; "
+          f"resampled per round: {s['resampled_per_round']}")
+
+
+def cmd_evaluate(a):
+    _set_threads(a.threads)
+    from .evaluate import evaluate_model
+
+    m = evaluate_model(a.model_dir, a.val, a.test, a.task_spec, a.eval_cfg, a.out, a.generations, a.identity)
+    print(json.dumps(m))
+
+
+def cmd_analyze(a):
+    from .analysis import analyze
+
+    analyze(a.config_json, a.results_dir, a.out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="ordermerge", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("base-model", help="build the base model as a safetensors HF directory")
+    s.add_argument("--source", required=True, help="smollm2-gguf (offline), a hub id or a local directory")
+    s.add_argument("--dtype", default="bfloat16")
+    s.add_argument("--revision")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_base_model)
+
+    s = sub.add_parser("prepare-data", help="write train/val/test JSONL with stable sample ids")
+    s.add_argument("--task", required=True)
+    s.add_argument("--spec", type=_json_arg, required=True, help="the task's config entry as JSON")
+    s.add_argument("--base", required=True, help="base model dir (its tokenizer filters by length)")
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_prepare_data)
+
+    s = sub.add_parser("orders", help="the data order of one run: int64 [epochs, N] as .npy")
+    s.add_argument("--train", required=True)
+    s.add_argument("--task", required=True)
+    s.add_argument("--scheme", choices=["shuffle", "fixbatch"], required=True)
+    s.add_argument("--run", type=int, required=True)
+    s.add_argument("--epochs", type=int, required=True)
+    s.add_argument("--batch-size", type=int, required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_orders)
+
+    s = sub.add_parser("fine-tune", help="full fine-tuning in a given order, a checkpoint per epoch")
+    for flag in ("--base", "--train", "--order", "--out-dir", "--run-name"):
+        s.add_argument(flag, required=True)
+    s.add_argument("--task-spec", type=_json_arg, required=True)
+    s.add_argument("--train-cfg", type=_json_arg, required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_fine_tune)
+
+    s = sub.add_parser("sample-losses", help="per-sample response loss of one checkpoint")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--split", action="append", required=True, help="NAME=PATH.jsonl, repeatable")
+    s.add_argument("--task-spec", type=_json_arg, required=True)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--threads", type=int)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_sample_losses)
+
+    s = sub.add_parser("merge", help="merge fine-tunes of one base (average, select, select + resample)")
+    s.add_argument("--base", required=True, help="the base model directory (task vectors are relative to it)")
+    s.add_argument("--method", choices=["average", "select"], required=True)
+    s.add_argument("--resample", type=int, default=0, help="select only: redraw exact-zero task-vector elements up to N times")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--weights", help="comma-separated, one per model (normalised); default uniform")
+    s.add_argument("--shard-size", default="5GB")
+    s.add_argument("--device", default="cpu", choices=["cpu"], help="merges run on the CPU")
+    s.add_argument("--force", action="store_true", help="replace an existing output directory")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--out", required=True)
+    s.add_argument("models", nargs="+", metavar="MODEL_DIR")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("evaluate", help="val loss and greedy exact-match accuracy of one model")
+    for flag in ("--model-dir", "--val", "--test", "--out", "--generations"):
+        s.add_argument(flag, required=True)
+    s.add_argument("--task-spec", type=_json_arg, required=True)
+    s.add_argument("--eval-cfg", type=_json_arg, required=True)
+    s.add_argument("--identity", type=_json_arg, default={}, help="fields copied into the metrics (model, run, method...)")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("analyze", help="figures and tables from the results tree")
+    s.add_argument("--config-json", type=_json_arg, required=True)
+    s.add_argument("--results-dir", required=True)
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_analyze)
+
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

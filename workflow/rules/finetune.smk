@@ -1,0 +1,44 @@
+rule fine_tune:
+    input:
+        base=R + "/{model}/base",
+        train=R + "/{model}/{task}/data/train.jsonl",
+        order=RUN_DIR + "/orders/run{run}.npy",
+    output:
+        checkpoints=[directory(RUN_DIR + f"/runs/run{{run}}/epoch{e}") for e in range(1, EPOCHS + 1)],
+        steps=RUN_DIR + "/runs/run{run}/steps.csv",
+    params:
+        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        train_cfg=as_json(config["train"]),
+        seed=config["seed"],
+        out_dir=lambda w, output: str(Path(output.steps).parent),
+    log:
+        "logs/fine_tune/{model}_{task}_{scheme}_run{run}.log",
+    threads: THREADS
+    resources:
+        mem_mb=6000,
+    shell:
+        "ordermerge fine-tune --base {input.base} --train {input.train} --order {input.order} "
+        "--out-dir {params.out_dir} --run-name {wildcards.task}-{wildcards.scheme}-run{wildcards.run} "
+        "--task-spec {params.task_spec:q} --train-cfg {params.train_cfg:q} --seed {params.seed} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule sample_losses:
+    input:
+        checkpoint=RUN_DIR + "/runs/run{run}/epoch{epoch}",
+        splits=lambda w: [f"{R}/{w.model}/{w.task}/data/{s}.jsonl" for s in config["losses"]["splits"]],
+    output:
+        RUN_DIR + "/losses/run{run}/epoch{epoch}.csv",
+    params:
+        splits=lambda w, input: " ".join(
+            f"--split {s}={p}" for s, p in zip(config["losses"]["splits"], input.splits)
+        ),
+        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        batch=config["losses"]["batch_size"],
+    log:
+        "logs/sample_losses/{model}_{task}_{scheme}_run{run}_epoch{epoch}.log",
+    threads: THREADS
+    shell:
+        "ordermerge sample-losses --model-dir {input.checkpoint} {params.splits} "
+        "--task-spec {params.task_spec:q} --batch-size {params.batch} --threads {threads} "
+        "--out {output} > {log} 2>&1"

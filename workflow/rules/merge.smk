@@ -1,0 +1,28 @@
+def merge_inputs(w):
+    return [f"{R}/{w.model}/{w.task}/{w.scheme}/runs/run{k}/epoch{w.epoch}" for k in range(K)]
+
+
+def merge_flags(w):
+    if w.method == "average":
+        return "--method average"
+    if w.method == "select":
+        return "--method select"
+    return f"--method select --resample {w.method[len('resample'):]}"
+
+
+rule merge:
+    input:
+        base=R + "/{model}/base",
+        models=merge_inputs,
+    output:
+        directory(RUN_DIR + "/merged/epoch{epoch}/{method}/seed{mseed}"),
+    params:
+        flags=merge_flags,
+    log:
+        "logs/merge/{model}_{task}_{scheme}_epoch{epoch}_{method}_seed{mseed}.log",
+    threads: THREADS
+    resources:
+        mem_mb=4000,
+    shell:
+        "ordermerge merge --base {input.base} {params.flags} --seed {wildcards.mseed} "
+        "--threads {threads} --force --out {output} {input.models} > {log} 2>&1"
