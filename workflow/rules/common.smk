@@ -55,8 +55,12 @@ def merged_eval_files(model, task, scheme):
     return [f"{R}/{model}/{task}/{scheme}/eval/merged/{m}/seed{s}.json" for m, s in merge_variants()]
 
 
+def loss_epochs():
+    return range(1, EPOCHS + 1) if config["losses"]["epochs"] == "all" else [EPOCHS]
+
+
 def loss_files(model, task, scheme):
-    return [f"{R}/{model}/{task}/{scheme}/losses/run{k}/epoch{e}.csv" for k in range(K) for e in range(1, EPOCHS + 1)]
+    return [f"{R}/{model}/{task}/{scheme}/losses/run{k}/epoch{e}.csv" for k in range(K) for e in loss_epochs()]
 
 
 def analysis_targets():

@@ -1,0 +1,134 @@
+"""The Snakemake workflow: config validation, the DAG, and one real end-to-end smoke run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "tests" / "configs" / "smoke.yaml"
+BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path = SMOKE, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    text = proc.stdout + proc.stderr
+    block = text.split("Job stats:", 1)[1] if "Job stats:" in text else ""
+    counts = {}
+    for line in block.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m:
+            counts[m.group(1)] = int(m.group(2))
+        elif counts:
+            break
+    return counts
+
+
+def test_dry_run_plans_every_stage(tmp_path):
+    jobs = planned_jobs(snakemake(tmp_path, "-n"))
+    # K=2 runs, 2 epochs, merges: average once + select and resample1 for 2 seeds
+    assert jobs == {"all": 1, "analyze": 1, "base_model": 1, "evaluate_merged": 5, "evaluate_single": 2,
+                    "fine_tune": 2, "merge": 5, "orders": 2, "prepare_data": 1, "sample_losses": 4, "total": 24}
+
+
+def test_default_config_dry_run(tmp_path):
+    jobs = planned_jobs(snakemake(tmp_path, "-n", configfile=ROOT / "config.yaml"))
+    assert jobs["fine_tune"] == 4 and jobs["merge"] == 7 and jobs["evaluate_merged"] == 7
+
+
+def test_bad_config_is_rejected_before_any_job(tmp_path):
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["train"]["lr"] = -1
+    cfg["train"]["epoch"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", configfile=bad, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "train.lr" in out and "did you mean 'epochs'" in out
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
+    snakemake(workdir)
+    return workdir
+
+
+def test_smoke_run_produces_figures_and_tables(smoke_run):
+    results = smoke_run / "results"
+    fig = results / "figures" / "fig1_smollm2-135m_gsm_shuffle.png"
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 20_000
+    t1 = pd.read_csv(results / "tables" / "table1.csv")
+    assert set(t1["method"]) == {"single", "average", "select", "resample1"}
+    assert t1["val_loss_mean"].notna().all() and (t1["val_loss_mean"] > 0).all()
+    assert t1.loc[t1["method"] == "single", "n"].item() == 2
+    assert t1.loc[t1["method"] == "select", "n"].item() == 2
+    imb = pd.read_csv(results / "tables" / "imbalance.csv")
+    assert imb["rho_anchor"].between(-1, 1).all() and imb["p_paired_permutation"].between(0, 1).all()
+    assert "| single |" in (results / "tables" / "table1.md").read_text()
+
+
+def test_smoke_run_checkpoints_and_merge_provenance(smoke_run):
+    base = smoke_run / "results" / "smollm2-135m" / "gsm" / "shuffle"
+    meta = json.loads((base / "runs" / "run0" / "epoch2" / "checkpoint.json").read_text())
+    assert 0 < meta["zero_task_vector_fraction"] < 1
+    steps = pd.read_csv(base / "runs" / "run0" / "steps.csv")
+    assert len(steps) == 4  # 8 samples / batch 4 x 2 epochs
+    prov = json.loads((base / "merged" / "epoch2" / "resample1" / "seed1" / "merge.json").read_text())
+    assert prov["method"] == "select" and prov["resample"] == 1 and prov["seed"] == 1
+    assert len(prov["inputs"]) == 2 and all(len(i["sha256"]) == 64 for i in prov["inputs"])
+    assert prov["stats"]["resampled_per_round"][0] > 0
+    assert not list(smoke_run.rglob(".tmp-*"))
+    assert (smoke_run / "logs" / "fine_tune" / "smollm2-135m_gsm_shuffle_run0.log").exists()
+
+
+def test_training_followed_the_order_exactly(smoke_run):
+    import numpy as np
+
+    base = smoke_run / "results" / "smollm2-135m" / "gsm" / "shuffle"
+    order = np.load(base / "orders" / "run1.npy")
+    steps = pd.read_csv(base / "runs" / "run1" / "steps.csv")
+    seen = [int(i) for s in steps["sample_indices"] for i in str(s).split()]
+    assert seen == order.reshape(-1).tolist()
+
+
+def test_new_merge_seed_reruns_only_merges_and_what_depends_on_them(smoke_run):
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["merge"]["seeds"] = [0, 1, 2]
+    cfg["merge"]["methods"] = ["average", "select", "resample1", "resample2"]
+    changed = smoke_run / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(smoke_run, "-n", configfile=changed))
+    assert set(jobs) == {"all", "analyze", "merge", "evaluate_merged", "total"}
+    # select and resample1 get seed 2; resample2 gets seeds 0, 1, 2
+    assert jobs["merge"] == 5 and jobs["evaluate_merged"] == 5
+
+
+def test_merge_reruns_alone_without_retraining(smoke_run):
+    target = "results/smollm2-135m/gsm/shuffle/merged/epoch2/select/seed0"
+    before = (smoke_run / target / "model.safetensors").read_bytes()
+    proc = snakemake(smoke_run, "--forcerun", "merge", "--until", "merge", "-n")
+    jobs = planned_jobs(proc)
+    assert set(jobs) == {"merge", "total"}
+    snakemake(smoke_run, target, "--forcerun", target)
+    assert (smoke_run / target / "model.safetensors").read_bytes() == before  # bit-identical merge
