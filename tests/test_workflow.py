@@ -51,7 +51,8 @@ def test_dry_run_plans_every_stage(tmp_path):
 
 def test_default_config_dry_run(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n", configfile=ROOT / "config.yaml"))
-    assert jobs["fine_tune"] == 4 and jobs["merge"] == 7 and jobs["evaluate_merged"] == 7
+    assert jobs["fine_tune"] == 4 and jobs["merge"] == 5 and jobs["evaluate_merged"] == 5
+    assert jobs["sample_losses"] == 4  # final epoch only in the default
 
 
 def test_bad_config_is_rejected_before_any_job(tmp_path):

@@ -76,8 +76,8 @@ def plot_fig1(positions: np.ndarray, losses: np.ndarray, row: dict, anchor: int,
                    f"(perm. p = {row['p_paired_permutation']:.2g})")
     ax_b.set_xlabel("position in the first epoch (0 = seen first)")
     ax_b.legend(fontsize=8, ncol=2)
-    fig.suptitle(title + "\npaired ρ > 0: a later first-epoch position ends with a higher loss (the paper found < 0)",
-                 fontsize=10)
+    fig.suptitle(title + "\nρ < 0: samples seen early end with a higher loss (the paper's direction); "
+                 "ρ > 0: the opposite. Paired ρ compares runs sample by sample, cancelling difficulty.", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
