@@ -1,22 +1,38 @@
 """Config validation: the JSON schema (with defaults) plus the cross-key rules a schema cannot say.
 
-Called by the Snakefile before any job runs, and by the CLI. Every error names the key, the bad
-value and the fix; unknown keys get a "did you mean".
+Called by the Snakefile before any job runs, and by the CLI, so it must stay importable without
+torch. Every problem is reported at once, one line each, as ``key: bad value — problem; fix``;
+unknown keys and values get a "did you mean".
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "array": "a list",
+              "object": "a mapping (key: value lines)", "boolean": "true or false", "null": "null (empty)"}
+MERGE_METHODS = ["average", "select"] + [f"resample{n}" for n in range(1, 9)]
+HINTS = {"runs": "K fine-tunes to merge: K < 2 cannot merge"}
+RESERVED_NAMES = {"models": {"tables", "figures"}, "tasks": {"base"}}  # directories beside them
 
 
 class ConfigError(ValueError):
-    pass
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        n = len(self.problems)
+        super().__init__(f"invalid config ({n} problem{'s' * (n != 1)}):\n  " + "\n  ".join(self.problems))
+
+
+class _Skip(Exception):
+    """A rule's input is already reported by the schema (wrong type): skip the rule."""
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
@@ -25,7 +41,25 @@ def load_schema(path: Path = SCHEMA_PATH) -> dict:
 
 
 def _key_path(path) -> str:
-    return ".".join(str(p) for p in path) or "<top level>"
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _show(value) -> str:
+    """A value as the YAML would spell it (null, true), cut to one short line."""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _did_you_mean(word, choices, cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", str(name)).strip("-_") or "name1"
 
 
 def _fill_defaults(schema: dict, instance: dict) -> None:
@@ -42,73 +76,237 @@ def _fill_defaults(schema: dict, instance: dict) -> None:
                 _fill_defaults(extra, value)
 
 
-def _explain(error, schema: dict) -> str:
-    where = _key_path(error.absolute_path)
-    if error.validator == "additionalProperties":
+def _type_fix(value, expected: list[str], default=None) -> str:
+    if isinstance(value, str) and ({"number", "integer"} & set(expected)):
+        if re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):  # YAML 1.1 wants a dot in a float
+            fixed = value.strip().lower().replace("e", ".0e", 1)
+            return f"write it unquoted with a dot, e.g. {fixed} (YAML reads 1e-4 as a string)"
+        return "write a bare number, without quotes"
+    if isinstance(value, float) and "integer" in expected:
+        return f"use a whole number, e.g. {max(1, round(value))}"
+    if "array" in expected and not isinstance(value, list):
+        return f"write a list, e.g. [{value}]" if isinstance(value, (str, int)) else "write a list, e.g. [a, b]"
+    if "boolean" in expected:
+        return "write true or false, unquoted"
+    example = f", e.g. the default {default}" if default is not None else ""
+    return f"use {' or '.join(TYPE_WORDS.get(t, t) for t in expected)}{example}"
+
+
+def _explain(error) -> list[str]:
+    """One ``key: value — problem; fix`` line per problem in a jsonschema error."""
+    where, value, v, vv = _key_path(error.absolute_path), error.instance, error.validator, error.validator_value
+    if "propertyNames" in error.relative_schema_path:
+        kind = "model" if where == "models" else "task" if where == "tasks" else "entry"
+        return [f"{where}: {_show(value)} — not a valid {kind} name: names become directory names and "
+                f"Snakemake wildcards, so no '/', spaces, '..' or leading punctuation; use letters, digits, "
+                f"'-' and '_' (pattern {vv}), e.g. '{_safe_name(value)}'"]
+    if v == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        extras = [k for k in error.instance if k not in allowed]
-        hints = []
-        for k in extras:
-            close = difflib.get_close_matches(k, allowed, n=1)
-            hints.append(f"unknown key '{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        return f"{where}: {'; '.join(hints)}; allowed keys: {', '.join(allowed)}"
-    if error.validator == "enum":
-        close = difflib.get_close_matches(str(error.instance), [str(v) for v in error.validator_value], n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{where}: {error.instance!r} is not one of {error.validator_value}{hint}"
-    if error.validator == "required":
-        return f"{where}: {error.message}; add it (see config.yaml for an example)"
-    if error.validator in ("minimum", "exclusiveMinimum", "maximum"):
-        return f"{where}: {error.instance!r} is out of range ({error.validator} {error.validator_value}); set a value within it"
-    if error.validator == "type":
-        return f"{where}: {error.instance!r} has the wrong type, expected {error.validator_value}"
-    return f"{where}: {error.message}"
+        at = "" if where == "<top level>" else where + "."
+        return [f"{at}{k}: {_show(error.instance[k])} — unknown key{_did_you_mean(k, allowed)}; "
+                f"allowed under {where}: {', '.join(allowed)}" for k in error.instance if k not in allowed]
+    if v == "required":
+        at = "" if where == "<top level>" else where + "."
+        m = re.match(r"'(.+)' is a required property", error.message)
+        missing = [m.group(1)] if m else [k for k in vv if k not in error.instance]
+        return [f"{at}{k}: missing — a required key; add it (see config.yaml for an example)" for k in missing]
+    if v == "type":
+        expected = vv if isinstance(vv, list) else [vv]
+        got = {str: "a string", float: "a float", int: "an integer", bool: "a boolean", list: "a list",
+               dict: "a mapping", type(None): "null (empty)"}.get(type(value), type(value).__name__)
+        want = " or ".join(TYPE_WORDS.get(t, t) for t in expected)
+        fix = _type_fix(value, expected, error.schema.get("default"))
+        return [f"{where}: {_show(value)} — wrong type: {got}, expected {want}; {fix}"]
+    if v == "enum":
+        return [f"{where}: {_show(value)} — not an allowed value{_did_you_mean(value, vv)}; "
+                f"use one of: {', '.join(map(str, vv))}"]
+    if v == "pattern" and re.search(r"merge\.methods\[\d+\]$", where):
+        if re.fullmatch(r"resample-?\d+", str(value)):
+            return [f"{where}: {_show(value)} — resampleN needs n in 1..8 (n must be 1..8; plain `select` is n=0); "
+                    f"use resample1 ... resample8, or select"]
+        return [f"{where}: {_show(value)} — unknown merge method{_did_you_mean(value, MERGE_METHODS)}; "
+                f"use average, select or resampleN with n in 1..8"]
+    bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+    if v in bounds:
+        why = f" ({HINTS[where]})" if where in HINTS else ""
+        return [f"{where}: {_show(value)} — must be {bounds[v]} {vv}{why}; set a value {bounds[v]} {vv}"]
+    if v == "uniqueItems":
+        dups = sorted({repr(x) for i, x in enumerate(value) if x in value[:i]})
+        return [f"{where}: {_show(value)} — duplicate entries {', '.join(dups)}; list each value once"]
+    if v in ("minItems", "minProperties", "minLength"):
+        default = error.schema.get("default")
+        example = f" (default: {default})" if default not in (None, {}, []) else " (see config.yaml)"
+        what = "a value" if v == "minLength" else "at least one entry"
+        return [f"{where}: {_show(value)} — empty; give {what}{example}"]
+    return [f"{where}: {_show(value)} — {error.message}; see workflow/schemas/config.schema.yaml"]
 
 
-def validate_config(config: dict, schema: dict | None = None) -> dict:
-    """Return the config with defaults filled; raise ConfigError listing every problem found."""
+def _strict_validator(schema: dict):
+    """Draft 2020-12, except that 4.0 is not an integer (``range(4.0)`` fails deep in a job)."""
     import jsonschema
 
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine("integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)(schema)
+
+
+def validate_config(config: dict | None, schema: dict | None = None) -> dict:
+    """Return the config with defaults filled; raise ConfigError listing every problem found."""
+    if not config:
+        raise ConfigError([f"<top level>: {_show(config)} — the config is empty, nothing to run; pass one with "
+                           "models and tasks, e.g. --configfile config.yaml"])
+    if not isinstance(config, Mapping):
+        raise ConfigError([f"<top level>: {_show(config)} — the config must be a mapping of keys; see config.yaml"])
     schema = schema or load_schema()
-    config = copy.deepcopy(config) if config else {}
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(_explain(e, schema) for e in errors))
+    config = copy.deepcopy(dict(config))
+    errors = sorted(_strict_validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [line for e in errors for line in _explain(e)]
     _fill_defaults(schema, config)
-    problems = semantic_problems(config)
+    # The cross-key rules still run, on a copy where every value the schema rejected is masked, so a
+    # rule never repeats or builds on a bad value, and all problems show at once.
+    checked = copy.deepcopy(config)
+    for e in errors:
+        if e.validator not in ("additionalProperties", "required", "minProperties") and e.absolute_path \
+                and "propertyNames" not in e.relative_schema_path:
+            _mask(checked, list(e.absolute_path))
+    problems += semantic_problems(checked)
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError(list(dict.fromkeys(problems)))
     return config
 
 
-def semantic_problems(cfg: dict) -> list[str]:
-    """Rules across keys, checked before any job runs."""
-    out = []
-    k, train, merge = cfg["runs"], cfg["train"], cfg["merge"]
+_BAD = object()  # stands for a value the schema rejected
+
+
+def _mask(cfg, path: list) -> None:
+    node = cfg
+    for p in path[:-1]:
+        try:
+            node = node[p]
+        except (KeyError, IndexError, TypeError):
+            return
+    if isinstance(node, (dict, list)):
+        node[path[-1]] = _BAD
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Skip
+    return value
+
+
+def _rule_runs(cfg):
+    k = _int(cfg["runs"])
     if k < 2:
-        out.append(f"runs: {k} — merging needs at least 2 runs; set runs >= 2")
+        yield "runs", f"{k} — merging needs at least 2 runs (K < 2 cannot merge); set runs: 2 or more"
+    anchor = _int(cfg["analysis"]["anchor_run"])
+    if anchor >= k:
+        yield "analysis.anchor_run", f"{anchor} — runs are numbered 0..{k - 1}; set anchor_run to one of them, e.g. 0"
+
+
+def _rule_tasks(cfg):
+    batch = cfg["train"].get("batch_size") if isinstance(cfg["train"], dict) else None
     for name, task in cfg["tasks"].items():
-        if task["n_train"] < train["batch_size"]:
-            out.append(f"tasks.{name}.n_train: {task['n_train']} is smaller than train.batch_size "
-                       f"{train['batch_size']}; lower the batch size or add samples")
-        if task["source"] == "hf" and not task.get("path"):
-            out.append(f"tasks.{name}.path: required for source 'hf' (a dataset id, or 'json' with data_files)")
-        pool = task.get("pool_size")
-        need = task["n_train"] + task["n_val"] + task["n_test"]
-        if pool is not None and pool < need:
-            out.append(f"tasks.{name}.pool_size: {pool} < n_train + n_val + n_test = {need}; raise pool_size")
-    micro = train.get("micro_batch_size")
-    if micro and train["batch_size"] % micro:
-        out.append(f"train.micro_batch_size: {micro} does not divide train.batch_size {train['batch_size']}")
-    if merge["epoch"] is not None and merge["epoch"] > train["epochs"]:
-        out.append(f"merge.epoch: {merge['epoch']} > train.epochs {train['epochs']}; use an epoch that is trained")
-    if cfg["analysis"]["anchor_run"] >= k:
-        out.append(f"analysis.anchor_run: {cfg['analysis']['anchor_run']} but runs are 0..{k - 1}")
+        if not isinstance(task, dict):
+            continue
+        n_train = task.get("n_train")
+        if isinstance(n_train, int) and isinstance(batch, int) and n_train < batch:
+            yield (f"tasks.{name}.n_train", f"{n_train} — smaller than one batch (train.batch_size {batch}); "
+                   f"lower train.batch_size to <= {n_train} or raise n_train")
+        if task.get("source") == "hf" and not task.get("path"):
+            yield (f"tasks.{name}.path", "missing — required for source 'hf'; set a dataset id, or 'json' "
+                   "with data_files")
+        pool, sizes = task.get("pool_size"), [task.get(s) for s in ("n_train", "n_val", "n_test")]
+        if isinstance(pool, int) and all(isinstance(s, int) for s in sizes) and pool < sum(sizes):
+            yield (f"tasks.{name}.pool_size", f"{pool} — smaller than n_train + n_val + n_test = {sum(sizes)}; "
+                   f"set pool_size >= {sum(sizes)} (more, since over-long samples are dropped)")
+
+
+def _rule_micro_batch(cfg):
+    micro, batch = cfg["train"]["micro_batch_size"], _int(cfg["train"]["batch_size"])
+    if micro is not None and batch % _int(micro):
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+        yield ("train.micro_batch_size", f"{micro} — does not divide train.batch_size {batch}; use one of "
+               f"{', '.join(map(str, divisors))} (or null for no accumulation)")
+
+
+def _rule_merge_epoch(cfg):
+    epochs, epoch = _int(cfg["train"]["epochs"]), cfg["merge"]["epoch"]
+    if epoch is not None and _int(epoch) > epochs:
+        yield ("merge.epoch", f"{epoch} — only {epochs} epochs are trained (train.epochs); set "
+               f"merge.epoch to 1..{epochs}, or null for the final epoch")
+
+
+def _rule_models(cfg):
+    try:
+        from .base_model import SHIPPED_SOURCES  # torch-free at import
+    except ImportError:
+        SHIPPED_SOURCES = {"smollm2-gguf": None}
+
     for name, model in cfg["models"].items():
-        src = model["source"]
-        if src.startswith((".", "/")) and not Path(src).exists():
-            out.append(f"models.{name}.source: local path {src} does not exist; fix the path or use a hub id")
+        src = model.get("source") if isinstance(model, dict) else None
+        if not isinstance(src, str):
+            continue
+        if src.startswith((".", "/", "~")) and not Path(src).expanduser().is_dir():
+            yield (f"models.{name}.source", f"{src!r} — local path does not exist (or is not a directory); "
+                   "fix the path, or use a hub id or smollm2-gguf")
+        elif "/" not in src and src not in SHIPPED_SOURCES and _did_you_mean(src, SHIPPED_SOURCES, 0.8):
+            hint = _did_you_mean(src, SHIPPED_SOURCES, 0.8)
+            yield (f"models.{name}.source", f"{src!r} — not a shipped source{hint}; use one of "
+                   f"{', '.join(SHIPPED_SOURCES)}, a hub id or a local directory")
+        if model.get("trust_remote_code") is True and not model.get("revision"):
+            yield (f"models.{name}.revision", "null — trust_remote_code is true, so the model's code runs "
+                   "here; pin revision to a commit hash you have reviewed")
+
+
+def _rule_names(cfg):
+    for section, reserved in RESERVED_NAMES.items():
+        for name in set(cfg[section]) & reserved:
+            yield (f"{section}.{name}", f"{name!r} — reserved: it is a directory name the workflow writes beside "
+                   f"the {section}; rename it, e.g. '{name}1'")
+
+
+def _rule_results_dir(cfg):
+    rd = cfg["results_dir"]
+    if not isinstance(rd, str) or not rd:
+        raise _Skip
+    target = Path(os.path.abspath(rd))
+    if re.search(r"[{}\s'\"$`\\]", rd) or rd.startswith("~"):
+        yield ("results_dir", f"{rd!r} — contains characters that break Snakemake patterns or shell commands "
+               "(braces, spaces, quotes, '~'); use a plain path")
+    elif ".." in Path(rd).parts:
+        yield ("results_dir", f"{rd!r} — escapes through '..'; use a path inside the working directory, "
+               "or an absolute one")
+    elif target == Path(target.anchor) or target in (Path.cwd(), Path.home()):
+        what = "the filesystem root" if target == Path(target.anchor) else \
+            "the working directory" if target == Path.cwd() else "the home directory"
+        yield ("results_dir", f"{rd!r} — is {what} itself; refusing to scatter outputs there; "
+               "use a dedicated folder, e.g. results")
+    else:
+        probe = target
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            yield ("results_dir", f"{rd!r} — {str(probe)!r} is a file, not a directory; move it away "
+                   "or choose another results_dir")
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            yield ("results_dir", f"{rd!r} — {str(probe)!r} is not writable; choose a writable location "
+                   "or fix its permissions")
+
+
+RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir)
+
+
+def semantic_problems(cfg: dict) -> list[str]:
+    """Rules across keys, checked before any job runs. A rule whose input has the wrong type stops
+    there (the schema reports that input); every other rule still runs."""
+    out = []
+    for rule in RULES:
+        try:
+            for key, text in rule(cfg):
+                out.append(f"{key}: {text}")
+        except (_Skip, KeyError, TypeError, AttributeError):
+            continue
     return out
 
 

@@ -1,5 +1,6 @@
 # Paths, targets and config validation. No torch here: every job re-parses this file.
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,8 +24,8 @@ RUN_DIR = R + "/{model}/{task}/{scheme}"
 
 
 wildcard_constraints:
-    model="|".join(MODELS),
-    task="|".join(TASKS),
+    model="|".join(map(re.escape, MODELS)),
+    task="|".join(map(re.escape, TASKS)),
     scheme="shuffle|fixbatch",
     run=r"\d+",
     epoch=r"\d+",
