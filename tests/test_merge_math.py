@@ -5,10 +5,6 @@ import torch
 from ordermerge.merge_math import normalized_weights, select, stored_bits, weighted_average
 
 
-def _gen(seed=0):
-    return torch.Generator().manual_seed(seed)
-
-
 def _models(k=4, shape=(64, 32), dtype=torch.bfloat16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g).to(dtype) + 10 * i for i in range(k)]
@@ -16,7 +12,7 @@ def _models(k=4, shape=(64, 32), dtype=torch.bfloat16, seed=0):
 
 def test_select_takes_every_element_whole_from_one_model():
     models = _models()
-    out, stats = select(models, [0.25] * 4, _gen())
+    out, stats = select(models, [0.25] * 4, 0)
     stack = torch.stack(models)
     matches = (stored_bits(stack) == stored_bits(out).unsqueeze(0))
     assert bool(matches.any(0).all())
@@ -26,7 +22,7 @@ def test_select_takes_every_element_whole_from_one_model():
 
 def test_select_draws_uniformly():
     models = _models(k=4, shape=(200, 200), dtype=torch.float32)
-    _, stats = select(models, [0.25] * 4, _gen(1))
+    _, stats = select(models, [0.25] * 4, 1)
     freq = np.array(stats.counts) / 40000
     # 4 sd of a binomial proportion with n = 40000 is 0.0087
     assert np.all(np.abs(freq - 0.25) < 0.0087)
@@ -34,16 +30,16 @@ def test_select_draws_uniformly():
 
 def test_select_respects_weights():
     models = _models(k=3, shape=(300, 300), dtype=torch.float32)
-    _, stats = select(models, normalized_weights([1, 2, 7], 3), _gen(2))
+    _, stats = select(models, normalized_weights([1, 2, 7], 3), 2)
     freq = np.array(stats.counts) / 90000
     assert np.allclose(freq, [0.1, 0.2, 0.7], atol=0.006)
 
 
 def test_select_is_deterministic_per_generator_seed():
     models = _models()
-    a, _ = select(models, [0.25] * 4, _gen(5))
-    b, _ = select(models, [0.25] * 4, _gen(5))
-    c, _ = select(models, [0.25] * 4, _gen(6))
+    a, _ = select(models, [0.25] * 4, 5)
+    b, _ = select(models, [0.25] * 4, 5)
+    c, _ = select(models, [0.25] * 4, 6)
     assert torch.equal(stored_bits(a), stored_bits(b))
     assert not torch.equal(stored_bits(a), stored_bits(c))
 
@@ -72,8 +68,8 @@ def test_resample_only_redraws_where_the_drawn_task_vector_is_zero():
         changed = torch.rand(n, generator=g) < 0.5  # half of each model's elements moved
         m[changed] = (base[changed].float() + 1.0 + i).to(torch.bfloat16)
         models.append(m)
-    plain, s0 = select(models, [0.25] * k, _gen(9))
-    res, s1 = select(models, [0.25] * k, _gen(9), base=base, resample=1)
+    plain, s0 = select(models, [0.25] * k, 9)
+    res, s1 = select(models, [0.25] * k, 9, base=base, resample=1)
     zero_plain = stored_bits(plain) == stored_bits(base)
     # same first draw: elements whose first draw was non-zero are untouched by resampling
     assert torch.equal(stored_bits(res)[~zero_plain], stored_bits(plain)[~zero_plain])
@@ -85,7 +81,7 @@ def test_resample_only_redraws_where_the_drawn_task_vector_is_zero():
         expected = float(((z / k) ** (rounds + 1)).sum())
         zeros = stats.zero_after if rounds else int(zero_plain.sum())
         assert abs(zeros - expected) < 4 * expected ** 0.5 + 1
-    _, s3 = select(models, [0.25] * k, _gen(9), base=base, resample=3)
+    _, s3 = select(models, [0.25] * k, 9, base=base, resample=3)
     expected = float(((z / k) ** 4).sum())
     assert abs(s3.zero_after - expected) < 4 * expected ** 0.5 + 1
     assert len(s3.resampled) == 3 and s3.resampled[0] == s1.resampled[0]
@@ -96,13 +92,13 @@ def test_resample_compares_stored_bits_not_values():
     neg_zero = torch.tensor([-0.0, 1.0], dtype=torch.bfloat16)
     other = torch.tensor([5.0, 7.0], dtype=torch.bfloat16)
     # -0.0 == 0.0 as values, but its bits differ: it counts as changed, so it is kept
-    _, stats = select([neg_zero, other], [1.0, 0.0], _gen(), base=base, resample=2)
+    _, stats = select([neg_zero, other], [1.0, 0.0], 0, base=base, resample=2)
     assert stats.resampled[0] == 1  # only element 1 (exactly the base's bits) is redrawn
 
 
 def test_resample_needs_base():
     with pytest.raises(ValueError, match="base"):
-        select(_models(), [0.25] * 4, _gen(), resample=1)
+        select(_models(), [0.25] * 4, 0, resample=1)
 
 
 def test_weights_must_match_k():

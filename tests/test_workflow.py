@@ -44,9 +44,11 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 def test_dry_run_plans_every_stage(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n"))
-    # K=2 runs, 2 epochs, merges: average once + select and resample1 for 2 seeds
+    # K=2 runs, 2 epochs, merges: average once + select and resample1 for 2 seeds at the final epoch,
+    # plus each method's first seed at epoch 1 (Fig. 4), whose per-sample losses are scored (Fig. 3, 4)
     assert jobs == {"all": 1, "analyze": 1, "base_model": 1, "evaluate_merged": 5, "evaluate_single": 2,
-                    "fine_tune": 2, "merge": 5, "orders": 2, "prepare_data": 1, "sample_losses": 4, "total": 24}
+                    "fine_tune": 2, "merge": 8, "orders": 2, "prepare_data": 1, "sample_losses": 4,
+                    "sample_losses_merged": 6, "total": 33}
 
 
 def test_default_config_dry_run(tmp_path):
@@ -77,8 +79,9 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_produces_figures_and_tables(smoke_run):
     results = smoke_run / "results"
-    fig = results / "figures" / "fig1_smollm2-135m_gsm_shuffle.png"
-    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 20_000
+    for name in ("fig1", "fig3", "fig4"):
+        fig = results / "figures" / f"{name}_smollm2-135m_gsm_shuffle.png"
+        assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 20_000
     t1 = pd.read_csv(results / "tables" / "table1.csv")
     assert set(t1["method"]) == {"single", "average", "select", "resample1"}
     assert t1["val_loss_mean"].notna().all() and (t1["val_loss_mean"] > 0).all()
@@ -87,6 +90,9 @@ def test_smoke_run_produces_figures_and_tables(smoke_run):
     imb = pd.read_csv(results / "tables" / "imbalance.csv")
     assert imb["rho_anchor"].between(-1, 1).all() and imb["p_paired_permutation"].between(0, 1).all()
     assert "| single |" in (results / "tables" / "table1.md").read_text()
+    assert t1.loc[t1["method"] != "single", "p_paired_val_loss"].between(0, 1).all()
+    tidy = pd.read_csv(results / "tables" / "metrics.csv")
+    assert set(tidy["metric"]) == {"val_loss", "exact_match"} and len(tidy) == 2 * (2 + 5)
 
 
 def test_smoke_run_checkpoints_and_merge_provenance(smoke_run):
@@ -120,9 +126,9 @@ def test_new_merge_seed_reruns_only_merges_and_what_depends_on_them(smoke_run):
     changed = smoke_run / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(smoke_run, "-n", configfile=changed))
-    assert set(jobs) == {"all", "analyze", "merge", "evaluate_merged", "total"}
-    # select and resample1 get seed 2; resample2 gets seeds 0, 1, 2
-    assert jobs["merge"] == 5 and jobs["evaluate_merged"] == 5
+    assert set(jobs) == {"all", "analyze", "merge", "evaluate_merged", "sample_losses_merged", "total"}
+    # select and resample1 get seed 2; resample2 gets seeds 0, 1, 2 (+ seed 0 at epoch 1 for Fig. 4)
+    assert jobs["merge"] == 6 and jobs["evaluate_merged"] == 5 and jobs["sample_losses_merged"] == 2
 
 
 def test_merge_reruns_alone_without_retraining(smoke_run):

@@ -1,31 +1,36 @@
-"""The analysis stage: Fig. 1 (position vs final loss), the imbalance statistics, and Table 1."""
+"""The analysis stage: reads the results tree, writes every figure and table.
+
+Fig. 1 and the imbalance statistics, Fig. 3 (anchor segments with merges), Fig. 4 (loss per
+epoch, when every epoch is scored), Table 1, Table 2 (≥ 2 models), Table 4 (both schemes) and one
+tidy metrics table that the tables are computed from.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from .atomic import atomic_path  # noqa: E402
-from .orders import first_epoch_positions, load_order  # noqa: E402
-from .stats import binned_means, paired_rho, permutation_p, spearman  # noqa: E402
+from .atomic import atomic_path
+from .figures import plot_fig1, plot_fig3, plot_fig4
+from .orders import first_epoch_positions, load_order
+from .stats import paired_rho, permutation_p, spearman
+from .tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
 
 
-def position_loss_matrix(results: Path, model: str, task: str, scheme: str, runs: int, epoch: int):
+def _split_losses(csv: Path, split: str) -> pd.DataFrame:
+    df = pd.read_csv(csv)
+    return df[df["split"] == split].sort_values("row")
+
+
+def position_loss_matrix(base: Path, runs: int, epoch: int):
     """positions[k, i], losses[k, i]: sample i's first-epoch position and final train loss in run k."""
-    base = results / model / task / scheme
     positions, losses = [], []
     for k in range(runs):
         positions.append(first_epoch_positions(load_order(base / "orders" / f"run{k}.npy")))
-        df = pd.read_csv(base / "losses" / f"run{k}" / f"epoch{epoch}.csv")
-        df = df[df["split"] == "train"].sort_values("row")
-        losses.append(df["loss"].to_numpy())
+        losses.append(_split_losses(base / "losses" / f"run{k}" / f"epoch{epoch}.csv", "train")["loss"].to_numpy())
     return np.array(positions), np.array(losses)
 
 
@@ -35,7 +40,7 @@ def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: 
     tenth = max(1, n // 10)
     first = np.concatenate([losses[k][positions[k] < tenth] for k in range(len(losses))])
     last = np.concatenate([losses[k][positions[k] >= n - tenth] for k in range(len(losses))])
-    residual = losses - losses.mean(axis=0, keepdims=True)
+    residual = losses - losses.mean(axis=0, keepdims=True)  # loss minus the sample's mean over runs
     pooled = spearman(positions.ravel(), residual.ravel())
     return {
         "n_samples": n,
@@ -52,98 +57,84 @@ def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: 
     }
 
 
-def plot_fig1(positions: np.ndarray, losses: np.ndarray, row: dict, anchor: int, title: str, path: Path) -> None:
-    n = positions.shape[1]
-    bins = max(2, min(8, n // 4))
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    x, y = positions[anchor], losses[anchor]
-    ax_a.scatter(x, y, s=18, alpha=0.5, color="tab:blue", label="samples")
-    c, m, h = binned_means(x, y, bins)
-    ax_a.errorbar(c, m, yerr=h, fmt="o-", color="black", capsize=3, label="binned mean ± 95% CI")
-    slope, intercept = np.polyfit(x, y, 1)
-    xs = np.array([0, n - 1])
-    ax_a.plot(xs, intercept + slope * xs, "--", color="tab:red", label=f"linear fit (slope {slope:+.2e}/position)")
-    ax_a.set_title(f"(a) run {anchor}: Spearman ρ = {row['rho_anchor']:+.2f} (p = {row['p_anchor']:.2g})")
-    ax_a.set_xlabel("position in the first epoch (0 = seen first)")
-    ax_a.set_ylabel("final training loss (nats / response token)")
-    ax_a.legend(fontsize=8)
-    cmap = plt.get_cmap("tab10")
-    for k in range(positions.shape[0]):
-        c, m, _ = binned_means(positions[k], losses[k], bins)
-        ax_b.scatter(positions[k], losses[k], s=8, alpha=0.25, color=cmap(k % 10))
-        ax_b.plot(c, m, "o-", color=cmap(k % 10), label=f"run {k}: ρ = {spearman(positions[k], losses[k])[0]:+.2f}")
-    ax_b.set_title(f"(b) all {positions.shape[0]} runs; paired ρ = {row['rho_paired']:+.2f} "
-                   f"(perm. p = {row['p_paired_permutation']:.2g})")
-    ax_b.set_xlabel("position in the first epoch (0 = seen first)")
-    ax_b.legend(fontsize=8, ncol=2)
-    fig.suptitle(title + "\nρ < 0: samples seen early end with a higher loss (the paper's direction); "
-                 "ρ > 0: the opposite. Paired ρ compares runs sample by sample, cancelling difficulty.", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
 def load_metrics(results: Path) -> pd.DataFrame:
     rows = [json.loads(p.read_text()) for p in sorted(results.glob("*/*/*/eval/**/*.json"))]
     return pd.DataFrame(rows)
 
 
-def table1(metrics: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """Single SFT (mean ± std over runs) vs each merge (mean ± std over merge seeds)."""
-    out = []
-    for (model, task, scheme), g in metrics.groupby(["model", "task", "scheme"], sort=True):
-        single = g[g["kind"] == "single"]
-        ref = {"val_loss": single["val_loss"].mean(), "exact_match": single["exact_match"].mean()}
-        for method in ["single", *methods]:
-            rows = single if method == "single" else g[(g["kind"] == "merged") & (g["method"] == method)]
-            if rows.empty:
-                continue
-            rec = {"model": model, "task": task, "scheme": scheme, "method": method, "n": len(rows)}
-            for metric in ("val_loss", "exact_match"):
-                mean = rows[metric].mean()
-                rec[f"{metric}_mean"] = mean
-                rec[f"{metric}_std"] = rows[metric].std(ddof=1) if len(rows) > 1 else 0.0
-                rec[f"{metric}_delta"] = mean - ref[metric]
-            out.append(rec)
-    return pd.DataFrame(out)
+def load_val_losses(results: Path) -> dict:
+    out: dict = {}
+    for path in sorted(results.glob("*/*/*/eval/**/*.val_losses.csv")):
+        rel = path.relative_to(results).parts  # model, task, scheme, eval, single|merged, [method,] file
+        method = "single" if rel[4] == "single" else rel[5]
+        out.setdefault((rel[0], rel[1], rel[2], method), []).append(pd.read_csv(path))
+    return out
 
 
-def table1_markdown(t: pd.DataFrame) -> str:
-    lines = ["# Table 1: single fine-tunes vs merges", "",
-             "Single: mean ± std over the K runs. Merges: mean ± std over merge seeds (average is deterministic).",
-             "Δ is against the single-run mean; lower val loss is better, higher exact match is better.", "",
-             "| model | task | scheme | method | n | val loss | Δ val loss | exact match % | Δ EM (pts) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in t.itertuples():
-        lines.append(
-            f"| {r.model} | {r.task} | {r.scheme} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
-            f"{r.val_loss_delta:+.4f} | {100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | "
-            f"{100 * r.exact_match_delta:+.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+def _write_table(out: Path, name: str, df: pd.DataFrame, markdown: str | None) -> None:
+    with atomic_path(out / "tables" / f"{name}.csv") as tmp:
+        df.to_csv(tmp, index=False)
+    if markdown is not None:
+        with atomic_path(out / "tables" / f"{name}.md") as tmp:
+            tmp.write_text(markdown)
+
+
+def _loss_curves(base: Path, cfg: dict, split: str) -> dict[str, dict[int, list[float]]]:
+    """Token-weighted mean loss per epoch: every single run, and each merge (first seed)."""
+    def mean_loss(csv: Path) -> float:
+        df = _split_losses(csv, split)
+        return float((df["loss"] * df["tokens"]).sum() / df["tokens"].sum())
+
+    seed = cfg["merge"]["seeds"][0]
+    curves: dict[str, dict[int, list[float]]] = {"single": {}}
+    for e in range(1, cfg["train"]["epochs"] + 1):
+        for k in range(cfg["runs"]):
+            curves["single"].setdefault(e, []).append(mean_loss(base / "losses" / f"run{k}" / f"epoch{e}.csv"))
+        for method in cfg["merge"]["methods"]:
+            curves.setdefault(method, {})[e] = [mean_loss(base / "losses" / "merged" / method / f"seed{seed}" / f"epoch{e}.csv")]
+    return curves
 
 
 def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     results, out = Path(results_dir), Path(out_dir)
     epochs, runs, anchor = cfg["train"]["epochs"], cfg["runs"], cfg["analysis"]["anchor_run"]
-    rows = []
+    first_seed = cfg["merge"]["seeds"][0]
+    imbalance, fig3_rows = [], []
     for model in cfg["models"]:
         for task in cfg["tasks"]:
             for scheme in cfg["schemes"]:
-                positions, losses = position_loss_matrix(results, model, task, scheme, runs, epochs)
+                base, tag = results / model / task / scheme, f"{model}_{task}_{scheme}"
+                positions, losses = position_loss_matrix(base, runs, epochs)
                 row = {"model": model, "task": task, "scheme": scheme, "epoch": epochs,
                        **imbalance_row(positions, losses, anchor, cfg["seed"])}
-                rows.append(row)
+                imbalance.append(row)
                 plot_fig1(positions, losses, row, anchor,
                           f"Fig. 1 — {model}, {task}, {scheme}: first-epoch position vs loss after epoch {epochs}",
-                          out / "figures" / f"fig1_{model}_{task}_{scheme}.png")
-    with atomic_path(out / "tables" / "imbalance.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    t1 = table1(load_metrics(results), cfg["merge"]["methods"])
-    with atomic_path(out / "tables" / "table1.csv") as tmp:
-        t1.to_csv(tmp, index=False)
-    with atomic_path(out / "tables" / "table1.md") as tmp:
-        tmp.write_text(table1_markdown(t1))
+                          out / "figures" / f"fig1_{tag}.png")
+                merged = {m: _split_losses(base / "losses" / "merged" / m / f"seed{first_seed}" / f"epoch{epochs}.csv",
+                                           "train")["loss"].to_numpy() for m in cfg["merge"]["methods"]}
+                segments = max(2, min(10, positions.shape[1] // 4))
+                rows = plot_fig3(positions, losses, merged, anchor, segments,
+                                 f"Fig. 3 — {model}, {task}, {scheme}: loss after epoch {epochs}\nby segment of run "
+                                 f"{anchor}'s first-epoch order (merges: seed {first_seed})", out / "figures" / f"fig3_{tag}.png")
+                fig3_rows += [{"model": model, "task": task, "scheme": scheme, **r} for r in rows]
+                if cfg["losses"]["epochs"] == "all" and epochs > 1:
+                    split = "val" if "val" in cfg["losses"]["splits"] else "train"
+                    plot_fig4(_loss_curves(base, cfg, split), split,
+                              f"Fig. 4 — {model}, {task}, {scheme}: {split} loss at each epoch, single vs merged",
+                              out / "figures" / f"fig4_{tag}.png")
+    _write_table(out, "imbalance", pd.DataFrame(imbalance), None)
+    _write_table(out, "fig3_rho", pd.DataFrame(fig3_rows), None)
+    metrics = load_metrics(results)
+    _write_table(out, "metrics", tidy_metrics(metrics), None)
+    t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(results))
+    _write_table(out, "table1", t1, table1_markdown(t1))
+    best = cfg["merge"]["methods"][-1]
+    if len(cfg["models"]) > 1:
+        t2 = comparison(t1, "model", best)
+        _write_table(out, "table2", t2, comparison_markdown(t2, f"Table 2: single vs merged ({best}) across models"))
+    if set(cfg["schemes"]) == {"shuffle", "fixbatch"}:
+        t4 = comparison(t1, "scheme", best)
+        _write_table(out, "table4", t4, comparison_markdown(t4, f"Table 4: shuffle vs fixbatch orders ({best})"))
     print(table1_markdown(t1))
-    print(pd.DataFrame(rows).to_string())
+    print(pd.DataFrame(imbalance).to_string())

@@ -33,6 +33,6 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     scored = targets != IGNORE_INDEX
     logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()
     per_token = torch.nn.functional.cross_entropy(logits, targets[scored], reduction="none")
-    loss = torch.zeros(targets.shape, dtype=per_token.dtype)
+    loss = torch.zeros(targets.shape, dtype=per_token.dtype, device=per_token.device)
     loss[scored] = per_token
     return loss, scored

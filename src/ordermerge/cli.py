@@ -58,7 +58,7 @@ def cmd_sample_losses(a):
     from .losses import sample_losses_stage
 
     splits = dict(s.split("=", 1) for s in a.split)
-    sample_losses_stage(a.model_dir, splits, a.task_spec, a.batch_size, a.out)
+    sample_losses_stage(a.model_dir, splits, a.task_spec, a.batch_size, a.out, a.compute_dtype)
 
 
 def cmd_merge(a):
@@ -66,8 +66,8 @@ def cmd_merge(a):
     from .checkpoint_io import CheckpointError
     from .merge import merge_models
 
-    weights = [float(w) for w in a.weights.split(",")] if a.weights else None
     try:
+        weights = [float(w) for w in a.weights.split(",")] if a.weights else None
         prov = merge_models(a.base, a.models, a.out, method=a.method, resample=a.resample, seed=a.seed,
                             weights=weights, shard_size=a.shard_size, force=a.force)
     except (CheckpointError, ValueError, FileExistsError) as exc:
@@ -82,7 +82,8 @@ def cmd_evaluate(a):
     _set_threads(a.threads)
     from .evaluate import evaluate_model
 
-    m = evaluate_model(a.model_dir, a.val, a.test, a.task_spec, a.eval_cfg, a.out, a.generations, a.identity)
+    m = evaluate_model(a.model_dir, a.val, a.test, a.task_spec, a.eval_cfg, a.out, a.generations, a.identity,
+                       a.val_losses)
     print(json.dumps(m))
 
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_orders)
 
-    s = sub.add_parser("fine-tune", help="full fine-tuning in a given order, a checkpoint per epoch")
+    s = sub.add_parser("fine-tune", help="full or LoRA fine-tuning in a given order, a checkpoint per epoch; "
+                       "resumes after its last complete epoch; several processes under torchrun")
     for flag in ("--base", "--train", "--order", "--out-dir", "--run-name"):
         s.add_argument(flag, required=True)
     s.add_argument("--task-spec", type=_json_arg, required=True)
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--split", action="append", required=True, help="NAME=PATH.jsonl, repeatable")
     s.add_argument("--task-spec", type=_json_arg, required=True)
     s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument("--threads", type=int)
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_sample_losses)
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--task-spec", type=_json_arg, required=True)
     s.add_argument("--eval-cfg", type=_json_arg, required=True)
     s.add_argument("--identity", type=_json_arg, default={}, help="fields copied into the metrics (model, run, method...)")
+    s.add_argument("--val-losses", help="also write per-sample validation losses (CSV) here")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_evaluate)
 

@@ -43,7 +43,8 @@ def exact_match(prediction: str, answer: str) -> bool:
 
 
 def evaluate_model(model_dir: str | Path, val_path: str, test_path: str, task_spec: dict, eval_cfg: dict,
-                   out_json: str | Path, out_generations: str | Path, identity: dict) -> dict:
+                   out_json: str | Path, out_generations: str | Path, identity: dict,
+                   out_val_losses: str | Path | None = None) -> dict:
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir)
     model.eval()
@@ -67,5 +68,10 @@ def evaluate_model(model_dir: str | Path, val_path: str, test_path: str, task_sp
     with atomic_path(out_generations) as tmp:
         tmp.write_text("".join(json.dumps({"sample_id": r["sample_id"], "answer": r["answer"], "generation": g,
                                            "correct": c}) + "\n" for r, g, c in zip(test, generations, correct)))
+    if out_val_losses is not None:  # per-sample val losses: the paired test of Table 1
+        import pandas as pd
+
+        with atomic_path(out_val_losses) as tmp:
+            pd.DataFrame(val_rows).to_csv(tmp, index=False)
     write_json(out_json, metrics)
     return metrics

@@ -24,10 +24,13 @@ def per_sample_losses(model, tokenizer, records: list[dict], task_spec: dict, ba
                                task_spec["max_length"]) for r in records]
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     rows: list[dict | None] = [None] * len(examples)
+    device = next(model.parameters()).device
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
         idx = order[start:start + batch_size]
-        losses, scored = token_losses(model, collate([examples[i] for i in idx], tokenizer.pad_token_id))
+        batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        losses, scored = token_losses(model, {k: v.to(device) for k, v in batch.items()})
+        losses, scored = losses.cpu(), scored.cpu()
         sums, counts = losses.sum(1), scored.sum(1)
         for j, i in enumerate(idx):
             rows[i] = {"sample_id": records[i]["sample_id"], "row": i, "loss": float(sums[j] / counts[j]),
@@ -35,11 +38,11 @@ def per_sample_losses(model, tokenizer, records: list[dict], task_spec: dict, ba
     return rows  # type: ignore[return-value]
 
 
-def load_model(model_dir: str | Path, compute_dtype: str = "float32"):
+def load_model(model_dir: str | Path, compute_dtype: str = "float32", device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(compute_dtype))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(compute_dtype)).to(device)
     return model, tokenizer
 
 
@@ -47,7 +50,7 @@ def sample_losses_stage(model_dir: str | Path, split_paths: dict[str, str], task
                         out_csv: str | Path, compute_dtype: str = "float32") -> pd.DataFrame:
     from .atomic import atomic_path
 
-    model, tokenizer = load_model(model_dir, compute_dtype)
+    model, tokenizer = load_model(model_dir, compute_dtype, "cuda" if torch.cuda.is_available() else "cpu")
     frames = []
     for split, path in split_paths.items():
         rows = per_sample_losses(model, tokenizer, read_jsonl(path), task_spec, batch_size, progress=True,

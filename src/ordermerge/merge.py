@@ -1,4 +1,6 @@
-"""Streaming merge of K fine-tunes of one base: one tensor at a time, from memory-mapped safetensors.
+"""Streaming merge of K fine-tunes of one base, chunk by chunk, in parallel over chunks.
+
+Memory holds K copies of one chunk per worker thread, never K models (nor K whole tensors).
 
 Output is a complete Hugging Face directory (sharded safetensors + index, the base's config and
 tokenizer, a model card) plus ``merge.json`` provenance, written atomically.
@@ -9,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import __version__
 from .atomic import atomic_path
 from .checkpoint_io import CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size
-from .merge_math import normalized_weights, select, weighted_average
-from .seeding import derive_seed
+from .merge_math import CHUNK, INT_VIEW, SelectStats, chunk_rng, normalized_weights, select_bits, stored_bits, weighted_average
 
 METHODS = ("average", "select")
 
@@ -60,6 +64,61 @@ def _check_compatible(base: LazyCheckpoint, models: list[LazyCheckpoint]) -> Non
                                       "save every fine-tune in the base's shapes and dtype")
 
 
+class _ChunkMerger:
+    """Merges one chunk of one tensor: reads it from all K inputs, computes, writes it out."""
+
+    def __init__(self, base, models, writer, method, probs, seed, resample):
+        self.base, self.models, self.writer = base, models, writer
+        self.method, self.probs, self.seed, self.resample = method, probs, seed, resample
+        self._local = threading.local()
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        # One buffer per worker thread, reused: no allocation (or page faults) per chunk.
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.size < nbytes:
+            buf = self._local.buf = np.empty(nbytes, np.uint8)
+        return buf[:nbytes]
+
+    def __call__(self, name: str, start: int, count: int) -> SelectStats | None:
+        info = self.base.info(name)
+        floating = info.torch_dtype.is_floating_point
+        k = len(self.models) if floating else 1  # non-float tensors are copied from the first model
+        with_base = floating and self.method == "select" and self.resample > 0
+        buf = self._buffer((k + with_base) * count * info.itemsize)
+        stack = buf.view(INT_VIEW[info.itemsize]).reshape(k + with_base, count)
+        for i, m in enumerate(self.models[:k]):
+            m.read_into(name, start, stack[i])
+        stats = None
+        if not floating:
+            out = stack[0]
+        elif self.method == "average":
+            rows = torch.from_numpy(stack).view(info.torch_dtype)
+            out = stored_bits(weighted_average(rows, self.probs)).numpy()
+        else:
+            if with_base:
+                self.base.read_into(name, start, stack[k])
+            rng = chunk_rng(self.seed, name, start // CHUNK)
+            out, stats = select_bits(stack[:k], self.probs, rng, stack[k] if with_base else None, self.resample)
+        self.writer.write(name, start, out)
+        return stats
+
+
+def _run_parallel(tasks: list[tuple], hash_dirs: list[Path], merger: _ChunkMerger, progress: bool, desc: str):
+    """Chunks and input digests on torch.get_num_threads() worker threads (numpy and torch release the GIL)."""
+    workers = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallel over chunks instead: intra-op threads would oversubscribe
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        digests = [pool.submit(sha256_of_dir, d) for d in hash_dirs]
+        chunks = [pool.submit(merger, *t) for t in tasks]
+        for f in tqdm(as_completed(chunks), total=len(chunks), desc=desc, unit="chunk", disable=not progress):
+            f.result()
+        return [f.result() for f in chunks], [f.result() for f in digests]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(workers)
+
+
 def merge_models(
     base_dir: str | Path,
     model_dirs: list[str | Path],
@@ -81,7 +140,7 @@ def merge_models(
     if resample and method != "select":
         raise ValueError("resample applies to method 'select' only")
     if len(model_dirs) < 2:
-        raise ValueError(f"need at least 2 models to merge, got {len(model_dirs)}")
+        raise ValueError(f"need at least 2 models to merge, got {len(model_dirs)}; pass K >= 2 MODEL_DIRs")
     if len(model_dirs) > 255:
         raise ValueError("at most 255 models can be merged at once")
     if out_dir.exists() and not force:
@@ -90,53 +149,65 @@ def merge_models(
     base = LazyCheckpoint(base_dir)
     models = [LazyCheckpoint(d) for d in model_dirs]
     _check_compatible(base, models)
-
-    per_tensor = {}
-    totals = {"elements": 0, "counts": [0] * len(models), "resampled": [0] * resample, "zero_after": 0}
-    with atomic_path(out_dir, directory=True) as tmp:
-        writer = ShardedWriter(tmp, parse_size(shard_size))
-        for name in tqdm(base.keys(), desc=f"merge {method_key(method, resample)}", unit="tensor", disable=not progress):
-            tensors = [m.get(name) for m in models]
-            if method == "average" or not tensors[0].is_floating_point():
-                merged = weighted_average(tensors, probs) if tensors[0].is_floating_point() else tensors[0]
-            else:
-                gen = torch.Generator().manual_seed(derive_seed(seed, "merge", name))
-                merged, stats = select(tensors, probs, gen, base=base.get(name) if resample else None, resample=resample)
-                n = merged.numel()
-                per_tensor[name] = {
-                    "fraction_from": [c / n for c in stats.counts],
-                    "resampled": stats.resampled,
-                    "zero_after": stats.zero_after,
-                }
-                totals["counts"] = [a + b for a, b in zip(totals["counts"], stats.counts)]
-                totals["resampled"] = [a + b for a, b in zip(totals["resampled"], stats.resampled)]
-                totals["zero_after"] += stats.zero_after
-            totals["elements"] += merged.numel()
-            writer.add(name, merged)
-        writer.close()
-        copy_sidecars(Path(base_dir), tmp)
-        provenance = {
-            "tool": f"ordermerge {__version__}",
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "method": method,
-            "method_key": method_key(method, resample),
-            "resample": resample,
-            "seed": seed,
-            "weights": probs,
-            "base": {"path": str(base_dir), "sha256": sha256_of_dir(Path(base_dir))},
-            "inputs": [{"path": str(d), "sha256": sha256_of_dir(Path(d))} for d in model_dirs],
-            "stats": {
-                "elements": totals["elements"],
-                "fraction_from": [c / max(1, totals["elements"]) for c in totals["counts"]] if method == "select" else None,
-                "resampled_per_round": totals["resampled"],
-                "zero_task_vector_after": totals["zero_after"],
-            },
-            "per_tensor": per_tensor,
-        }
-        (tmp / "merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        (tmp / "README.md").write_text(_model_card(provenance))
+    names = base.keys()
+    tasks = [(name, lo, min(CHUNK, base.info(name).numel - lo))
+             for name in names for lo in range(0, base.info(name).numel, CHUNK)]
+    key = method_key(method, resample)
+    try:
+        with atomic_path(out_dir, directory=True) as tmp:
+            writer = ShardedWriter(tmp, parse_size(shard_size), [(n, *base.meta(n)) for n in names])
+            merger = _ChunkMerger(base, models, writer, method, probs, seed, resample)
+            try:
+                results, digests = _run_parallel(tasks, [Path(base_dir), *map(Path, model_dirs)], merger,
+                                                 progress, f"merge {key}")
+            finally:
+                writer.close()
+            copy_sidecars(Path(base_dir), tmp)
+            provenance = _provenance(base_dir, model_dirs, method, resample, seed, probs, digests,
+                                     sum(base.info(n).numel for n in names), tasks, results)
+            (tmp / "merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            (tmp / "README.md").write_text(_model_card(provenance))
+    finally:
+        for checkpoint in (base, *models):
+            checkpoint.close()
     return provenance
+
+
+def _provenance(base_dir, model_dirs, method, resample, seed, probs, digests, elements, tasks, results) -> dict:
+    per_tensor: dict[str, SelectStats] = {}
+    for (name, _, _), stats in zip(tasks, results):
+        if stats is not None:
+            per_tensor[name] = per_tensor[name] + stats if name in per_tensor else stats
+    total = SelectStats([0] * len(model_dirs), [0] * resample)
+    for stats in per_tensor.values():
+        total = total + stats
+    selected = sum(total.counts)
+    return {
+        "tool": f"ordermerge {__version__}",
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "method": method,
+        "method_key": method_key(method, resample),
+        "resample": resample,
+        "seed": seed,
+        "weights": probs,
+        "rng": f"numpy PCG64 per (seed, tensor, chunk of {CHUNK} elements)",
+        "base": {"path": str(base_dir), "sha256": digests[0]},
+        "inputs": [{"path": str(d), "sha256": h} for d, h in zip(model_dirs, digests[1:])],
+        "stats": {
+            "elements": elements,
+            # over the elements that were selected (integer tensors are copied, not selected)
+            "fraction_from": [c / max(1, selected) for c in total.counts] if method == "select" else None,
+            "resampled_per_round": total.resampled,
+            "zero_task_vector_after": total.zero_after,
+        },
+        "per_tensor": {
+            name: {"fraction_from": [c / max(1, sum(s.counts)) for c in s.counts],
+                   "resampled": s.resampled, "zero_after": s.zero_after}
+            for name, s in sorted(per_tensor.items())
+        },
+    }
 
 
 def _model_card(p: dict) -> str:

@@ -1,4 +1,4 @@
-"""The merge methods on one tensor: pure functions over K same-shaped tensors.
+"""The merge methods on K same-shaped tensors (or one chunk of them): pure functions.
 
 - ``average`` (paper Eq. 1): Σ w_i θ_i, accumulated in fp32, stored in the inputs' dtype.
 - ``select`` (paper Eq. 2): every element is taken whole from ONE sub-model, drawn with p_i = w_i.
@@ -6,17 +6,25 @@
   zero (stored value == base's stored value, compared bit for bit), draw again from ALL K
   sub-models, up to n times.
 
-Randomness comes from the caller's generator (seeded per tensor by (seed, tensor name)), always
-on the CPU, so bytes do not depend on tensor order, device or threads.
+Select works on raw bits, in chunks of ``CHUNK`` elements of the flattened tensor. Each chunk has
+its own CPU random stream seeded by (seed, tensor name, chunk index), so bytes depend on neither
+tensor order, sharding, threads nor device, and chunks can be merged in parallel.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from .seeding import derive_seed
+
+# Elements per random stream. Part of what a seed means: changing it changes every select merge.
+CHUNK = 1 << 18
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+INT_VIEW = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # the same, for raw numpy buffers
+_ARANGE = np.arange(CHUNK)
 
 
 def stored_bits(t: torch.Tensor) -> torch.Tensor:
@@ -35,21 +43,42 @@ def normalized_weights(weights: list[float] | None, k: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def weighted_average(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def chunk_rng(seed: int, name: str, chunk: int) -> np.random.PCG64:
+    """The random stream of chunk ``chunk`` (elements chunk*CHUNK...) of tensor ``name``.
+
+    A bare bit generator: its raw output is stable across numpy versions, unlike Generator methods.
+    """
+    return np.random.PCG64(derive_seed(seed, "merge", name, chunk))
+
+
+def weighted_average(tensors, weights: list[float]) -> torch.Tensor:
+    """Σ w_i t_i in fp32, rounded once to the inputs' dtype; elementwise, so chunking keeps the bytes."""
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    widened = torch.empty_like(acc)  # reused: a fresh fp32 copy per input costs page faults
     for t, w in zip(tensors, weights):
-        acc.add_(t.to(torch.float32), alpha=w)
+        acc.add_(widened.copy_(t), alpha=w)
     return acc.to(tensors[0].dtype)
 
 
-def draw_indices(numel: int, probs: list[float], generator: torch.Generator) -> torch.Tensor:
-    """``numel`` i.i.d. sub-model indices with P(i) = probs[i], as uint8 (K <= 255)."""
+def _raw_bytes(rng: np.random.PCG64, n: int) -> np.ndarray:
+    return rng.random_raw(-(-n // 8)).astype("<u8", copy=False).view(np.uint8)[:n]
+
+
+def draw_indices(n: int, probs: list[float], rng: np.random.PCG64) -> np.ndarray:
+    """``n`` i.i.d. sub-model indices (uint8) with P(i) = probs[i], exactly."""
     k = len(probs)
     if all(abs(p - 1.0 / k) < 1e-12 for p in probs):
-        return torch.randint(0, k, (numel,), generator=generator, dtype=torch.uint8)
-    u = torch.rand(numel, generator=generator, dtype=torch.float64)
-    cumulative = torch.cumsum(torch.tensor(probs, dtype=torch.float64), 0)
-    return torch.searchsorted(cumulative, u, right=True).clamp_(max=k - 1).to(torch.uint8)
+        # One random byte per element: bytes below the largest multiple of k are uniform mod k,
+        # the few above it (fewer than k/256) are redrawn. Much cheaper than Generator.integers.
+        b = _raw_bytes(rng, n)
+        limit = 256 - 256 % k
+        bad = np.flatnonzero(b >= limit) if limit < 256 else ()
+        while len(bad):
+            b[bad] = _raw_bytes(rng, len(bad))
+            bad = bad[b[bad] >= limit]
+        return b - np.uint8(k) * (b // np.uint8(k))  # b % k; numpy's uint8 remainder is slow
+    u = (rng.random_raw(n) >> np.uint64(11)) * 2.0**-53  # uniform doubles in [0, 1)
+    return np.minimum(np.searchsorted(np.cumsum(probs), u, side="right"), k - 1).astype(np.uint8)
 
 
 @dataclass
@@ -58,43 +87,64 @@ class SelectStats:
     resampled: list[int] = field(default_factory=list)  # elements redrawn in each round
     zero_after: int = 0  # elements whose drawn value still equals the base's
 
+    def __add__(self, other: SelectStats) -> SelectStats:
+        return SelectStats([a + b for a, b in zip(self.counts, other.counts)],
+                           [a + b for a, b in zip(self.resampled, other.resampled)],
+                           self.zero_after + other.zero_after)
 
-def _gather(flat_stack: torch.Tensor, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    if positions is None:
-        positions = torch.arange(flat_stack.shape[1])
-    return flat_stack[idx.long(), positions]
 
-
-def select(
-    tensors: list[torch.Tensor],
-    probs: list[float],
-    generator: torch.Generator,
-    base: torch.Tensor | None = None,
-    resample: int = 0,
-) -> tuple[torch.Tensor, SelectStats]:
-    """Parameter selection with optional resampling of exact-zero task-vector elements."""
+def select_bits(stack: np.ndarray, probs: list[float], rng: np.random.PCG64,
+                base: np.ndarray | None = None, resample: int = 0) -> tuple[np.ndarray, SelectStats]:
+    """Select on one chunk: ``stack`` is (K, n) C-contiguous raw bits, ``base`` (n,) the base's bits."""
     if resample > 0 and base is None:
         raise ValueError("resample needs the base tensor to find zero task-vector elements")
-    k = len(tensors)
-    shape, dtype = tensors[0].shape, tensors[0].dtype
-    flat = torch.stack([t.reshape(-1) for t in tensors])  # K copies of ONE tensor, never K models
-    numel = flat.shape[1]
-    idx = draw_indices(numel, probs, generator)
-    out = _gather(flat, idx)
-    stats = SelectStats(counts=[])
+    k, n = stack.shape
+    flat = stack.reshape(-1)
+    positions = _ARANGE[:n] if n <= CHUNK else np.arange(n)
+    idx = draw_indices(n, probs, rng)
+    lin = np.empty(n, dtype=np.intp)
+    out = np.empty(n, dtype=stack.dtype)
+
+    def gather() -> None:
+        # Flat positions (model * n + element) index the stack in one take: no K x n masks.
+        np.multiply(idx, n, out=lin, dtype=np.intp)
+        np.add(lin, positions, out=lin)
+        flat.take(lin, out=out)
+
+    gather()
+    stats = SelectStats(counts=[], resampled=[])
+    for _ in range(resample):
+        # The drawn value equals the base's exactly where the drawn task vector is zero. Every
+        # element gets a fresh draw (from ALL K, as the paper does) but only those zeros take it:
+        # dense passes beat gathering the zeros' positions, which are a third to two thirds of all.
+        zero = out == base
+        stats.resampled.append(int(np.count_nonzero(zero)))
+        new = draw_indices(n, probs, rng)
+        mask = np.negative(zero.view(np.uint8))  # 0x00 / 0xFF
+        new ^= idx
+        new &= mask
+        idx ^= new  # idx = where(zero, new, idx), branch-free: np.copyto(where=) is ~5x slower
+        gather()
     if resample > 0:
-        base_bits = stored_bits(base.reshape(-1))
-        bits_stack = stored_bits(flat)
-        # Zero task vector per (model, element): the sub-model left this element untouched.
-        zero = bits_stack == base_bits.unsqueeze(0)
-        for _ in range(resample):
-            pos = zero[idx.long(), torch.arange(numel)].nonzero().squeeze(1)
-            stats.resampled.append(int(pos.numel()))
-            if pos.numel() == 0:
-                continue
-            # Redraw from ALL K (paper: keeps it one parallel tensor op).
-            idx[pos] = draw_indices(pos.numel(), probs, generator)
-        out = _gather(flat, idx)
-        stats.zero_after = int((stored_bits(out) == base_bits).sum())
-    stats.counts = torch.bincount(idx.long(), minlength=k).tolist()
-    return out.reshape(shape).to(dtype), stats
+        stats.zero_after = int(np.count_nonzero(out == base))
+    stats.counts = torch.bincount(torch.from_numpy(idx), minlength=k).tolist()  # 3x numpy's on uint8
+    return out, stats
+
+
+def select(tensors: list[torch.Tensor], probs: list[float], seed: int, name: str = "",
+           base: torch.Tensor | None = None, resample: int = 0) -> tuple[torch.Tensor, SelectStats]:
+    """Parameter selection (+ resampling) of whole tensors; the streaming merge gives the same bytes."""
+    if resample > 0 and base is None:
+        raise ValueError("resample needs the base tensor to find zero task-vector elements")
+    shape, dtype = tensors[0].shape, tensors[0].dtype
+    stack = torch.stack([stored_bits(t).reshape(-1) for t in tensors]).numpy()
+    base_bits = stored_bits(base).reshape(-1).numpy() if resample else None
+    out = np.empty_like(stack[0])
+    stats = SelectStats([0] * len(tensors), [0] * resample)
+    for c, lo in enumerate(range(0, out.size, CHUNK)):
+        hi = min(lo + CHUNK, out.size)
+        part, s = select_bits(np.ascontiguousarray(stack[:, lo:hi]), probs, chunk_rng(seed, name, c),
+                              None if base_bits is None else base_bits[lo:hi], resample)
+        out[lo:hi] = part
+        stats = stats + s
+    return torch.from_numpy(out).view(dtype).reshape(shape), stats

@@ -8,6 +8,7 @@ def analysis_inputs(w):
         for t in TASKS:
             for s in SCHEMES:
                 files += single_eval_files(m, t, s) + merged_eval_files(m, t, s) + loss_files(m, t, s)
+                files += merged_loss_files(m, t, s)
                 files += [f"{R}/{m}/{t}/{s}/orders/run{k}.npy" for k in range(K)]
     return files
 
@@ -16,9 +17,17 @@ rule analyze:
     input:
         analysis_inputs,
     output:
-        table1=R + "/tables/table1.md",
-        imbalance=R + "/tables/imbalance.csv",
-        figures=[f"{R}/figures/fig1_{m}_{t}_{s}.png" for m in MODELS for t in TASKS for s in SCHEMES],
+        tables=report(
+            [f"{R}/tables/{n}.csv" for n in table_names()],
+            caption="../report/tables.rst",
+            category="Tables",
+        ),
+        markdown=[f"{R}/tables/{n}.md" for n in table_names() if n not in ("imbalance", "metrics")],
+        figures=report(
+            [f"{R}/figures/{f}.png" for f in figure_names()],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
     params:
         cfg=as_json(config),
     log:

@@ -7,9 +7,9 @@ rule base_model:
         remote=lambda w: "--trust-remote-code" if config["models"][w.model]["trust_remote_code"] else "",
     log:
         "logs/base_model/{model}.log",
-    threads: THREADS
+    threads: rule_threads("base_model")
     resources:
-        mem_mb=4000,
+        **rule_resources("base_model", mem_mb=4000, runtime=30),
     shell:
         "ordermerge base-model --source {params.source:q} --dtype {params.dtype} {params.remote} "
         "--out {output} > {log} 2>&1"

@@ -49,11 +49,13 @@ def merge_variants():
 
 
 def single_eval_files(model, task, scheme):
-    return [f"{R}/{model}/{task}/{scheme}/eval/single/run{k}.json" for k in range(K)]
+    stems = [f"{R}/{model}/{task}/{scheme}/eval/single/run{k}" for k in range(K)]
+    return [s + ext for s in stems for ext in (".json", ".val_losses.csv")]
 
 
 def merged_eval_files(model, task, scheme):
-    return [f"{R}/{model}/{task}/{scheme}/eval/merged/{m}/seed{s}.json" for m, s in merge_variants()]
+    stems = [f"{R}/{model}/{task}/{scheme}/eval/merged/{m}/seed{s}" for m, s in merge_variants()]
+    return [s + ext for s in stems for ext in (".json", ".val_losses.csv")]
 
 
 def loss_epochs():
@@ -64,7 +66,63 @@ def loss_files(model, task, scheme):
     return [f"{R}/{model}/{task}/{scheme}/losses/run{k}/epoch{e}.csv" for k in range(K) for e in loss_epochs()]
 
 
-def analysis_targets():
-    return [f"{R}/tables/table1.md", f"{R}/tables/imbalance.csv"] + [
-        f"{R}/figures/fig1_{m}_{t}_{s}.png" for m in MODELS for t in TASKS for s in SCHEMES
+def merged_loss_files(model, task, scheme):
+    """Per-sample losses of each merge method (first merge seed) at every scored epoch: Fig. 3 and 4."""
+    seed = config["merge"]["seeds"][0]
+    return [
+        f"{R}/{model}/{task}/{scheme}/losses/merged/{method}/seed{seed}/epoch{e}.csv"
+        for method in config["merge"]["methods"]
+        for e in loss_epochs()
     ]
+
+
+def figure_names():
+    """Fig. 4 (loss vs epoch) needs more than one scored epoch: losses.epochs = all."""
+    names = ["fig1", "fig3"] + (["fig4"] if len(loss_epochs()) > 1 else [])
+    return [f"{n}_{m}_{t}_{s}" for n in names for m in MODELS for t in TASKS for s in SCHEMES]
+
+
+def table_names():
+    names = ["table1", "imbalance", "metrics"]
+    if len(MODELS) > 1:
+        names.append("table2")
+    if set(SCHEMES) == {"shuffle", "fixbatch"}:
+        names.append("table4")
+    return names
+
+
+def analysis_targets():
+    return [f"{R}/tables/{n}.csv" for n in table_names()] + [f"{R}/figures/{f}.png" for f in figure_names()]
+
+
+# Job resources. Each rule states its built-in needs (sized for the laptop default); the config's
+# `resources.default`, then `resources.<rule>`, override them (keys: workflow/schemas/config.schema.yaml).
+# runtime is minutes for the first attempt: with the profile's `retries`, attempt n asks for n times
+# as long, and a timed-out fine-tune restarts from its last complete epoch. The SLURM executor maps
+# gpu to --gpus, mem_mb to --mem, runtime to -t and threads to --cpus-per-task; a local run counts
+# gpu against `--resources gpu=N` (profiles/local). Cheap rules run on the submit host.
+localrules:
+    prepare_data,
+    orders,
+
+
+_RESOURCE_NAMES = {"gpus": "gpu", "gpu_model": "gpu_model", "mem_mb": "mem_mb", "partition": "slurm_partition",
+                   "account": "slurm_account", "constraint": "constraint", "slurm_extra": "slurm_extra"}
+
+
+def _resource_overrides(rule):
+    return {**config["resources"].get("default", {}), **config["resources"].get(rule, {})}
+
+
+def rule_resources(rule, mem_mb, runtime, gpus=0):
+    """A rule's `resources:` (use as `resources: **rule_resources("fine_tune", mem_mb=..., runtime=...)`)."""
+    spec = {"gpus": gpus, "mem_mb": mem_mb, "runtime": runtime, **_resource_overrides(rule)}
+    out = {_RESOURCE_NAMES[k]: v for k, v in spec.items() if k in _RESOURCE_NAMES}
+    minutes = spec["runtime"]
+    out["runtime"] = lambda wildcards, attempt: minutes * attempt
+    return out
+
+
+def rule_threads(rule):
+    """A rule's `threads:`: resources.<rule>.cpus, else resources.default.cpus, else threads_per_job."""
+    return _resource_overrides(rule).get("cpus", THREADS)

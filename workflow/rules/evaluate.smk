@@ -2,7 +2,8 @@ def _eval_shell(model_dir):
     return (
         "ordermerge evaluate --model-dir " + model_dir + " --val {input.val} --test {input.test} "
         "--task-spec {params.task_spec:q} --eval-cfg {params.eval_cfg:q} --identity {params.identity:q} "
-        "--threads {threads} --out {output.metrics} --generations {output.generations} > {log} 2>&1"
+        "--threads {threads} --out {output.metrics} --generations {output.generations} "
+        "--val-losses {output.val_losses} > {log} 2>&1"
     )
 
 
@@ -14,6 +15,7 @@ rule evaluate_single:
     output:
         metrics=RUN_DIR + "/eval/single/run{run}.json",
         generations=RUN_DIR + "/eval/single/run{run}.generations.jsonl",
+        val_losses=RUN_DIR + "/eval/single/run{run}.val_losses.csv",
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         eval_cfg=as_json(config["eval"]),
@@ -23,7 +25,9 @@ rule evaluate_single:
         ),
     log:
         "logs/evaluate/{model}_{task}_{scheme}_single_run{run}.log",
-    threads: THREADS
+    threads: rule_threads("evaluate_single")
+    resources:
+        **rule_resources("evaluate_single", mem_mb=4000, runtime=60),
     shell:
         _eval_shell("{input.model}")
 
@@ -36,6 +40,7 @@ rule evaluate_merged:
     output:
         metrics=RUN_DIR + "/eval/merged/{method}/seed{mseed}.json",
         generations=RUN_DIR + "/eval/merged/{method}/seed{mseed}.generations.jsonl",
+        val_losses=RUN_DIR + "/eval/merged/{method}/seed{mseed}.val_losses.csv",
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         eval_cfg=as_json(config["eval"]),
@@ -45,6 +50,8 @@ rule evaluate_merged:
         ),
     log:
         "logs/evaluate/{model}_{task}_{scheme}_{method}_seed{mseed}.log",
-    threads: THREADS
+    threads: rule_threads("evaluate_merged")
+    resources:
+        **rule_resources("evaluate_merged", mem_mb=4000, runtime=60),
     shell:
         _eval_shell("{input.model}")

@@ -13,9 +13,9 @@ rule fine_tune:
         out_dir=lambda w, output: str(Path(output.steps).parent),
     log:
         "logs/fine_tune/{model}_{task}_{scheme}_run{run}.log",
-    threads: THREADS
+    threads: rule_threads("fine_tune")
     resources:
-        mem_mb=6000,
+        **rule_resources("fine_tune", mem_mb=6000, runtime=120),
     shell:
         "ordermerge fine-tune --base {input.base} --train {input.train} --order {input.order} "
         "--out-dir {params.out_dir} --run-name {wildcards.task}-{wildcards.scheme}-run{wildcards.run} "
@@ -37,7 +37,32 @@ rule sample_losses:
         batch=config["losses"]["batch_size"],
     log:
         "logs/sample_losses/{model}_{task}_{scheme}_run{run}_epoch{epoch}.log",
-    threads: THREADS
+    threads: rule_threads("sample_losses")
+    resources:
+        **rule_resources("sample_losses", mem_mb=4000, runtime=30),
+    shell:
+        "ordermerge sample-losses --model-dir {input.checkpoint} {params.splits} "
+        "--task-spec {params.task_spec:q} --batch-size {params.batch} --threads {threads} "
+        "--out {output} > {log} 2>&1"
+
+
+rule sample_losses_merged:
+    input:
+        checkpoint=RUN_DIR + "/merged/epoch{epoch}/{method}/seed{mseed}",
+        splits=lambda w: [f"{R}/{w.model}/{w.task}/data/{s}.jsonl" for s in config["losses"]["splits"]],
+    output:
+        RUN_DIR + "/losses/merged/{method}/seed{mseed}/epoch{epoch}.csv",
+    params:
+        splits=lambda w, input: " ".join(
+            f"--split {s}={p}" for s, p in zip(config["losses"]["splits"], input.splits)
+        ),
+        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        batch=config["losses"]["batch_size"],
+    log:
+        "logs/sample_losses/{model}_{task}_{scheme}_{method}_seed{mseed}_epoch{epoch}.log",
+    threads: rule_threads("sample_losses_merged")
+    resources:
+        **rule_resources("sample_losses_merged", mem_mb=4000, runtime=30),
     shell:
         "ordermerge sample-losses --model-dir {input.checkpoint} {params.splits} "
         "--task-spec {params.task_spec:q} --batch-size {params.batch} --threads {threads} "

@@ -20,9 +20,9 @@ rule merge:
         flags=merge_flags,
     log:
         "logs/merge/{model}_{task}_{scheme}_epoch{epoch}_{method}_seed{mseed}.log",
-    threads: THREADS
+    threads: rule_threads("merge")
     resources:
-        mem_mb=4000,
+        **rule_resources("merge", mem_mb=4000, runtime=30),
     shell:
         "ordermerge merge --base {input.base} {params.flags} --seed {wildcards.mseed} "
         "--threads {threads} --force --out {output} {input.models} > {log} 2>&1"

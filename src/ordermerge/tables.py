@@ -1,0 +1,97 @@
+"""Tables: 1 (single vs merges), 2 (across model sizes), 4 (shuffle vs fixbatch), and the tidy metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+METRICS = ("val_loss", "exact_match")
+
+
+def tidy_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, task, scheme, method, seed, run, metric): what every table reads."""
+    ids = ["model", "task", "scheme", "kind", "method", "seed", "run", "epoch"]
+    return metrics.melt(id_vars=ids, value_vars=list(METRICS), var_name="metric", value_name="value")
+
+
+def paired_p(single_losses: list[pd.DataFrame], merged_losses: list[pd.DataFrame]) -> float:
+    """Wilcoxon signed-rank p: per-sample val loss of the merge (mean over seeds) vs the mean single run."""
+    if not single_losses or not merged_losses:
+        return float("nan")
+    single = pd.concat(single_losses).groupby("sample_id")["loss"].mean()
+    merged = pd.concat(merged_losses).groupby("sample_id")["loss"].mean()
+    diff = (merged - single.reindex(merged.index)).dropna()
+    if len(diff) < 2 or np.allclose(diff, 0):
+        return float("nan")
+    return float(stats.wilcoxon(diff).pvalue)
+
+
+def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict) -> pd.DataFrame:
+    """Single SFT (mean ± std over runs) vs each merge (mean ± std over merge seeds).
+
+    ``val_losses[(model, task, scheme, method)]`` lists per-sample val-loss frames (one per run/seed).
+    """
+    out = []
+    for (model, task, scheme), g in metrics.groupby(["model", "task", "scheme"], sort=True):
+        single = g[g["kind"] == "single"]
+        ref = {m: single[m].mean() for m in METRICS}
+        for method in ["single", *methods]:
+            rows = single if method == "single" else g[(g["kind"] == "merged") & (g["method"] == method)]
+            if rows.empty:
+                continue
+            rec = {"model": model, "task": task, "scheme": scheme, "method": method, "n": len(rows)}
+            for metric in METRICS:
+                mean = rows[metric].mean()
+                rec[f"{metric}_mean"] = mean
+                rec[f"{metric}_std"] = rows[metric].std(ddof=1) if len(rows) > 1 else 0.0
+                rec[f"{metric}_delta"] = mean - ref[metric]
+            rec["p_paired_val_loss"] = float("nan") if method == "single" else paired_p(
+                val_losses.get((model, task, scheme, "single"), []), val_losses.get((model, task, scheme, method), []))
+            out.append(rec)
+    return pd.DataFrame(out)
+
+
+def _fmt_p(p: float) -> str:
+    return "–" if p != p else f"{p:.2g}"
+
+
+def table1_markdown(t: pd.DataFrame, title: str = "Table 1: single fine-tunes vs merges") -> str:
+    lines = [f"# {title}", "",
+             "Single: mean ± std over the K runs. Merges: mean ± std over merge seeds (average is deterministic).",
+             "Δ is against the single-run mean; lower val loss and higher exact match are better. p: Wilcoxon",
+             "signed-rank test of per-sample val losses, merge (mean over seeds) vs the mean single run.", "",
+             "| model | task | scheme | method | n | val loss | Δ val loss | p | exact match % | Δ EM (pts) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in t.itertuples():
+        lines.append(
+            f"| {r.model} | {r.task} | {r.scheme} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
+            f"{r.val_loss_delta:+.4f} | {_fmt_p(r.p_paired_val_loss)} | "
+            f"{100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | {100 * r.exact_match_delta:+.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def comparison(t1: pd.DataFrame, by: str, merged_method: str) -> pd.DataFrame:
+    """Single vs one merge method, one row per value of ``by`` (model for Table 2, scheme for Table 4)."""
+    rows = []
+    keys = [k for k in ("model", "task", "scheme") if k != by]
+    for key, g in t1.groupby(keys + [by], sort=True):
+        single, merged = g[g["method"] == "single"], g[g["method"] == merged_method]
+        if single.empty or merged.empty:
+            continue
+        rows.append({**dict(zip(keys + [by], key)), "method": merged_method,
+                     "single_val_loss": single["val_loss_mean"].item(), "merged_val_loss": merged["val_loss_mean"].item(),
+                     "delta_val_loss": merged["val_loss_mean"].item() - single["val_loss_mean"].item(),
+                     "single_exact_match": single["exact_match_mean"].item(),
+                     "merged_exact_match": merged["exact_match_mean"].item(),
+                     "delta_exact_match": merged["exact_match_mean"].item() - single["exact_match_mean"].item()})
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(t: pd.DataFrame, title: str) -> str:
+    cols = list(t.columns)
+    lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in t.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines) + "\n"
