@@ -5,7 +5,8 @@ SmolLM2-135M's tensor shapes) are built once under --cache: base + small relativ
 bf16, so most elements are stored unchanged, as in real bf16 fine-tunes. Then, page cache warm:
 the read floor (cat of the K inputs, best of 3), the unavoidable extras (sha256 of the inputs for
 merge.json; writing + fsync of one output), each ordermerge method (wall time in a fresh process
-after imports, ratio to the floor, peak RSS), mergekit linear if /tmp/mk has it, and a K sweep.
+after imports, ratio to the floor, CPU time, peak RSS), mergekit linear if /tmp/mk has it, and a K
+sweep. On a shared machine wall times follow the load; CPU times much less so.
 
     python benchmarks/bench_merge.py [--base DIR] [--k 8] [--quick]
 """
@@ -27,6 +28,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ordermerge.checkpoint_io import LazyCheckpoint
+from ordermerge.merge import sha256_of_dir
+from ordermerge.merge_math import stored_bits
+
 SMOLLM2_135M = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
@@ -36,22 +41,37 @@ SMOLLM2_135M = {
 NOISE = 0.003  # relative update size: leaves ~60 % of bf16 elements exactly unchanged
 MERGEKIT_PYTHON = Path("/tmp/mk/bin/python")
 
-# Runs in a fresh process so that RSS is the merge's own; timing starts after the imports.
-MERGE_SNIPPET = """
-import json, sys, time
+# Children report their own peak RSS: VmHWM of the process image they exec'd. (ru_maxrss from wait4
+# would include the RSS this parent had when it forked them.) Linux only.
+PEAK_RSS = 'int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) // 1024'
+# A merge in a fresh process; time and CPU count from after the imports.
+MERGE_SNIPPET = f"""
+import json, resource, sys, time
 import torch
 from ordermerge.merge import merge_models
 a = json.loads(sys.argv[1])
 if a["threads"]:
     torch.set_num_threads(a["threads"])
-t = time.perf_counter()
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+t, c = time.perf_counter(), cpu()
 merge_models(a["base"], a["models"], a["out"], method=a["method"], resample=a["resample"], force=True, progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t}))
+print(json.dumps({{"seconds": time.perf_counter() - t, "cpu": cpu() - c, "rss": {PEAK_RSS}}}))
+"""
+# A whole command line (imports included), run by its console-script function.
+COMMAND_SNIPPET = f"""
+import importlib, json, sys
+module, function = sys.argv[1].split(":")
+try:
+    getattr(importlib.import_module(module), function)(sys.argv[2:])
+except SystemExit as exc:
+    if exc.code:
+        raise
+print(json.dumps({{"rss": {PEAK_RSS}}}))
 """
 
 
 def synthetic_base(directory: Path) -> Path:
-    if (directory / "model.safetensors").exists():
+    if directory.exists():
         return directory
     c = SMOLLM2_135M
     h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
@@ -66,10 +86,18 @@ def synthetic_base(directory: Path) -> Path:
     g = torch.Generator().manual_seed(0)
     state = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
              for n, s in shapes.items()}
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(c, indent=2))
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _save_dir(directory, state, json.dumps(c, indent=2))
     return directory
+
+
+def _save_dir(directory: Path, state: dict, config: str) -> None:
+    """Write under a temporary name and rename: an interrupted build is never taken for a cached one."""
+    tmp = directory.parent / f".tmp-{directory.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(config)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tmp.rename(directory)
 
 
 def fine_tunes(base: Path, root: Path, k: int) -> list[Path]:
@@ -79,22 +107,19 @@ def fine_tunes(base: Path, root: Path, k: int) -> list[Path]:
     for i in range(k):
         d = root / f"ft{i}"
         dirs.append(d)
-        if (d / "model.safetensors").exists():
+        if d.exists():
             continue
-        state = state or load_file(str(base / "model.safetensors"))
+        if state is None:
+            ckpt = LazyCheckpoint(base)
+            state = {n: ckpt.get(n) for n in ckpt.keys()}
         g = torch.Generator().manual_seed(1000 + i)
         ft, same, total = {}, 0, 0
         for name, t in state.items():
             f = t.float()
             ft[name] = f.add_(f * torch.randn(f.shape, generator=g), alpha=NOISE).to(t.dtype)
-            same += int((ft[name].view(torch.int16) == t.view(torch.int16)).sum())
+            same += int((stored_bits(ft[name]) == stored_bits(t)).sum())
             total += t.numel()
-        tmp = root / f".tmp-ft{i}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copy2(base / "config.json", tmp / "config.json")
-        save_file(ft, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tmp.rename(d)
+        _save_dir(d, ft, (base / "config.json").read_text())
         print(f"built {d} ({same / total:.0%} of elements unchanged)", flush=True)
     return dirs
 
@@ -114,15 +139,12 @@ def read_floor(dirs: list[Path]) -> float:
     return best
 
 
-def hash_floor(dirs: list[Path], threads: int) -> float:
-    def digest(p):
-        with open(p, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-
-    t = time.perf_counter()
+def hash_floor(dirs: list[Path], threads: int) -> tuple[float, float]:
+    """Wall and CPU seconds of the digests merge.json records (the merge computes the same)."""
+    t, c = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(digest, weight_files(dirs)))
-    return time.perf_counter() - t
+        list(pool.map(sha256_of_dir, dirs))
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def write_floor(nbytes: int, where: Path) -> float:
@@ -136,36 +158,33 @@ def write_floor(nbytes: int, where: Path) -> float:
     return time.perf_counter() - t
 
 
-def run_measured(cmd: list[str]) -> tuple[str, float, float, int]:
-    """Run a command: its stdout, wall seconds, CPU seconds and peak RSS in MB (its own, from wait4)."""
+def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
+    """Run a command that prints a JSON line last: that line, wall seconds, CPU seconds (whole process)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode:
+        if os.waitstatus_to_exitcode(status):
             err.seek(0)
-            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{err.read().decode()[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{err.read().decode()[-3000:]}")
         out.seek(0)
-        return out.read().decode(), wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024
+        return json.loads(out.read().decode().strip().splitlines()[-1]), wall, usage.ru_utime + usage.ru_stime
 
 
 def ordermerge(base, models, out, method, resample, threads, repeats) -> tuple[float, float, int]:
-    """Best in-process merge time (after imports) of ``repeats`` fresh processes, its CPU time, peak RSS."""
+    """Best merge time (after imports) of ``repeats`` fresh processes, with its CPU time and peak RSS in MB."""
     args = json.dumps({"base": str(base), "models": [str(m) for m in models], "out": str(out), "method": method,
                        "resample": resample, "threads": threads})
-    best = (float("inf"), 0.0, 0)
-    for _ in range(repeats):
-        text, _, cpu, rss = run_measured([sys.executable, "-c", MERGE_SNIPPET, args])
-        best = min(best, (json.loads(text.strip().splitlines()[-1])["seconds"], cpu, rss))
-    return best
+    runs = [run_measured([sys.executable, "-c", MERGE_SNIPPET, args])[0] for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    return best["seconds"], best["cpu"], max(r["rss"] for r in runs)
 
 
-def ordermerge_cli(base, models, out) -> float:
-    cmd = [sys.executable, "-m", "ordermerge", "merge", "--base", str(base), "--method", "average", "--force",
-           "--out", str(out), *map(str, models)]
-    return run_measured(cmd)[1]
+def command(python: Path | str, entry: str, args: list) -> tuple[float, float, int]:
+    """Wall time, CPU time and peak RSS of a whole command line, run by its entry point."""
+    report, wall, cpu = run_measured([str(python), "-c", COMMAND_SNIPPET, entry, *map(str, args)])
+    return wall, cpu, report["rss"]
 
 
 def mergekit_linear(models, out: Path) -> tuple[float, float, int]:
@@ -176,8 +195,7 @@ def mergekit_linear(models, out: Path) -> tuple[float, float, int]:
         lines += [f"  - model: {m}", "    parameters:", "      weight: 1.0"]
     config.write_text("\n".join(lines) + "\n")
     shutil.rmtree(out, ignore_errors=True)
-    _, wall, cpu, rss = run_measured([str(MERGEKIT_PYTHON.parent / "mergekit-yaml"), str(config), str(out), "--quiet"])
-    return wall, cpu, rss
+    return command(MERGEKIT_PYTHON, "mergekit.scripts.run_yaml:main", [config, out, "--quiet"])
 
 
 def has_mergekit() -> bool:
@@ -200,7 +218,7 @@ def max_ulps(a_dir: Path, b_dir: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", type=Path, help="a bf16 HF directory (model.safetensors); default: synthetic SmolLM2-135M")
+    p.add_argument("--base", type=Path, help="a bf16 HF safetensors directory; default: synthetic SmolLM2-135M")
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="one repeat, K sweep 2 and 4 only, no mergekit")
     p.add_argument("--cache", type=Path, default=Path("/tmp/ordermerge-bench"))
@@ -210,45 +228,48 @@ def main() -> None:
     repeats = 1 if a.quick else 2
     threads = a.threads or torch.get_num_threads()
     base = a.base or synthetic_base(a.cache / "base-synthetic")
-    models = fine_tunes(base, a.cache / f"fine-tunes-of-{base.name}", max(a.k, *sweep))
+    key = hashlib.sha256(f"{base.resolve()} {NOISE}".encode()).hexdigest()[:8]
+    models = fine_tunes(base, a.cache / f"fine-tunes-of-{base.name}-{key}", max(a.k, *sweep))
     out = a.cache / "out"
     size = sum(p.stat().st_size for p in weight_files([base]))
 
     print(f"\nK={a.k} bf16 fine-tunes of {base} ({size / 1e6:.0f} MB each), {threads} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     floor = read_floor(models[: a.k])
-    print(f"read floor (cat, warm cache)      {floor:6.2f} s  ({a.k * size / floor / 1e9:.1f} GB/s)")
-    print(f"sha256 of inputs ({threads} threads)       {hash_floor([base, *models[: a.k]], threads):6.2f} s"
-          "  (merge.json needs it)")
-    print(f"write + fsync of one output        {write_floor(size, a.cache):6.2f} s")
-    idle_rss = run_measured([sys.executable, "-c", "import ordermerge.merge"])[3]
-    print(f"RSS of python + torch + ordermerge imported: {idle_rss} MB\n")
-    print(f"{'method':28s} {'time':>7s} {'x floor':>8s} {'CPU':>7s} {'peak RSS':>9s}")
+    print(f"read floor (cat, warm cache)      {floor:6.2f} s  ({a.k * size / floor / 1e9:.1f} GB/s, best of 3)")
+    print("sha256 of base + inputs          {:6.2f} s  ({:.2f} s CPU; merge.json records them)".format(
+        *hash_floor([base, *models[: a.k]], threads)))
+    print(f"write + fsync of one output       {write_floor(size, a.cache):6.2f} s")
+    idle_rss = run_measured([sys.executable, "-c", f"import json, ordermerge.merge; print(json.dumps({PEAK_RSS}))"])[0]
+    print(f"peak RSS of python + torch + ordermerge imported: {idle_rss} MB\n")
+    print(f"{'method':30s} {'time':>7s} {'x floor':>8s} {'CPU':>7s} {'peak RSS':>9s}")
+
+    def row(label, sec, cpu, rss, note=""):
+        print(f"{label:30s} {sec:6.2f}s {sec / floor:7.1f}x {cpu:6.2f}s {rss:6d} MB{note}", flush=True)
+
     for method, resample in (("average", 0), ("select", 0), ("select", 4)):
-        sec, cpu, rss = ordermerge(base, models[: a.k], out / "om", method, resample, a.threads, repeats)
         label = f"ordermerge {method}" + (f" --resample {resample}" if resample else "")
-        print(f"{label:28s} {sec:6.2f}s {sec / floor:7.1f}x {cpu:6.2f}s {rss:6d} MB", flush=True)
+        row(label, *ordermerge(base, models[: a.k], out / "om", method, resample, a.threads, repeats))
     if a.quick:
-        print("CLI and mergekit runs: skipped (--quick)")
+        print("whole-command runs and mergekit: skipped (--quick)")
     else:
-        sec = ordermerge_cli(base, models[: a.k], out / "om")
-        print(f"{'ordermerge average, CLI':28s} {sec:6.2f}s {sec / floor:7.1f}x   (whole command, imports included)")
+        cli = ["merge", "--base", base, "--method", "average", "--force", "--out", out / "om", *models[: a.k]]
+        row("ordermerge average, command", *command(sys.executable, "ordermerge.cli:main", cli))
         if has_mergekit():
             sec, cpu, rss = mergekit_linear(models[: a.k], out / "mergekit")
-            ulps = max_ulps(out / "om", out / "mergekit")
-            print(f"{'mergekit linear, CLI':28s} {sec:6.2f}s {sec / floor:7.1f}x {cpu:6.2f}s {rss:6d} MB"
-                  f"  max difference from ordermerge average: {ulps} bf16 ulp")
+            row("mergekit linear, command", sec, cpu, rss,
+                f"  max difference from ordermerge average: {max_ulps(out / 'om', out / 'mergekit')} bf16 ulp")
         else:
             print("mergekit: not installed, skipped")
 
-    print(f"\n{'K sweep':8s} {'floor':>7s} {'average':>25s} {'select':>25s}")
+    print(f"\n{'K sweep':8s} {'floor':>7s} {'average: time, x floor, CPU, RSS':>34s} {'select: the same':>34s}")
     for k in sweep:
         f = read_floor(models[:k])
         cells = []
         for method in ("average", "select"):
-            sec, _, rss = ordermerge(base, models[:k], out / "om", method, 0, a.threads, 1)
-            cells.append(f"{sec:5.2f}s {sec / f:5.1f}x {rss:5d} MB")
-        print(f"K={k:<6d} {f:6.2f}s {cells[0]:>25s} {cells[1]:>25s}", flush=True)
+            sec, cpu, rss = ordermerge(base, models[:k], out / "om", method, 0, a.threads, 1)
+            cells.append(f"{sec:5.2f}s {sec / f:5.1f}x {cpu:5.2f}s {rss:4d} MB")
+        print(f"K={k:<6d} {f:6.2f}s {cells[0]:>34s} {cells[1]:>34s}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -180,9 +180,6 @@ def free_ports(n: int) -> list[int]:
 def smoke_config_for_node(path: Path, node_mem_mb: int) -> Path:
     """The smoke config plus the resources this one small node can grant: two jobs side by side."""
     cfg = yaml.safe_load(SMOKE.read_text())
-    # The Snakefile's `configfile: config.yaml` is merged under any --configfile, and the default's
-    # merge.epoch (3) would exceed the smoke run's 2 epochs: say "the final epoch" explicitly.
-    cfg.setdefault("merge", {})["epoch"] = None
     cfg["resources"] = {"default": {"partition": "debug", "mem_mb": max(200, node_mem_mb // 2 - 100)}}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -204,8 +201,20 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def start_local_run(tmp: Path, config: Path) -> tuple[Path, subprocess.Popen]:
+    """The same config run locally (profiles/local) in another copy: the reference the SLURM outputs
+    must equal. It runs beside the SLURM run, on the CPU time the SLURM run spends waiting between
+    status checks."""
+    wd = copy_repo(tmp / "local")  # beside the same config.yaml as the SLURM copy
+    shutil.copy2(config, wd / config.name)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    cmd = [str(BIN / "snakemake"), "--profile", "profiles/local", "--configfile", config.name, "--cores", "2"]
+    log = open(tmp / "logs" / "local.log", "w")
+    return wd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=wd)
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def runs(tmp_path_factory):
     reason = why_no_slurm()
     if reason:
         pytest.skip(f"cannot run a SLURM cluster here: {reason}")
@@ -227,35 +236,39 @@ def cluster(tmp_path_factory):
            "SMK_VENV": str(fake_venv), "SMK_WORKDIR": str(wf), "SMK_TIMEOUT": "1500",
            "SLURMCTLD_PORT": str(ctld), "SLURMD_PORT": str(slurmd)}
     args = ["--profile", "profiles/slurm", "--configfile", config.name, "--jobs", "4",
-            "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs",
+            "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",
             "--slurm-status-command", "squeue"]
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=1800)
-    seconds = time.monotonic() - t0
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise AssertionError(f"SLURM run failed ({proc.returncode}) after {seconds:.0f} s:\n{out[-6000:]}")
-    jobcomp = (base / "cluster" / "log" / "jobcomp.txt")
-    run = SimpleNamespace(wf=wf, config=config, seconds=seconds, out=out, full=(logs / "full.log").read_text(),
-                          rerun=(logs / "rerun.log").read_text(),
-                          jobcomp=jobcomp.read_text() if jobcomp.exists() else "", node_mem=node_mem)
-    shutil.rmtree(base, ignore_errors=True)
-    print(f"\nSLURM smoke run + one merge re-run: {seconds:.0f} s (cluster script, all included)")
-    return run
+    local_dir, local = start_local_run(tmp, config)
+    try:
+        proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=1800)
+        slurm_seconds = time.monotonic() - t0
+        out = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            raise AssertionError(f"SLURM run failed ({proc.returncode}) after {slurm_seconds:.0f} s:\n{out[-6000:]}")
+        local_rc = local.wait(timeout=1200)
+    finally:
+        if local.poll() is None:
+            local.kill()
+            local.wait()
+        jobcomp = base / "cluster" / "log" / "jobcomp.txt"
+        jobcomp_text = jobcomp.read_text() if jobcomp.exists() else ""
+        shutil.rmtree(base, ignore_errors=True)
+    assert local_rc == 0, f"local run failed:\n{(logs / 'local.log').read_text()[-4000:]}"
+    print(f"\nSLURM smoke run + one merge re-run: {slurm_seconds:.0f} s (cluster up and down included); "
+          f"with the local run beside it: {time.monotonic() - t0:.0f} s")
+    return SimpleNamespace(wf=wf, local=local_dir, config=config, out=out, full=(logs / "full.log").read_text(),
+                           rerun=(logs / "rerun.log").read_text(), jobcomp=jobcomp_text, node_mem=node_mem)
 
 
 @pytest.fixture(scope="module")
-def local_run(cluster, tmp_path_factory):
-    """The same config run locally (profiles/local): the reference the SLURM outputs must equal."""
-    wd = copy_repo(tmp_path_factory.mktemp("local"))  # beside the same config.yaml as the SLURM copy
-    shutil.copy2(cluster.config, wd / cluster.config.name)
-    t0 = time.monotonic()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(BIN / "snakemake"), "--profile", "profiles/local", "--configfile", cluster.config.name, "--cores", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=wd, timeout=1200)
-    assert proc.returncode == 0, f"local run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    print(f"\nlocal smoke run: {time.monotonic() - t0:.0f} s")
-    return wd
+def cluster(runs):
+    return runs
+
+
+@pytest.fixture(scope="module")
+def local_run(runs):
+    return runs.local
 
 
 def submitted(log: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,11 +104,11 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+def _pread_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
     while buf:
         got = os.preadv(fd, [buf], offset)
         if got == 0:
-            raise CheckpointError(f"file descriptor {fd}: ended early; an input changed while being merged")
+            raise CheckpointError(f"{path}: ended early; it changed while being read, re-run once it is complete")
         buf, offset = buf[got:], offset + got
 
 
@@ -116,7 +117,8 @@ class LazyCheckpoint:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._fds: dict[str, int] = {}  # opened on first read
+        self._fds: dict[str, int] = {}  # opened on first read, shared by reader threads
+        self._lock = threading.Lock()
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a directory; pass a Hugging Face model directory")
         index = self.directory / INDEX_NAME
@@ -145,8 +147,8 @@ class LazyCheckpoint:
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._tensors))
             if missing:
-                raise CheckpointError(f"{index}: {len(missing)} tensors in the index are in no shard (e.g. {missing[0]}); "
-                                      "re-save the model")
+                raise CheckpointError(f"{index}: {len(missing)} tensors in the index are in no shard "
+                                      f"(e.g. {missing[0]}); re-save the model")
 
     def keys(self) -> list[str]:
         return sorted(self._tensors)
@@ -165,9 +167,13 @@ class LazyCheckpoint:
     def read_into(self, name: str, start: int, out: np.ndarray) -> None:
         """Fill ``out`` (any contiguous array) with the bytes of elements ``start...`` of ``name``."""
         info = self.info(name)
-        if info.file not in self._fds:
-            self._fds[info.file] = os.open(self.directory / info.file, os.O_RDONLY)
-        _pread_into(self._fds[info.file], memoryview(out).cast("B"), info.offset + start * info.itemsize)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            with self._lock:  # worker threads read concurrently
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(self.directory / info.file, os.O_RDONLY)
+        _pread_into(fd, memoryview(out).cast("B"), info.offset + start * info.itemsize, self.directory / info.file)
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)
@@ -249,8 +255,13 @@ class ShardedWriter:
         if tensor.numel():
             self.write(name, 0, tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
+        """Sync the shards to disk and write the index; a no-op once closed."""
+        if not self._fds:
+            return
         for fd in self._fds:
+            if sync:
+                os.fsync(fd)  # now, while the caller may still be busy, rather than in a final fsync
             os.close(fd)
         self._fds.clear()
         if len(self.names) > 1:
@@ -272,7 +283,8 @@ def save_state_dict_dir(state: dict[str, torch.Tensor], out_dir: str | Path, sid
         if sidecar_source is not None:
             copy_sidecars(Path(sidecar_source), tmp)
         names = sorted(state)
-        writer = ShardedWriter(tmp, shard_size, [(n, tuple(state[n].shape), _DTYPE_NAMES[state[n].dtype]) for n in names])
+        layout = [(n, tuple(state[n].shape), _DTYPE_NAMES[state[n].dtype]) for n in names]
+        writer = ShardedWriter(tmp, shard_size, layout)
         try:
             for name in names:
                 writer.add(name, state[name])

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from . import __version__
 from .atomic import atomic_path
 from .checkpoint_io import CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size
-from .merge_math import CHUNK, INT_VIEW, SelectStats, chunk_rng, normalized_weights, select_bits, stored_bits, weighted_average
+from .merge_math import (CHUNK, INT_VIEW, SelectStats, chunk_rng, normalized_weights, select_bits, stored_bits,
+                         weighted_average)
 
 METHODS = ("average", "select")
 
@@ -43,11 +44,13 @@ def parse_method_key(key: str) -> tuple[str, int]:
 def sha256_of_dir(directory: Path) -> str:
     """Digest of a model's weight files (names and bytes), for provenance."""
     h = hashlib.sha256()
+    buf = bytearray(1 << 20)  # reused and cache-sized: hashing is most of a merge's CPU time
+    view = memoryview(buf)
     for path in sorted(directory.glob("*.safetensors")):
         h.update(path.name.encode())
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
+        with open(path, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                h.update(view[:n])
     return h.hexdigest()
 
 
@@ -109,13 +112,15 @@ def _run_parallel(tasks: list[tuple], hash_dirs: list[Path], merger: _ChunkMerge
     torch.set_num_threads(1)  # parallel over chunks instead: intra-op threads would oversubscribe
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        digests = [pool.submit(sha256_of_dir, d) for d in hash_dirs]
         chunks = [pool.submit(merger, *t) for t in tasks]
+        digests = [pool.submit(sha256_of_dir, d) for d in hash_dirs]  # last: they overlap the output's sync
         for f in tqdm(as_completed(chunks), total=len(chunks), desc=desc, unit="chunk", disable=not progress):
             f.result()
+        merger.writer.close()
         return [f.result() for f in chunks], [f.result() for f in digests]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        merger.writer.close(sync=False)  # on failure: closes the files before the temporary directory goes
         torch.set_num_threads(workers)
 
 
@@ -157,11 +162,8 @@ def merge_models(
         with atomic_path(out_dir, directory=True) as tmp:
             writer = ShardedWriter(tmp, parse_size(shard_size), [(n, *base.meta(n)) for n in names])
             merger = _ChunkMerger(base, models, writer, method, probs, seed, resample)
-            try:
-                results, digests = _run_parallel(tasks, [Path(base_dir), *map(Path, model_dirs)], merger,
-                                                 progress, f"merge {key}")
-            finally:
-                writer.close()
+            results, digests = _run_parallel(tasks, [Path(base_dir), *map(Path, model_dirs)], merger,
+                                             progress, f"merge {key}")
             copy_sidecars(Path(base_dir), tmp)
             provenance = _provenance(base_dir, model_dirs, method, resample, seed, probs, digests,
                                      sum(base.info(n).numel for n in names), tasks, results)

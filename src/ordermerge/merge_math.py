@@ -24,7 +24,7 @@ from .seeding import derive_seed
 CHUNK = 1 << 18
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 INT_VIEW = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # the same, for raw numpy buffers
-_ARANGE = np.arange(CHUNK)
+_ARANGE = np.arange(CHUNK, dtype=np.int32)
 
 
 def stored_bits(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def _raw_bytes(rng: np.random.PCG64, n: int) -> np.ndarray:
 
 
 def draw_indices(n: int, probs: list[float], rng: np.random.PCG64) -> np.ndarray:
-    """``n`` i.i.d. sub-model indices (uint8) with P(i) = probs[i], exactly."""
+    """``n`` i.i.d. sub-model indices (uint8) with P(i) = probs[i] (exactly 1/K when uniform)."""
     k = len(probs)
     if all(abs(p - 1.0 / k) < 1e-12 for p in probs):
         # One random byte per element: bytes below the largest multiple of k are uniform mod k,
@@ -100,16 +100,18 @@ def select_bits(stack: np.ndarray, probs: list[float], rng: np.random.PCG64,
         raise ValueError("resample needs the base tensor to find zero task-vector elements")
     k, n = stack.shape
     flat = stack.reshape(-1)
-    positions = _ARANGE[:n] if n <= CHUNK else np.arange(n)
+    # Flat positions (model * n + element) index the stack in one take: no K x n masks. int32 (ample
+    # for a chunk) halves the bytes of computing them; take's own conversion to intp costs less.
+    lin_type = np.int32 if k * n < 2**31 else np.intp
+    positions = (_ARANGE[:n] if n <= CHUNK else np.arange(n)).astype(lin_type, copy=False)
     idx = draw_indices(n, probs, rng)
-    lin = np.empty(n, dtype=np.intp)
+    lin = np.empty(n, dtype=lin_type)
     out = np.empty(n, dtype=stack.dtype)
 
     def gather() -> None:
-        # Flat positions (model * n + element) index the stack in one take: no K x n masks.
-        np.multiply(idx, n, out=lin, dtype=np.intp)
+        np.multiply(idx, n, out=lin, dtype=lin_type)
         np.add(lin, positions, out=lin)
-        flat.take(lin, out=out)
+        flat.take(lin, out=out, mode="wrap")  # in range by construction; "wrap" skips the bounds check
 
     gather()
     stats = SelectStats(counts=[], resampled=[])
@@ -119,6 +121,9 @@ def select_bits(stack: np.ndarray, probs: list[float], rng: np.random.PCG64,
         # dense passes beat gathering the zeros' positions, which are a third to two thirds of all.
         zero = out == base
         stats.resampled.append(int(np.count_nonzero(zero)))
+        if not stats.resampled[-1]:
+            stats.resampled += [0] * (resample - len(stats.resampled))  # nothing left to redraw
+            break
         new = draw_indices(n, probs, rng)
         mask = np.negative(zero.view(np.uint8))  # 0x00 / 0xFF
         new ^= idx

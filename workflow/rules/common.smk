@@ -106,8 +106,9 @@ localrules:
     orders,
 
 
-_RESOURCE_NAMES = {"gpus": "gpu", "gpu_model": "gpu_model", "mem_mb": "mem_mb", "partition": "slurm_partition",
-                   "account": "slurm_account", "constraint": "constraint", "slurm_extra": "slurm_extra"}
+_RESOURCE_NAMES = {"gpus": "gpu", "gpu_model": "gpu_model", "gres": "gres", "mem_mb": "mem_mb",
+                   "partition": "slurm_partition", "account": "slurm_account", "constraint": "constraint",
+                   "slurm_extra": "slurm_extra"}
 
 
 def _resource_overrides(rule):

@@ -1,0 +1,102 @@
+"""Every shipped config in configs/ validates and plans the DAG it should (snakemake -n, nothing run).
+
+Each dry-run happens in an empty temporary directory through profiles/slurm, with the hub offline:
+the hub configs (TinyLlama, Llama-2-7b + GSM8K) only build the DAG, nothing is fetched. ~30 s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ordermerge.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+# Jobs per rule, worked out by hand from each config (per model x task x scheme):
+#   fine_tune / orders / evaluate_single: K; sample_losses: K x scored epochs;
+#   merge: final-epoch merges (average once + every other method x seeds) + Fig. 4 merges (each method,
+#   first seed, at the other scored epochs); evaluate_merged: the final-epoch merges;
+#   sample_losses_merged: each method x scored epochs (first seed).
+EXPECTED = {
+    # K=8, 3 epochs (all scored), 5 methods x 5 seeds, 2 schemes
+    "gpu": {"base_model": 1, "prepare_data": 1, "orders": 16, "fine_tune": 16, "evaluate_single": 16,
+            "sample_losses": 48, "merge": 62, "evaluate_merged": 42, "sample_losses_merged": 30,
+            "analyze": 1, "all": 1, "total": 234},
+    # K=8, 3 epochs, 3 methods x 5 seeds, 1 scheme
+    "gpu-1b": {"base_model": 1, "prepare_data": 1, "orders": 8, "fine_tune": 8, "evaluate_single": 8,
+               "sample_losses": 24, "merge": 17, "evaluate_merged": 11, "sample_losses_merged": 9,
+               "analyze": 1, "all": 1, "total": 89},
+    # K=20, 3 epochs, 3 methods x 5 seeds, 1 scheme
+    "llama2-7b-gsm8k": {"base_model": 1, "prepare_data": 1, "orders": 20, "fine_tune": 20, "evaluate_single": 20,
+                        "sample_losses": 60, "merge": 17, "evaluate_merged": 11, "sample_losses_merged": 9,
+                        "analyze": 1, "all": 1, "total": 161},
+}
+
+
+def dry_run(workdir: Path, configfile: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(configfile),
+           "--profile", str(ROOT / "profiles" / "slurm"), "-n", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
+
+
+def job_stats(text: str) -> dict[str, int]:
+    block = text.split("Job stats:", 1)[1] if "Job stats:" in text else ""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
+
+
+def resources_of(text: str, rule: str) -> set[str]:
+    """The distinct `resources:` lines the dry-run prints for one rule's jobs."""
+    return set(re.findall(rf"^rule {rule}:\n(?:    .*\n)*?    resources: (.*)$", text, re.M))
+
+
+def test_every_config_has_expected_counts():
+    assert {c.stem for c in CONFIGS} == set(EXPECTED), "add the new config's job counts to EXPECTED"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_validates_and_plans_its_dag(config, tmp_path):
+    cfg = load_config(config)
+    assert cfg["runs"] >= 8 and cfg["train"]["epochs"] == 3
+    proc = dry_run(tmp_path, config)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert job_stats(out) == EXPECTED[config.stem]
+    # GPU jobs ask for one GPU each; merges stream on the CPU
+    for rule in ("fine_tune", "sample_losses", "evaluate_single", "evaluate_merged"):
+        lines = resources_of(out, rule)
+        assert lines and all("gpu=1" in line for line in lines), (rule, lines)
+    assert all("gpu=0" in line for line in resources_of(out, "merge"))
+    ft = cfg["resources"]["fine_tune"]
+    assert all(f"mem_mb={ft['mem_mb']}," in line and f"runtime={ft['runtime']}," in line
+               for line in resources_of(out, "fine_tune"))
+    assert not (tmp_path / cfg["results_dir"]).exists()  # a dry run writes nothing
+
+
+def test_paper_config_is_the_paper_setting():
+    cfg = load_config(ROOT / "configs" / "llama2-7b-gsm8k.yaml")
+    (model,) = cfg["models"].values()
+    (task,) = cfg["tasks"].values()
+    assert model["source"] == "meta-llama/Llama-2-7b-hf"
+    assert (task["source"], task["path"], task["name"]) == ("hf", "gsm8k", "main")
+    t = cfg["train"]
+    assert (t["lr"], t["epochs"], t["batch_size"], t["compute_dtype"]) == (2e-5, 3, 64, "bfloat16")
+    assert cfg["runs"] == 20 and len(cfg["merge"]["seeds"]) == 5 and "resample1" in cfg["merge"]["methods"]
+    assert 800 <= task["max_length"] <= 1200
+
+
+def test_a_config_run_from_the_repository_root_plans_only_its_own_model(tmp_path):
+    shutil.copy2(ROOT / "config.yaml", tmp_path / "config.yaml")
+    out = dry_run(tmp_path, ROOT / "configs" / "gpu-1b.yaml")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "smollm2-135m" not in out.stdout + out.stderr
