@@ -54,7 +54,8 @@ if a["threads"]:
     torch.set_num_threads(a["threads"])
 cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 t, c = time.perf_counter(), cpu()
-merge_models(a["base"], a["models"], a["out"], method=a["method"], resample=a["resample"], force=True, progress=False)
+merge_models(a["base"], a["models"], a["out"], method=a["method"], resample=a["resample"], force=True, progress=False,
+             **a["params"])
 print(json.dumps({{"seconds": time.perf_counter() - t, "cpu": cpu() - c, "rss": {PEAK_RSS}}}))
 """
 # A whole command line (imports included), run by its console-script function.
@@ -172,10 +173,10 @@ def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
         return json.loads(out.read().decode().strip().splitlines()[-1]), wall, usage.ru_utime + usage.ru_stime
 
 
-def ordermerge(base, models, out, method, resample, threads, repeats) -> tuple[float, float, int]:
+def ordermerge(base, models, out, method, resample, threads, repeats, params=None) -> tuple[float, float, int]:
     """Best merge time (after imports) of ``repeats`` fresh processes, with its CPU time and peak RSS in MB."""
     args = json.dumps({"base": str(base), "models": [str(m) for m in models], "out": str(out), "method": method,
-                       "resample": resample, "threads": threads})
+                       "resample": resample, "threads": threads, "params": params or {}})
     runs = [run_measured([sys.executable, "-c", MERGE_SNIPPET, args])[0] for _ in range(repeats)]
     best = min(runs, key=lambda r: r["seconds"])
     return best["seconds"], best["cpu"], max(r["rss"] for r in runs)
@@ -250,6 +251,10 @@ def main() -> None:
     for method, resample in (("average", 0), ("select", 0), ("select", 4)):
         label = f"ordermerge {method}" + (f" --resample {resample}" if resample else "")
         row(label, *ordermerge(base, models[: a.k], out / "om", method, resample, a.threads, repeats))
+    # Baselines: ties reads the inputs three times (two radix-select passes for its thresholds).
+    for method, params in (("ties", {"density": 0.2}), ("dare", {"drop_rate": 0.9})):
+        label = f"ordermerge {method} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in params.items())
+        row(label, *ordermerge(base, models[: a.k], out / "om", method, 0, a.threads, repeats, params))
     if a.quick:
         print("whole-command runs and mergekit: skipped (--quick)")
     else:

@@ -28,10 +28,11 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 #   first seed, at the other scored epochs); evaluate_merged: the final-epoch merges;
 #   sample_losses_merged: each method x scored epochs (first seed).
 EXPECTED = {
-    # K=8, 3 epochs (all scored), 5 methods x 5 seeds, 2 schemes
+    # K=8, 3 epochs (all scored), 5 paper methods x 5 seeds + 4 baselines (dare x 5 seeds, the rest
+    # deterministic: 1 seed), 2 schemes
     "gpu": {"base_model": 1, "prepare_data": 1, "orders": 16, "fine_tune": 16, "evaluate_single": 16,
-            "sample_losses": 48, "merge": 62, "evaluate_merged": 42, "sample_losses_merged": 30,
-            "analyze": 1, "all": 1, "total": 234},
+            "sample_losses": 48, "merge": 94, "evaluate_merged": 58, "sample_losses_merged": 54,
+            "analyze": 1, "all": 1, "total": 306},
     # K=8, 3 epochs, 3 methods x 5 seeds, 1 scheme
     "gpu-1b": {"base_model": 1, "prepare_data": 1, "orders": 8, "fine_tune": 8, "evaluate_single": 8,
                "sample_losses": 24, "merge": 17, "evaluate_merged": 11, "sample_losses_merged": 9,

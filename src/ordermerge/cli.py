@@ -69,7 +69,8 @@ def cmd_merge(a):
     try:
         weights = [float(w) for w in a.weights.split(",")] if a.weights else None
         prov = merge_models(a.base, a.models, a.out, method=a.method, resample=a.resample, seed=a.seed,
-                            weights=weights, shard_size=a.shard_size, force=a.force)
+                            weights=weights, shard_size=a.shard_size, force=a.force, scale=a.scale,
+                            density=a.density, drop_rate=a.drop_rate, device=a.device)
     except (CheckpointError, ValueError, FileExistsError) as exc:
         print(f"ordermerge merge: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -144,14 +145,23 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_sample_losses)
 
-    s = sub.add_parser("merge", help="merge fine-tunes of one base (average, select, select + resample)")
+    s = sub.add_parser("merge", help="merge fine-tunes of one base (average, select, select + resample; "
+                       "baselines task_arithmetic, ties, dare, model_stock)")
     s.add_argument("--base", required=True, help="the base model directory (task vectors are relative to it)")
-    s.add_argument("--method", choices=["average", "select"], required=True)
+    s.add_argument("--method", choices=["average", "select", "task_arithmetic", "ties", "dare", "model_stock"],
+                   required=True)
     s.add_argument("--resample", type=int, default=0, help="select only: redraw exact-zero task-vector elements up to N times")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--weights", help="comma-separated, one per model (normalised); default uniform")
     s.add_argument("--shard-size", default="5GB")
-    s.add_argument("--device", default="cpu", choices=["cpu"], help="merges run on the CPU")
+    s.add_argument("--scale", type=float, help="task_arithmetic, ties, dare: λ on the merged task vector (default 1; "
+                   "weights sum to 1, so λ = K adds the task vectors)")
+    s.add_argument("--density", type=float, help="ties: fraction of each task vector's largest magnitudes kept "
+                   "per tensor, in (0, 1] (default 0.2)")
+    s.add_argument("--drop-rate", type=float, help="dare: probability of dropping each task-vector element, "
+                   "in [0, 1) (default 0.9)")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the float math runs; cuda gives the CPU's bytes (select gathers bits on the CPU)")
     s.add_argument("--force", action="store_true", help="replace an existing output directory")
     s.add_argument("--threads", type=int)
     s.add_argument("--out", required=True)

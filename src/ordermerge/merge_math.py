@@ -53,7 +53,7 @@ def chunk_rng(seed: int, name: str, chunk: int) -> np.random.PCG64:
 
 def weighted_average(tensors, weights: list[float]) -> torch.Tensor:
     """Σ w_i t_i in fp32, rounded once to the inputs' dtype; elementwise, so chunking keeps the bytes."""
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
     widened = torch.empty_like(acc)  # reused: a fresh fp32 copy per input costs page faults
     for t, w in zip(tensors, weights):
         acc.add_(widened.copy_(t), alpha=w)

@@ -29,7 +29,7 @@ wildcard_constraints:
     scheme="shuffle|fixbatch",
     run=r"\d+",
     epoch=r"\d+",
-    method=r"average|select|resample\d",
+    method=r"average|select|resample\d|task_arithmetic|ties|dare|model_stock",
     mseed=r"\d+",
 
 
@@ -38,12 +38,16 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True)
 
 
+# Merges that draw nothing at random: one seed is enough (select, resampleN and dare draw).
+DETERMINISTIC_METHODS = ("average", "task_arithmetic", "ties", "model_stock")
+
+
 def merge_variants():
-    """(method, seed) pairs to build: average is deterministic, so it is built once."""
+    """(method, seed) pairs to build: deterministic methods are built once."""
     seeds = config["merge"]["seeds"]
     out = []
     for method in config["merge"]["methods"]:
-        for s in seeds[:1] if method == "average" else seeds:
+        for s in seeds[:1] if method in DETERMINISTIC_METHODS else seeds:
             out.append((method, s))
     return out
 

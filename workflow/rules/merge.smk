@@ -3,11 +3,17 @@ def merge_inputs(w):
 
 
 def merge_flags(w):
-    if w.method == "average":
-        return "--method average"
-    if w.method == "select":
-        return "--method select"
-    return f"--method select --resample {w.method[len('resample'):]}"
+    """CLI flags of a method key; the baselines take their parameters from config merge.*."""
+    m = config["merge"]
+    if w.method.startswith("resample"):
+        return f"--method select --resample {w.method[len('resample'):]}"
+    if w.method == "task_arithmetic":
+        return f"--method task_arithmetic --scale {m['scale']}"
+    if w.method == "ties":
+        return f"--method ties --density {m['density']} --scale {m['scale']}"
+    if w.method == "dare":
+        return f"--method dare --drop-rate {m['drop_rate']} --scale {m['scale']}"
+    return f"--method {w.method}"  # average, select, model_stock
 
 
 rule merge:

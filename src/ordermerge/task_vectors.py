@@ -1,0 +1,189 @@
+"""Task-vector baselines on K same-shaped tensors (or one chunk of them): pure functions.
+
+With τ_i = θ_i − θ_base in fp32 and weights w_i (normalised to sum 1), the result is stored in
+the inputs' dtype:
+
+- ``task_arithmetic`` (Ilharco et al. 2023): θ_base + λ Σ w_i τ_i.
+- ``ties`` (Yadav et al. 2023): trim each τ_i to its top-``density`` magnitudes over the WHOLE
+  tensor (a per-tensor threshold, found by :func:`magnitude_threshold` before the merge pass), elect
+  the sign of Σ w_i τ̂_i, take the weighted mean of the entries that agree with it, times λ.
+- ``dare`` (Yu et al. 2024): drop each τ_i element with probability p, rescale by 1/(1−p), then
+  task arithmetic.
+- ``model_stock`` (Jang et al. 2024): t·θ_avg + (1−t)·θ_base with t = K·cos / (1 + (K−1)·cos) from
+  the mean pairwise cosine between task vectors over the whole tensor (:func:`model_stock_ratio`).
+
+Every elementwise step is one IEEE-rounded op (no fused multiply-add, no division by a scalar,
+which CUDA turns into a reciprocal multiply; scalars are rounded to fp32 first), and sums over the
+K inputs run in input order. So a chunk's bytes depend on neither chunking, threads nor device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare", "model_stock")
+_HIGH_BINS, _LOW_BINS = 1 << 15, 1 << 16  # |τ| as fp32 bits, sign bit clear: 15 high bits, 16 low
+
+
+@dataclass
+class KeptCounts:
+    """Elements of each input's task vector that entered the merge (ties: trimmed to; dare: not dropped)."""
+
+    kept: list[int]
+    elements: int
+
+    @staticmethod
+    def zero(k: int) -> KeptCounts:
+        return KeptCounts([0] * k, 0)
+
+    def __add__(self, other: KeptCounts) -> KeptCounts:
+        return KeptCounts([a + b for a, b in zip(self.kept, other.kept)], self.elements + other.elements)
+
+    def fractions(self) -> list[float]:
+        return [c / max(1, self.elements) for c in self.kept]
+
+
+def fp32(x: float) -> float:
+    """``x`` rounded to fp32 once, here, so every device multiplies by the same scalar."""
+    return float(np.float32(x))
+
+
+def task_vectors(rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """(K, n) fp32 task vectors of (K, n) rows against the (n,) base."""
+    return rows.float() - base.float()
+
+
+def weighted_sum(rows: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Σ w_i rows_i in fp32, in input order, one rounding per multiply and per add."""
+    acc = torch.zeros(rows.shape[1:], dtype=torch.float32, device=rows.device)
+    for row, w in zip(rows, weights):
+        acc.add_(row * fp32(w))
+    return acc
+
+
+def apply_delta(base: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """θ_base + λ·delta, rounded once to the base's dtype."""
+    return delta.mul_(fp32(scale)).add_(base.float()).to(base.dtype)
+
+
+def task_arithmetic(rows, base, weights, scale) -> torch.Tensor:
+    return apply_delta(base, weighted_sum(task_vectors(rows, base), weights), scale)
+
+
+def dare_keep_mask(k: int, n: int, drop_rate: float, rng: np.random.PCG64) -> np.ndarray:
+    """(K, n) bool, True where an element survives; P(drop) = floor(p·2³²)/2³², exact in integers.
+
+    One 32-bit word per element from the chunk's own stream (raw output: stable across numpy).
+    """
+    words = rng.random_raw(-(-k * n // 2)).astype("<u8", copy=False).view("<u4")[: k * n]
+    return (words >= np.uint32(int(drop_rate * 2**32))).reshape(k, n)
+
+
+def dare(rows, base, weights, scale, keep: torch.Tensor, drop_rate: float) -> tuple[torch.Tensor, list[int]]:
+    """DARE on one chunk with its keep mask; also returns the kept count per input."""
+    taus = task_vectors(rows, base).mul_(keep)
+    taus.mul_(fp32(1.0 / (1.0 - drop_rate)))
+    return apply_delta(base, weighted_sum(taus, weights), scale), keep.sum(1).tolist()
+
+
+def magnitude_bits(taus: torch.Tensor) -> torch.Tensor:
+    """|τ| as int32 fp32 bits: for non-negative floats, integer order is magnitude order."""
+    return taus.abs().view(torch.int32)
+
+
+def _row_offsets(k: int, nbins: int, device) -> torch.Tensor:
+    # Input i counts into bins i*nbins...: one bincount for all K (int32: K*2^16 < 2^31 for K <= 255)
+    return (torch.arange(k, dtype=torch.int32, device=device) * nbins).unsqueeze(1)
+
+
+def high_histogram(taus: torch.Tensor) -> torch.Tensor:
+    """(K, 2¹⁵) counts of |τ|'s high 15 bits: the first pass of an exact radix select."""
+    k = taus.shape[0]
+    bins = (magnitude_bits(taus) >> 16) + _row_offsets(k, _HIGH_BINS, taus.device)
+    return torch.bincount(bins.reshape(-1), minlength=k * _HIGH_BINS).reshape(k, _HIGH_BINS).cpu()
+
+
+def low_histogram(taus: torch.Tensor, high_bin: torch.Tensor) -> torch.Tensor:
+    """(K, 2¹⁶) counts of |τ|'s low 16 bits among the elements in input i's chosen high bin."""
+    k = taus.shape[0]
+    bits = magnitude_bits(taus)
+    inside = (bits >> 16) == high_bin.to(taus.device).unsqueeze(1)
+    bins = (bits & 0xFFFF) + _row_offsets(k, _LOW_BINS, taus.device)
+    return torch.bincount(bins[inside], minlength=k * _LOW_BINS).reshape(k, _LOW_BINS).cpu()
+
+
+def top_bin(hist: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the highest bin b with ≥ rank elements in bins ≥ b, and the rank left inside b."""
+    from_top = hist.flip(1).cumsum(1)  # from_top[:, j] = elements in bins ≥ nbins-1-j
+    j = torch.searchsorted(from_top, rank.unsqueeze(1)).squeeze(1)
+    above = torch.where(j > 0, from_top.gather(1, (j - 1).clamp_min(0).unsqueeze(1)).squeeze(1), 0)
+    return hist.shape[1] - 1 - j, rank - above
+
+
+def ties_rank(numel: int, density: float) -> int:
+    """How many of a tensor's largest |τ| TIES keeps (at least one)."""
+    return max(1, math.ceil(density * numel - 1e-9))  # the epsilon: 0.3 * 10 is 3.0000000000000004
+
+
+def magnitude_threshold(high_bin: torch.Tensor, low_bin: torch.Tensor) -> torch.Tensor:
+    """(K,) fp32 thresholds: the exact k-th largest |τ| of each input, from the two radix passes."""
+    return ((high_bin << 16) | low_bin).to(torch.int32).view(torch.float32)
+
+
+def ties(rows, base, weights, scale, thresholds: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """TIES on one chunk, given each input's per-tensor threshold; also returns kept counts."""
+    taus = task_vectors(rows, base)
+    kept = (taus.abs() >= thresholds.to(taus.device).unsqueeze(1)) & (taus != 0)  # ties at the threshold all stay
+    taus.mul_(kept)
+    w = [fp32(x) for x in weights]
+    weighted = taus.mul_(torch.tensor(w, device=taus.device).unsqueeze(1))
+    elected = torch.zeros_like(weighted[0])
+    for row in weighted:
+        elected.add_(row)
+    agree = (torch.sign(weighted) == torch.sign(elected)) & kept
+    num, den = torch.zeros_like(elected), torch.zeros_like(elected)
+    for row, a, wi in zip(weighted, agree, w):
+        num.add_(row * a)
+        den.add_(a * wi)
+    delta = num.div_(den).masked_fill_(den == 0, 0.0)  # no input agrees (or all trimmed): no change
+    return apply_delta(base, delta, scale), kept.sum(1).tolist()
+
+
+def gram_fp64(rows: torch.Tensor, base: torch.Tensor) -> np.ndarray:
+    """(K, K) float64 ⟨τ_i, τ_j⟩ over one chunk, on the CPU whatever the merge's device.
+
+    Elementwise products and torch's own sum, no BLAS (whose order varies with alignment and
+    threads), so the per-tensor ratio, and every byte after it, is the same on any device.
+    """
+    taus = task_vectors(rows.cpu(), base.cpu()).double()
+    k = taus.shape[0]
+    gram = np.zeros((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            gram[i, j] = gram[j, i] = float((taus[i] * taus[j]).sum())
+    return gram
+
+
+def model_stock_ratio(gram: np.ndarray) -> tuple[float, float]:
+    """(t, mean cosine) of Jang et al. Eq. 5 from a tensor's Gram matrix of task vectors.
+
+    A zero task vector has cosine 0 with every other. A negative mean cosine (anti-aligned task
+    vectors, outside the paper's geometry) is clamped to 0, i.e. t = 0: the base.
+    """
+    k = gram.shape[0]
+    norms = np.sqrt(np.diag(gram))
+    cosines = [gram[i, j] / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else 0.0
+               for i in range(k) for j in range(i + 1, k)]
+    cos = max(0.0, float(np.mean(cosines)))
+    return k * cos / (1 + (k - 1) * cos), cos
+
+
+def model_stock(rows, base, ratio: float) -> torch.Tensor:
+    """t·mean_i θ_i + (1−t)·θ_base in fp32, rounded once to the base's dtype."""
+    k = rows.shape[0]
+    avg = weighted_sum(rows.float(), [1.0 / k] * k)
+    return avg.mul_(fp32(ratio)).add_(base.float() * fp32(1.0 - ratio)).to(base.dtype)
