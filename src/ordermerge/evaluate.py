@@ -1,4 +1,5 @@
-"""The evaluate stage: validation loss and exact-match accuracy of the final numeric answer.
+"""The evaluate stage: validation loss, and the task's metric: exact-match accuracy of the final
+numeric answer, or for multiple-choice tasks accuracy by log-likelihood (``choices.py``).
 
 Greedy decoding (temperature 0), batched with left padding; the answer is the number after the
 last ``####`` (the training format) or else the last number in the generation.
@@ -14,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_path, write_json
-from .data import extract_number, prompt_text, read_jsonl
+from .choices import choice_logprobs, mc_rows
+from .data import extract_number, is_multiple_choice, prompt_text, read_jsonl
 from .losses import load_model, per_sample_losses
 
 
@@ -41,6 +43,25 @@ def exact_match(prediction: str, answer: str) -> bool:
     return predicted is not None and gold is not None and predicted == gold
 
 
+def exact_match_scores(model, tokenizer, test: list[dict], task_spec: dict, eval_cfg: dict) -> tuple[dict, list[dict]]:
+    """Numeric tasks: greedy generations, right when the final number matches the gold one."""
+    generations = greedy_answers(model, tokenizer, test, task_spec.get("system_prompt"), eval_cfg["batch_size"],
+                                 eval_cfg["max_new_tokens"])
+    correct = [exact_match(g, r["answer"]) for g, r in zip(generations, test)]
+    rows = [{"sample_id": r["sample_id"], "answer": r["answer"], "generation": g, "correct": c}
+            for r, g, c in zip(test, generations, correct)]
+    return {"task_metric": "exact_match", "exact_match": sum(correct) / max(1, len(correct))}, rows
+
+
+def mc_scores(model, tokenizer, test: list[dict], task_spec: dict, eval_cfg: dict) -> tuple[dict, list[dict]]:
+    """Multiple-choice tasks: accuracy of the likeliest choice (raw and per character); no generation."""
+    rows = mc_rows(test, choice_logprobs(model, tokenizer, test, task_spec.get("system_prompt"), eval_cfg["batch_size"]))
+    n = max(1, len(rows))
+    return {"task_metric": "mc_accuracy", "exact_match": None,
+            "mc_accuracy": sum(r["correct"] for r in rows) / n,
+            "mc_accuracy_norm": sum(r["correct_norm"] for r in rows) / n}, rows
+
+
 def evaluate_model(model_dir: str | Path, val_path: str, test_path: str, task_spec: dict, eval_cfg: dict,
                    out_json: str | Path, out_generations: str | Path, identity: dict,
                    out_val_losses: str | Path | None = None) -> dict:
@@ -52,21 +73,19 @@ def evaluate_model(model_dir: str | Path, val_path: str, test_path: str, task_sp
     # Token-weighted mean, as a training loss would be computed.
     val_loss = sum(r["loss"] * r["tokens"] for r in val_rows) / sum(r["tokens"] for r in val_rows)
     test = read_jsonl(test_path)[: eval_cfg.get("n_generate") or None]
-    generations = greedy_answers(model, tokenizer, test, task_spec.get("system_prompt"), eval_cfg["batch_size"],
-                                 eval_cfg["max_new_tokens"])
-    correct = [exact_match(g, r["answer"]) for g, r in zip(generations, test)]
+    score = mc_scores if test and is_multiple_choice(test[0]) else exact_match_scores
+    scores, rows = score(model, tokenizer, test, task_spec, eval_cfg)
     metrics = {
         **identity,
         "model_dir": str(model_dir),
         "val_loss": val_loss,
-        "exact_match": sum(correct) / max(1, len(correct)),
+        **scores,
         "n_val": len(val),
         "n_test": len(test),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     with atomic_path(out_generations) as tmp:
-        tmp.write_text("".join(json.dumps({"sample_id": r["sample_id"], "answer": r["answer"], "generation": g,
-                                           "correct": c}) + "\n" for r, g, c in zip(test, generations, correct)))
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     if out_val_losses is not None:  # per-sample val losses: the paired test of Table 1
         import pandas as pd
 

@@ -6,13 +6,33 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-METRICS = ("val_loss", "exact_match")
+METRICS = ("val_loss", "exact_match", "task_score")
+# Accuracy metrics by kind of task: exact match of the numeric answer, or for multiple-choice tasks
+# accuracy by log-likelihood (raw and per character). A task's headline one is its `task_metric`.
+TASK_METRICS = ("exact_match", "mc_accuracy", "mc_accuracy_norm")
+
+
+def with_task_score(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Adds ``task_score``, the value of each row's ``task_metric`` (exact match where unnamed), so that
+    the tables compare numeric and multiple-choice tasks through one column."""
+    m = metrics.copy()
+    m["task_metric"] = m["task_metric"].fillna("exact_match") if "task_metric" in m else "exact_match"
+    m["task_score"] = np.nan
+    for name in TASK_METRICS:
+        m[name] = pd.to_numeric(m[name], errors="coerce") if name in m else np.nan  # null: not this task's metric
+        picked = m["task_metric"] == name
+        m.loc[picked, "task_score"] = m.loc[picked, name]
+    return m
 
 
 def tidy_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, task, scheme, method, seed, run, metric): what every table reads."""
+    """One row per (model, task, scheme, method, seed, run, metric): what every table reads. A metric that
+    does not apply to a task (exact match of a multiple-choice task) has no row."""
     ids = ["model", "task", "scheme", "kind", "method", "seed", "run", "epoch"]
-    return metrics.melt(id_vars=ids, value_vars=list(METRICS), var_name="metric", value_name="value")
+    m = with_task_score(metrics)
+    present = [name for name in TASK_METRICS if m[name].notna().any()]
+    tidy = m.melt(id_vars=ids, value_vars=["val_loss", *present], var_name="metric", value_name="value")
+    return tidy[tidy["value"].notna() | (tidy["metric"] == "val_loss")].reset_index(drop=True)
 
 
 def paired_p(single_losses: list[pd.DataFrame], merged_losses: list[pd.DataFrame]) -> float:
@@ -33,14 +53,15 @@ def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict) -> pd.Da
     ``val_losses[(model, task, scheme, method)]`` lists per-sample val-loss frames (one per run/seed).
     """
     out = []
-    for (model, task, scheme), g in metrics.groupby(["model", "task", "scheme"], sort=True):
+    for (model, task, scheme), g in with_task_score(metrics).groupby(["model", "task", "scheme"], sort=True):
         single = g[g["kind"] == "single"]
         ref = {m: single[m].mean() for m in METRICS}
         for method in ["single", *methods]:
             rows = single if method == "single" else g[(g["kind"] == "merged") & (g["method"] == method)]
             if rows.empty:
                 continue
-            rec = {"model": model, "task": task, "scheme": scheme, "method": method, "n": len(rows)}
+            rec = {"model": model, "task": task, "scheme": scheme, "method": method, "n": len(rows),
+                   "task_metric": rows["task_metric"].iloc[0]}
             for metric in METRICS:
                 mean = rows[metric].mean()
                 rec[f"{metric}_mean"] = mean
@@ -59,15 +80,17 @@ def _fmt_p(p: float) -> str:
 def table1_markdown(t: pd.DataFrame, title: str = "Table 1: single fine-tunes vs merges") -> str:
     lines = [f"# {title}", "",
              "Single: mean ± std over the K runs. Merges: mean ± std over merge seeds (average is deterministic).",
-             "Δ is against the single-run mean; lower val loss and higher exact match are better. p: Wilcoxon",
-             "signed-rank test of per-sample val losses, merge (mean over seeds) vs the mean single run.", "",
-             "| model | task | scheme | method | n | val loss | Δ val loss | p | exact match % | Δ EM (pts) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ is against the single-run mean; lower val loss and higher task scores are better. p: Wilcoxon",
+             "signed-rank test of per-sample val losses, merge (mean over seeds) vs the mean single run.",
+             "Task metric: exact_match (final numeric answer) or mc_accuracy (multiple choice, by log-likelihood).", "",
+             "| model | task | scheme | method | n | val loss | Δ val loss | p | task metric | score % | Δ score (pts) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in t.itertuples():
         lines.append(
             f"| {r.model} | {r.task} | {r.scheme} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
             f"{r.val_loss_delta:+.4f} | {_fmt_p(r.p_paired_val_loss)} | "
-            f"{100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | {100 * r.exact_match_delta:+.1f} |"
+            f"{r.task_metric} | {100 * r.task_score_mean:.1f} ± {100 * r.task_score_std:.1f} | "
+            f"{100 * r.task_score_delta:+.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -83,9 +106,10 @@ def comparison(t1: pd.DataFrame, by: str, merged_method: str) -> pd.DataFrame:
         rows.append({**dict(zip(keys + [by], key)), "method": merged_method,
                      "single_val_loss": single["val_loss_mean"].item(), "merged_val_loss": merged["val_loss_mean"].item(),
                      "delta_val_loss": merged["val_loss_mean"].item() - single["val_loss_mean"].item(),
-                     "single_exact_match": single["exact_match_mean"].item(),
-                     "merged_exact_match": merged["exact_match_mean"].item(),
-                     "delta_exact_match": merged["exact_match_mean"].item() - single["exact_match_mean"].item()})
+                     "task_metric": single["task_metric"].item(),
+                     "single_task_score": single["task_score_mean"].item(),
+                     "merged_task_score": merged["task_score_mean"].item(),
+                     "delta_task_score": merged["task_score_mean"].item() - single["task_score_mean"].item()})
     return pd.DataFrame(rows)
 
 
