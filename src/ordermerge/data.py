@@ -285,6 +285,42 @@ def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Pat
     return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), **{k: len(v) for k, v in splits.items()}}
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+class Records(list):
+    """The records of a prepared JSONL file; ``path`` lets later checks name the file."""
+
+    path: Path
+
+
+def read_jsonl(path: str | Path) -> Records:
+    """A prepared split, refused (file, line, fix) if a line is not JSON, a response is empty or an id repeats."""
+    fix = "re-run prepare-data to rewrite it (it drops empty responses and duplicate prompts), or fix those lines"
+    records, first_line = Records(), {}
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not JSON ({exc.msg}); the file is truncated or corrupt: {fix}") from None
+            if isinstance(r.get("response"), str) and not r["response"].strip():
+                raise ValueError(f"{path}:{n}: sample {r.get('sample_id')!r} has an empty response "
+                                 f"(nothing to learn or score): {fix}")
+            sid = r.get("sample_id")
+            if sid is not None and sid in first_line:
+                raise ValueError(f"{path}:{n}: duplicate sample_id {sid!r} (first on line {first_line[sid]}); "
+                                 f"losses and pairings are keyed by it: {fix}")
+            if sid is not None:
+                first_line[sid] = n
+            records.append(r)
+    records.path = Path(path)
+    return records
+
+
+def refuse_over_long(examples: list[dict], records: list[dict], max_length: int) -> None:
+    """Truncation would cut responses silently (down to no scored token at all): refuse instead."""
+    for i, (e, r) in enumerate(zip(examples, records)):
+        if e["length"] > max_length:
+            where = f"{getattr(records, 'path', '<records>')}: sample {r.get('sample_id', i)!r} (record {i + 1})"
+            raise ValueError(f"{where} is {e['length']} tokens, over max_length {max_length}; prepare-data drops "
+                             "such samples, so re-run it with this max_length, or raise tasks.<task>.max_length")
