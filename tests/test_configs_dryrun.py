@@ -73,15 +73,28 @@ def test_config_validates_and_plans_its_dag(config, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert job_stats(out) == EXPECTED[config.stem]
-    # GPU jobs ask for one GPU each; merges stream on the CPU
+    # GPU jobs ask for one GPU each (a sharded fine-tune: its configured count); merges stream on the CPU
     for rule in ("fine_tune", "sample_losses", "evaluate_single", "evaluate_merged"):
+        gpus = cfg["resources"][rule]["gpus"] if rule == "fine_tune" else 1
         lines = resources_of(out, rule)
-        assert lines and all("gpu=1" in line for line in lines), (rule, lines)
+        assert lines and all(re.search(rf"\bgpu={gpus}\b", line) for line in lines), (rule, lines)
     assert all("gpu=0" in line for line in resources_of(out, "merge"))
     ft = cfg["resources"]["fine_tune"]
     assert all(f"mem_mb={ft['mem_mb']}," in line and f"runtime={ft['runtime']}," in line
                for line in resources_of(out, "fine_tune"))
     assert not (tmp_path / cfg["results_dir"]).exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("config, launcher", [
+    ("gpu", "Shell command: ordermerge fine-tune --threads "),
+    ("llama2-7b-gsm8k", "Shell command: torchrun --standalone --nproc-per-node 4 -m ordermerge fine-tune --threads "),
+])
+def test_fine_tune_runs_one_process_per_gpu(config, launcher, tmp_path):
+    proc = dry_run(tmp_path, ROOT / "configs" / f"{config}.yaml", "-p", "--until", "fine_tune")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    commands = [line for line in out.splitlines() if "fine-tune --" in line]
+    assert commands and all(launcher in line for line in commands), commands[:1]
 
 
 def test_paper_config_is_the_paper_setting():
@@ -92,6 +105,8 @@ def test_paper_config_is_the_paper_setting():
     assert (task["source"], task["path"], task["name"]) == ("hf", "gsm8k", "main")
     t = cfg["train"]
     assert (t["lr"], t["epochs"], t["batch_size"], t["compute_dtype"]) == (2e-5, 3, 64, "bfloat16")
+    # 16 bytes per parameter of fp32 weights + grads + AdamW do not fit one 80 GB GPU: shard them
+    assert t["method"] == "full" and t["parallel"] == "fsdp" and cfg["resources"]["fine_tune"]["gpus"] >= 2
     assert cfg["runs"] == 20 and len(cfg["merge"]["seeds"]) == 5 and "resample1" in cfg["merge"]["methods"]
     assert 800 <= task["max_length"] <= 1200
 

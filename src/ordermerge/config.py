@@ -233,6 +233,13 @@ def _rule_micro_batch(cfg):
                f"{', '.join(map(str, divisors))} (or null for no accumulation)")
 
 
+def _rule_parallel(cfg):
+    train = cfg["train"]
+    if train["parallel"] == "fsdp" and train["method"] == "lora":
+        yield ("train.parallel", "fsdp — shards full fine-tuning only, and train.method is lora (its trainable "
+               "adapters fit one GPU); set parallel: ddp, or method: full")
+
+
 def _rule_merge_epoch(cfg):
     epochs, epoch = _int(cfg["train"]["epochs"]), cfg["merge"]["epoch"]
     if epoch is not None and _int(epoch) > epochs:
@@ -297,7 +304,8 @@ def _rule_results_dir(cfg):
                    "or fix its permissions")
 
 
-RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir)
+RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
+         _rule_parallel)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

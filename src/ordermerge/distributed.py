@@ -6,7 +6,8 @@ whole order, takes a contiguous slice of each optimizer batch (cut further into 
 ranks' gradients then gives the single-process gradient (up to the order of floating-point sums). The sum is an explicit all-reduce after
 the rank's micro-batches rather than DDP hooks, so a rank whose slice is empty (a short last
 batch) or has fewer micro-batches still takes part. Every rank then takes the same optimizer step;
-rank 0 alone writes checkpoints, logs and resume state.
+rank 0 alone writes checkpoints, logs and resume state. With ``train.parallel: fsdp`` the ranks hold
+shards of the model instead of copies, and FSDP sums the gradients during backward (fsdp.py).
 
 The device is chosen automatically: ``cuda:LOCAL_RANK`` with NCCL when CUDA is present, else the
 CPU with gloo. Without torchrun's environment (WORLD_SIZE unset) this is a single process.

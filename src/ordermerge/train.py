@@ -6,7 +6,8 @@ distributed.py). AdamW on fp32 master weights, an optional bf16 autocast for the
 linear/cosine/constant schedule with warmup, loss averaged over the response tokens of each
 optimizer batch. Each epoch ends in a checkpoint in ``save_dtype`` (atomic safetensors HF dir,
 ``checkpoint.json`` with the zero-task-vector fraction; LoRA adds ``adapter/``), and ``steps.csv``
-records the exact sample indices of every step.
+records the exact sample indices of every step. ``train.parallel: fsdp`` shards the model over the
+ranks instead of copying it (fsdp.py); everything else is the same.
 
 Resume. Everything lives in ``<out_dir>/.resume/``, a directory the workflow does not declare as
 an output (Snakemake deletes a failed job's declared outputs, so epoch dirs may vanish between
@@ -38,12 +39,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed
-from .atomic import DiskFullError, atomic_path
+from . import distributed, fsdp
+from .atomic import atomic_path
 from .base_model import torch_dtype
 from .batching import collate, token_losses
 from .checkpoint_io import copy_sidecars
-from .data import encode_example, read_jsonl, refuse_over_long
+from .data import encode_example, read_jsonl
 from .orders import batches_of, load_order
 from .seeding import derive_seed
 
@@ -80,14 +81,19 @@ def zero_task_vector_fraction(model_state: dict[str, torch.Tensor], base_dir: Pa
     return zeros / max(1, total)
 
 
-def save_checkpoint(model, base_dir: Path, out_dir: Path, save_dtype: str, meta: dict, lora: bool = False) -> None:
-    """The epoch's full HF directory in ``save_dtype``; a LoRA model is merged, its adapter kept in ``adapter/``."""
+def save_checkpoint(model, base_dir: Path, out_dir: Path, save_dtype: str, meta: dict, lora: bool = False,
+                    full: dict[str, torch.Tensor] | None = None) -> None:
+    """The epoch's full HF directory in ``save_dtype``; a LoRA model is merged, its adapter kept in ``adapter/``.
+
+    ``full``: the model's state already gathered from sharded ranks (fsdp.full_model_state).
+    """
     from safetensors.torch import save_file
 
     from . import lora as lora_mod
 
     hf_model = model.get_base_model() if lora else model
-    full = lora_mod.merged_state_dict(model) if lora else model.state_dict()
+    if full is None:
+        full = lora_mod.merged_state_dict(model) if lora else model.state_dict()
     dtype = torch_dtype(save_dtype)
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in full.items()}
     # Tied weights are stored once, as the base stores them.
@@ -106,18 +112,22 @@ def save_checkpoint(model, base_dir: Path, out_dir: Path, save_dtype: str, meta:
 
 
 def backward_batch(model, examples: list[dict], micro: int, pad_id: int, n_scored: int, device: torch.device,
-                   bf16: bool) -> float:
+                   bf16: bool, n_micro: int = 0, filler: dict | None = None) -> float:
     """Forward/backward of one (share of an) optimizer batch in micro-batches; returns its loss share.
 
     Each micro-batch's summed token loss is divided by the whole batch's scored-token count, so
-    accumulated gradients equal those of the batch in one piece.
+    accumulated gradients equal those of the batch in one piece. Under FSDP every rank must run
+    ``n_micro`` forward/backward passes (they are collectives): missing ones run ``filler`` with
+    weight 0, which adds exact zeros to the gradients.
     """
+    chunks = [(examples[s:s + micro], 1.0) for s in range(0, len(examples), micro)]
+    chunks += [([filler], 0.0)] * (n_micro - len(chunks))
     loss_sum = 0.0
-    for start in range(0, len(examples), micro):
-        mb = {k: v.to(device) for k, v in collate(examples[start:start + micro], pad_id).items()}
+    for chunk, weight in chunks:
+        mb = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            losses, _ = token_losses(model, mb)
-        loss = losses.sum() / max(1, n_scored)
+            losses, _ = fsdp.score(model, token_losses, mb)
+        loss = losses.sum() * weight / max(1, n_scored)
         loss.backward()
         loss_sum += float(loss.detach())
     return loss_sum
@@ -126,6 +136,8 @@ def backward_batch(model, examples: list[dict], micro: int, pad_id: int, n_score
 def _fingerprint(*, base_dir: Path, train_path: Path, order, task_spec: dict, train_cfg: dict, seed: int,
                  run_name: str) -> str:
     h = hashlib.sha256()
+    # How the work is split over processes changes no result beyond rounding, nor the state's format.
+    train_cfg = {k: v for k, v in train_cfg.items() if k != "parallel"}
     h.update(json.dumps([task_spec, train_cfg, seed, run_name], sort_keys=True).encode())
     h.update(order.tobytes())
     h.update(train_path.read_bytes())
@@ -135,12 +147,16 @@ def _fingerprint(*, base_dir: Path, train_path: Path, order, task_spec: dict, tr
     return h.hexdigest()
 
 
-def _save_state(state_dir: Path, model, optimizer, scheduler, info: dict, tensors: bool) -> None:
+def _save_state(state_dir: Path, model, optimizer, scheduler, info: dict, tensors: bool,
+                gathered: dict | None = None) -> None:
+    """``gathered``: the tensors already collected from sharded ranks (fsdp.full_training_tensors)."""
     from safetensors.torch import save_file
 
-    opt = optimizer.state_dict()
+    opt = optimizer.state_dict()  # param_groups only, when gathered: its state is sharded
     with atomic_path(state_dir, directory=True) as tmp:
-        if tensors:
+        if tensors and gathered is not None:
+            save_file(gathered, str(tmp / "training.safetensors"))
+        elif tensors:
             flat = {f"param.{n}": p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
             for i, s in opt["state"].items():
                 flat.update({f"optim.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in s.items()})
@@ -149,10 +165,15 @@ def _save_state(state_dir: Path, model, optimizer, scheduler, info: dict, tensor
         (tmp / "state.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
-def _load_state(state_dir: Path, model, optimizer, scheduler) -> None:
+def _load_state(state_dir: Path, model, optimizer, scheduler, main: bool = True) -> None:
     from safetensors.torch import load_file
 
     info = json.loads((state_dir / "state.json").read_text())
+    if fsdp.is_sharded(model):  # rank 0 reads the full tensors and scatters them (bounded host memory)
+        flat = load_file(str(state_dir / "training.safetensors")) if main else {}
+        fsdp.load_training_tensors(model, optimizer, flat, info["optimizer_groups"])
+        scheduler.load_state_dict(info["scheduler"])
+        return
     flat = load_file(str(state_dir / "training.safetensors"))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -207,8 +228,8 @@ def _restore(resume_dir: Path, out_dir: Path, fingerprint: str) -> None:
         _publish(resume_dir / f"epoch{e}", out_dir / f"epoch{e}")
 
 
-def _build(base_dir: Path, train_cfg: dict, device: torch.device, total_steps: int):
-    """Model (LoRA-wrapped if configured), its trainable parameters, AdamW and the lr schedule."""
+def _build(base_dir: Path, train_cfg: dict, device: torch.device, total_steps: int, world: int = 1):
+    """Model (LoRA-wrapped or FSDP-sharded if configured), its trainable parameters, AdamW and the lr schedule."""
     from transformers import AutoModelForCausalLM
 
     lora = train_cfg.get("method", "full") == "lora"
@@ -220,6 +241,10 @@ def _build(base_dir: Path, train_cfg: dict, device: torch.device, total_steps: i
         from .lora import wrap
 
         model = wrap(model, train_cfg)
+    if train_cfg.get("parallel", "ddp") == "fsdp":
+        if lora:
+            raise ValueError("train.parallel fsdp needs train.method full (LoRA fits one GPU: use parallel ddp)")
+        fsdp.shard(model, device, world)  # moves the shards to the device; AdamW then sees the shards
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -254,10 +279,6 @@ def fine_tune(
     epochs = train_cfg["epochs"]
     if order.shape[0] < epochs:
         raise ValueError(f"{order_path} has {order.shape[0]} epochs, training needs {epochs}")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    examples = [encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"),
-                               task_spec["max_length"]) for r in records]
-    refuse_over_long(examples, records, task_spec["max_length"])  # before anything is written
     resume_dir = out_dir / ".resume"
     fingerprint = _fingerprint(base_dir=base_dir, train_path=train_path, order=order, task_spec=task_spec,
                                train_cfg=train_cfg, seed=seed, run_name=run_name)
@@ -269,6 +290,9 @@ def fine_tune(
     start_epoch, step = (info["epoch"], info["step"]) if info else (0, 0)
     log_rows: list[dict] = info["log"] if info else []
 
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    examples = [encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"),
+                               task_spec["max_length"]) for r in records]
     batch_size, micro = train_cfg["batch_size"], train_cfg.get("micro_batch_size") or train_cfg["batch_size"]
     total_steps = math.ceil(len(records) / batch_size) * epochs
     bf16 = train_cfg["compute_dtype"] == "bfloat16"
@@ -277,10 +301,11 @@ def fine_tune(
         bf16 = False
     if start_epoch < epochs:
         torch.manual_seed(derive_seed(seed, "train", run_name))  # LoRA's initial A (overwritten on resume)
-        model, lora, params, optimizer, scheduler = _build(base_dir, train_cfg, ranks.device, total_steps)
+        model, lora, params, optimizer, scheduler = _build(base_dir, train_cfg, ranks.device, total_steps, ranks.world)
         hf_model = model.get_base_model() if lora else model  # the body/head split token_losses needs
+        sharded = fsdp.is_sharded(model)
         if info:
-            _load_state(resume_dir / "state", model, optimizer, scheduler)
+            _load_state(resume_dir / "state", model, optimizer, scheduler, ranks.main)
     if info and ranks.main:
         print(f"[{run_name}] resuming after epoch {start_epoch} (step {step}/{total_steps})", flush=True)
 
@@ -294,8 +319,11 @@ def fine_tune(
             batch_examples = [examples[i] for i in batch_indices]
             n_scored = sum(sum(1 for y in e["labels"][1:] if y >= 0) for e in batch_examples)
             mine = distributed.my_slice(batch_examples, ranks)
-            loss_sum = backward_batch(hf_model, mine, micro, tokenizer.pad_token_id, n_scored, ranks.device, bf16)
-            distributed.sum_gradients(params, ranks)
+            n_micro = fsdp.micro_batch_count(len(batch_examples), ranks.world, micro) if sharded else 0
+            loss_sum = backward_batch(hf_model, mine, micro, tokenizer.pad_token_id, n_scored, ranks.device, bf16,
+                                      n_micro, batch_examples[0])
+            if not sharded:  # FSDP has reduce-scattered (summed) them during backward
+                distributed.sum_gradients(params, ranks)
             loss_sum = distributed.sum_scalar(loss_sum, ranks)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train_cfg["max_grad_norm"])
             lr = scheduler.get_last_lr()[0]
@@ -305,7 +333,7 @@ def fine_tune(
             seconds = time.perf_counter() - t0
             n_tokens = sum(len(e["input_ids"]) for e in batch_examples)
             log_rows.append({
-                "epoch": epoch + 1, "step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+                "epoch": epoch + 1, "step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": fsdp.as_float(grad_norm),
                 "tokens": n_tokens, "seconds": round(seconds, 4), "tokens_per_s": round(n_tokens / seconds, 1),
                 "sample_indices": " ".join(str(int(i)) for i in batch_indices),
             })
@@ -314,19 +342,21 @@ def fine_tune(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
+        # Sharded: every rank takes part in gathering the full tensors; rank 0 alone receives them.
+        full = fsdp.full_model_state(model) if sharded else None
+        gathered = fsdp.full_training_tensors(model, optimizer, full) if sharded and epoch + 1 < epochs else None
         if ranks.main:
             meta = {"run": run_name, "epoch": epoch + 1, "step": step, "method": train_cfg.get("method", "full"),
                     "train_loss_epoch": epoch_loss / max(1, epoch_tokens)}
+            save_checkpoint(model, base_dir, resume_dir / f"epoch{epoch + 1}", train_cfg["save_dtype"], meta, lora,
+                            full)
             info = {"fingerprint": fingerprint, "epoch": epoch + 1, "step": step, "world": ranks.world, "log": log_rows}
-            try:
-                save_checkpoint(model, base_dir, resume_dir / f"epoch{epoch + 1}", train_cfg["save_dtype"], meta, lora)
-                _save_state(resume_dir / "state", model, optimizer, scheduler, info, tensors=epoch + 1 < epochs)
-                _publish(resume_dir / f"epoch{epoch + 1}", out_dir / f"epoch{epoch + 1}")
-            except DiskFullError as exc:
-                raise DiskFullError(exc.errno, f"{exc.strerror}. fine-tune {run_name} stopped in epoch {epoch + 1}; "
-                                    "a rerun resumes after the last epoch whose training state was saved") from exc
+            _save_state(resume_dir / "state", model, optimizer, scheduler, info, tensors=epoch + 1 < epochs,
+                        gathered=gathered)
+            _publish(resume_dir / f"epoch{epoch + 1}", out_dir / f"epoch{epoch + 1}")
             print(f"[{run_name}] epoch {epoch + 1}/{epochs}: train loss {meta['train_loss_epoch']:.4f}, "
                   f"{time.perf_counter() - t_epoch:.1f}s, step {step}/{total_steps}", flush=True)
+        del full, gathered  # up to 16 bytes per parameter on rank 0's host
         distributed.barrier(ranks)
     bar.close()
     if ranks.main:

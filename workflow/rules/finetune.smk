@@ -1,3 +1,13 @@
+def fine_tune_launcher(resources, threads):
+    """One process, or one per GPU under torchrun when the job holds several (train.parallel: ddp or fsdp)."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus <= 1:
+        return f"ordermerge fine-tune --threads {threads}"
+    # --standalone: a private rendezvous on a free local port, so jobs sharing a node do not collide
+    return (f"torchrun --standalone --nproc-per-node {gpus} -m ordermerge fine-tune "
+            f"--threads {max(1, threads // gpus)}")
+
+
 rule fine_tune:
     input:
         base=R + "/{model}/base",
@@ -11,16 +21,17 @@ rule fine_tune:
         train_cfg=as_json(config["train"]),
         seed=config["seed"],
         out_dir=lambda w, output: str(Path(output.steps).parent),
+        launcher=lambda w, resources, threads: fine_tune_launcher(resources, threads),
     log:
         "logs/fine_tune/{model}_{task}_{scheme}_run{run}.log",
     threads: rule_threads("fine_tune")
     resources:
         **rule_resources("fine_tune", mem_mb=6000, runtime=120),
     shell:
-        "ordermerge fine-tune --base {input.base} --train {input.train} --order {input.order} "
+        "{params.launcher} --base {input.base} --train {input.train} --order {input.order} "
         "--out-dir {params.out_dir} --run-name {wildcards.task}-{wildcards.scheme}-run{wildcards.run} "
         "--task-spec {params.task_spec:q} --train-cfg {params.train_cfg:q} --seed {params.seed} "
-        "--threads {threads} > {log} 2>&1"
+        "> {log} 2>&1"
 
 
 rule sample_losses:
