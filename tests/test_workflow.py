@@ -70,11 +70,7 @@ def test_bad_config_is_rejected_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke")
-    snakemake(workdir)
-    return workdir
+# smoke_run: the session fixture in conftest.py (one real run, shared with test_determinism.py).
 
 
 def test_smoke_run_produces_figures_and_tables(smoke_run):

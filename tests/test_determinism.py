@@ -1,0 +1,80 @@
+"""Determinism end to end: two runs of the smoke config in two directories give the same bytes.
+
+Every file under ``results/`` is compared by sha256: orders, checkpoints (CPU), merges, per-sample
+losses, metrics JSON, tables and figures. Only wall-clock measurements are dropped before hashing,
+because they measure the machine, not the result:
+- ``seconds`` in each evaluation's metrics JSON (how long the evaluation took);
+- the ``seconds`` and ``tokens_per_s`` columns of ``steps.csv`` (per-step timing).
+Nothing else is excluded; a new non-deterministic field makes this test fail until it is named here.
+
+The first run is the session's shared smoke run (tests/conftest.py), so this costs one extra run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from pathlib import Path
+
+from test_workflow import snakemake
+
+TIMING_JSON_KEYS = {"seconds"}
+TIMING_CSV_COLUMNS = {"seconds", "tokens_per_s"}  # = ordermerge.train.TIMING_COLUMNS
+# Every kind of artefact must be among the compared files, or the test proves nothing about it.
+REQUIRED = ["/orders/run0.npy", "/runs/run0/epoch2/model.safetensors", "/runs/run1/steps.csv",
+            "/merged/epoch2/average/seed0/model.safetensors", "/merged/epoch2/select/seed1/merge.json",
+            "/merged/epoch2/resample1/seed0/model.safetensors", "/eval/single/run0.json", "/eval/merged/select/seed0.json",
+            "tables/table1.csv", "tables/imbalance.csv", "tables/metrics.csv", "figures/fig1_"]
+
+
+def normalised(path: Path) -> bytes:
+    """The file's bytes, with wall-clock timing fields removed (see the module docstring)."""
+    data = path.read_bytes()
+    if path.suffix == ".json" and path.name not in ("merge.json", "checkpoint.json"):
+        obj = json.loads(data)
+        if isinstance(obj, dict) and TIMING_JSON_KEYS & obj.keys():
+            return json.dumps({k: v for k, v in obj.items() if k not in TIMING_JSON_KEYS}, sort_keys=True).encode()
+    if path.name == "steps.csv":
+        rows = list(csv.DictReader(io.StringIO(data.decode())))
+        return json.dumps([{k: v for k, v in r.items() if k not in TIMING_CSV_COLUMNS} for r in rows]).encode()
+    return data
+
+
+def digests(workdir: Path) -> dict[str, str]:
+    results = workdir / "results"
+    return {str(p.relative_to(results)): hashlib.sha256(normalised(p)).hexdigest()
+            for p in sorted(results.rglob("*")) if p.is_file()}
+
+
+def test_normalisation_drops_only_timing(tmp_path):
+    """The exclusions above are narrow: a changed loss or metric still changes the digest."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, seconds, loss in ((a, 1.5, 0.25), (b, 9.0, 0.25)):
+        d.mkdir()
+        (d / "m.json").write_text(json.dumps({"val_loss": loss, "seconds": seconds}))
+        (d / "steps.csv").write_text(f"step,loss,seconds,tokens_per_s\n1,{loss},{seconds},{seconds * 10}\n")
+    assert normalised(a / "m.json") == normalised(b / "m.json")
+    assert normalised(a / "steps.csv") == normalised(b / "steps.csv")
+    (b / "m.json").write_text(json.dumps({"val_loss": 0.26, "seconds": 9.0}))
+    (b / "steps.csv").write_text("step,loss,seconds,tokens_per_s\n1,0.26,9.0,90.0\n")
+    assert normalised(a / "m.json") != normalised(b / "m.json")
+    assert normalised(a / "steps.csv") != normalised(b / "steps.csv")
+
+
+def test_two_runs_of_the_smoke_config_are_bit_identical(smoke_run, tmp_path_factory):
+    first = digests(smoke_run)  # before anything else can touch the shared run
+    again = tmp_path_factory.mktemp("smoke-again")
+    snakemake(again)
+    second = digests(again)
+    for part in REQUIRED:
+        assert any(part in name for name in first), f"no compared file matches {part!r}"
+    assert sorted(first) == sorted(second), "the two runs wrote different files"
+    differing = [name for name in first if first[name] != second[name]]
+    assert not differing, f"{len(differing)} of {len(first)} files differ between two runs:\n  " + "\n  ".join(differing)
+    print(f"determinism: {len(first)} files identical across two runs")
+    # Paths from the config stay inside the workflow's directories (results_dir, logs, Snakemake's own).
+    outside = [str(p.relative_to(again)) for p in again.rglob("*")
+               if p.is_file() and p.relative_to(again).parts[0] not in ("results", "logs", ".snakemake")]
+    assert not outside, f"the run wrote outside results/, logs/ and .snakemake/: {outside[:10]}"
