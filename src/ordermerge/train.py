@@ -40,11 +40,11 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, fsdp
-from .atomic import atomic_path
+from .atomic import DiskFullError, atomic_path
 from .base_model import torch_dtype
 from .batching import collate, token_losses
 from .checkpoint_io import copy_sidecars
-from .data import encode_example, read_jsonl
+from .data import encode_example, read_jsonl, refuse_over_long
 from .orders import batches_of, load_order
 from .seeding import derive_seed
 
@@ -279,6 +279,10 @@ def fine_tune(
     epochs = train_cfg["epochs"]
     if order.shape[0] < epochs:
         raise ValueError(f"{order_path} has {order.shape[0]} epochs, training needs {epochs}")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    examples = [encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"),
+                               task_spec["max_length"]) for r in records]
+    refuse_over_long(examples, records, task_spec["max_length"])  # before anything is written
     resume_dir = out_dir / ".resume"
     fingerprint = _fingerprint(base_dir=base_dir, train_path=train_path, order=order, task_spec=task_spec,
                                train_cfg=train_cfg, seed=seed, run_name=run_name)
@@ -290,9 +294,6 @@ def fine_tune(
     start_epoch, step = (info["epoch"], info["step"]) if info else (0, 0)
     log_rows: list[dict] = info["log"] if info else []
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    examples = [encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"),
-                               task_spec["max_length"]) for r in records]
     batch_size, micro = train_cfg["batch_size"], train_cfg.get("micro_batch_size") or train_cfg["batch_size"]
     total_steps = math.ceil(len(records) / batch_size) * epochs
     bf16 = train_cfg["compute_dtype"] == "bfloat16"
@@ -348,12 +349,16 @@ def fine_tune(
         if ranks.main:
             meta = {"run": run_name, "epoch": epoch + 1, "step": step, "method": train_cfg.get("method", "full"),
                     "train_loss_epoch": epoch_loss / max(1, epoch_tokens)}
-            save_checkpoint(model, base_dir, resume_dir / f"epoch{epoch + 1}", train_cfg["save_dtype"], meta, lora,
-                            full)
             info = {"fingerprint": fingerprint, "epoch": epoch + 1, "step": step, "world": ranks.world, "log": log_rows}
-            _save_state(resume_dir / "state", model, optimizer, scheduler, info, tensors=epoch + 1 < epochs,
-                        gathered=gathered)
-            _publish(resume_dir / f"epoch{epoch + 1}", out_dir / f"epoch{epoch + 1}")
+            try:
+                save_checkpoint(model, base_dir, resume_dir / f"epoch{epoch + 1}", train_cfg["save_dtype"], meta, lora,
+                                full)
+                _save_state(resume_dir / "state", model, optimizer, scheduler, info, tensors=epoch + 1 < epochs,
+                            gathered=gathered)
+                _publish(resume_dir / f"epoch{epoch + 1}", out_dir / f"epoch{epoch + 1}")
+            except DiskFullError as exc:
+                raise DiskFullError(exc.errno, f"{exc.strerror}. fine-tune {run_name} stopped in epoch {epoch + 1}; "
+                                    "a rerun resumes after the last epoch whose training state was saved") from exc
             print(f"[{run_name}] epoch {epoch + 1}/{epochs}: train loss {meta['train_loss_epoch']:.4f}, "
                   f"{time.perf_counter() - t_epoch:.1f}s, step {step}/{total_steps}", flush=True)
         del full, gathered  # up to 16 bytes per parameter on rank 0's host
