@@ -18,10 +18,14 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/ksweep.smk"
+include: "workflow/rules/multitask.smk"
 include: "workflow/rules/analysis.smk"
 
 
 rule all:
     input:
         analysis_targets(),
+        ksweep_targets(),
+        multitask_targets(),
     default_target: True

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .analysis_extra import analyze_extra
 from .atomic import atomic_path
 from .figures import plot_fig1, plot_fig3, plot_fig4
 from .orders import first_epoch_positions, load_order
@@ -126,7 +127,9 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     _write_table(out, "imbalance", pd.DataFrame(imbalance), None)
     _write_table(out, "fig3_rho", pd.DataFrame(fig3_rows), None)
     metrics = load_metrics(results)
-    _write_table(out, "metrics", tidy_metrics(metrics), None)
+    extra = analyze_extra(cfg, results, out, metrics, _write_table)  # K-sweep, Table 3 (when configured)
+    _write_table(out, "metrics", pd.concat([tidy_metrics(metrics), extra], ignore_index=True) if len(extra)
+                 else tidy_metrics(metrics), None)
     t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(results))
     _write_table(out, "table1", t1, table1_markdown(t1))
     best = cfg["merge"]["methods"][-1]

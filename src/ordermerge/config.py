@@ -21,7 +21,7 @@ TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string
               "object": "a mapping (key: value lines)", "boolean": "true or false", "null": "null (empty)"}
 MERGE_METHODS = ["average", "select"] + [f"resample{n}" for n in range(1, 9)]
 HINTS = {"runs": "K fine-tunes to merge: K < 2 cannot merge"}
-RESERVED_NAMES = {"models": {"tables", "figures"}, "tasks": {"base"}}  # directories beside them
+RESERVED_NAMES = {"models": {"tables", "figures"}, "tasks": {"base", "multitask"}}  # directories beside them
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,7 @@ def _explain(error) -> list[str]:
     if v == "enum":
         return [f"{where}: {_show(value)} — not an allowed value{_did_you_mean(value, vv)}; "
                 f"use one of: {', '.join(map(str, vv))}"]
-    if v == "pattern" and re.search(r"merge\.methods\[\d+\]$", where):
+    if v == "pattern" and re.search(r"(merge|ksweep|multitask)\.methods\[\d+\]$", where):
         if re.fullmatch(r"resample-?\d+", str(value)):
             return [f"{where}: {_show(value)} — resampleN needs n in 1..8 (n must be 1..8; plain `select` is n=0); "
                     f"use resample1 ... resample8, or select"]
@@ -304,8 +304,31 @@ def _rule_results_dir(cfg):
                    "or fix its permissions")
 
 
+def _rule_ksweep(cfg):
+    k, sizes = _int(cfg["runs"]), cfg["ksweep"]["sizes"] or []
+    for i, n in enumerate(sizes):
+        if isinstance(n, int) and n > k:
+            yield (f"ksweep.sizes[{i}]", f"{n} — larger than runs (K = {k}): a subset cannot hold more runs than "
+                   f"exist; use sizes in 2..{k}, or raise runs")
+
+
+def _rule_multitask(cfg):
+    mt = cfg["multitask"]
+    tasks = [t for t in mt["tasks"] if isinstance(t, str)]
+    for i, t in enumerate(tasks):
+        if t not in cfg["tasks"]:
+            yield (f"multitask.tasks[{i}]", f"{t!r} — not a task of this config{_did_you_mean(t, cfg['tasks'])}; "
+                   f"use keys of tasks: {', '.join(cfg['tasks'])}")
+    if len(tasks) == 1:
+        yield ("multitask.tasks", f"{tasks} — a multi-task merge needs at least 2 tasks; add another task, "
+               "or set [] to turn it off")
+    run = _int(mt["run"])
+    if tasks and run >= _int(cfg["runs"]):
+        yield ("multitask.run", f"{run} — runs are numbered 0..{cfg['runs'] - 1}; set multitask.run to one of them, e.g. 0")
+
+
 RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
-         _rule_parallel)
+         _rule_ksweep, _rule_multitask, _rule_parallel)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

@@ -10,6 +10,9 @@ def analysis_inputs(w):
                 files += single_eval_files(m, t, s) + merged_eval_files(m, t, s) + loss_files(m, t, s)
                 files += merged_loss_files(m, t, s)
                 files += [f"{R}/{m}/{t}/{s}/orders/run{k}.npy" for k in range(K)]
+                files += ksweep_eval_files(m, t, s)
+        if MT["tasks"]:
+            files += multitask_eval_files(m)
     return files
 
 
@@ -27,6 +30,16 @@ rule analyze:
             [f"{R}/figures/{f}.png" for f in figure_names()],
             caption="../report/figures.rst",
             category="Figures",
+        ),
+        ksweep=report(
+            ksweep_targets(),
+            caption="../report/ksweep.rst",
+            category="K-sweep",
+        ),
+        table3=report(
+            multitask_targets(),
+            caption="../report/table3.rst",
+            category="Multi-task merge",
         ),
     params:
         cfg=as_json(config),
