@@ -30,9 +30,13 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 EXPECTED = {
     # K=8, 3 epochs (all scored), 5 paper methods x 5 seeds + 4 baselines (dare x 5 seeds, the rest
     # deterministic: 1 seed), 2 schemes
-    "gpu": {"base_model": 1, "prepare_data": 1, "orders": 16, "fine_tune": 16, "evaluate_single": 16,
-            "sample_losses": 48, "merge": 94, "evaluate_merged": 58, "sample_losses_merged": 54,
-            "analyze": 1, "all": 1, "total": 306},
+    # 2 tasks x 2 schemes x (K=8; 9 methods of which 4 deterministic: 4 + 5 x 5 seeds = 29 final merges,
+    # + 9 x 2 Fig. 4 merges; K-sweep sizes 2/4/6/8 with 3/3/3/1 subsets x 2 methods); multitask: 11
+    # merges (average once, select and resample1 x 5 seeds), each evaluated on both tasks
+    "gpu": {"base_model": 1, "prepare_data": 2, "orders": 32, "fine_tune": 32, "evaluate_single": 32,
+            "sample_losses": 96, "merge": 188, "evaluate_merged": 116, "sample_losses_merged": 108,
+            "ksweep_merge": 80, "ksweep_evaluate": 80, "multitask_merge": 11, "evaluate_multitask": 22,
+            "analyze": 1, "all": 1, "total": 802},
     # K=8, 3 epochs, 3 methods x 5 seeds, 1 scheme
     "gpu-1b": {"base_model": 1, "prepare_data": 1, "orders": 8, "fine_tune": 8, "evaluate_single": 8,
                "sample_losses": 24, "merge": 17, "evaluate_merged": 11, "sample_losses_merged": 9,

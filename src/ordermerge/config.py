@@ -19,7 +19,8 @@ import yaml
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "array": "a list",
               "object": "a mapping (key: value lines)", "boolean": "true or false", "null": "null (empty)"}
-MERGE_METHODS = ["average", "select"] + [f"resample{n}" for n in range(1, 9)]
+MERGE_METHODS = (["average", "select"] + [f"resample{n}" for n in range(1, 9)]
+                 + ["task_arithmetic", "ties", "dare", "model_stock"])  # the last four: baselines
 HINTS = {"runs": "K fine-tunes to merge: K < 2 cannot merge"}
 RESERVED_NAMES = {"models": {"tables", "figures"}, "tasks": {"base", "multitask"}}  # directories beside them
 
@@ -125,7 +126,8 @@ def _explain(error) -> list[str]:
             return [f"{where}: {_show(value)} — resampleN needs n in 1..8 (n must be 1..8; plain `select` is n=0); "
                     f"use resample1 ... resample8, or select"]
         return [f"{where}: {_show(value)} — unknown merge method{_did_you_mean(value, MERGE_METHODS)}; "
-                f"use average, select or resampleN with n in 1..8"]
+                f"use average, select, resampleN with n in 1..8, or a baseline: task_arithmetic, ties, dare, "
+                "model_stock"]
     bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
     if v in bounds:
         why = f" ({HINTS[where]})" if where in HINTS else ""

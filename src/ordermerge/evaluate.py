@@ -30,6 +30,7 @@ def greedy_answers(model, tokenizer, records: list[dict], system_prompt: str | N
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
         idx = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)  # the GPU when load_model found one
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         for j, i in enumerate(idx):

@@ -40,7 +40,9 @@ rule ksweep_merge:
         base=R + "/{model}/base",
         models=lambda w: [f"{R}/{w.model}/{w.task}/{w.scheme}/runs/run{k}/epoch{EPOCHS}" for k in ksweep_runs(w)],
     output:
-        directory(KSWEEP_DIR + "/{method}"),
+        # temp: a subset merge is only read by its evaluation and takes seconds to redo; at gpu.yaml's
+        # scale keeping them would add ~20 GB of disk
+        temp(directory(KSWEEP_DIR + "/{method}")),
     params:
         flags=merge_flags,
         seed=KSWEEP_SEED,
