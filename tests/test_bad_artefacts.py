@@ -169,3 +169,22 @@ def test_broken_dataset_is_refused_naming_file_and_fix(tiny, tmp_path, case, con
         assert part in text, f"{part!r} missing from: {text}"
     assert "re-run" in text or "raise" in text  # the fix
     assert not out.exists(), "nothing may be written for a refused dataset"
+
+
+def test_the_command_line_reports_a_bad_dataset_in_one_line(tmp_path):
+    """No traceback for bad input: one line naming the file and the fix, exit status 2."""
+    import subprocess
+    import sys
+
+    model = build_tiny_base(tmp_path / "base")
+    bad = tmp_path / "val.jsonl"
+    bad.write_text('{"sample_id": "a", "prompt": "1+1?", "response": ""}\n')
+    spec = json.dumps(TASK_SPEC)
+    proc = subprocess.run([sys.executable, "-m", "ordermerge", "sample-losses", "--model-dir", str(model),
+                           "--split", f"val={bad}", "--task-spec", spec, "--out", str(tmp_path / "out.csv")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]  # after the model's load messages
+    assert last.startswith("ordermerge sample-losses: error:") and f"{bad}:1" in last and "empty response" in last
+    assert not (tmp_path / "out.csv").exists()

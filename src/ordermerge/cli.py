@@ -186,7 +186,19 @@ def main(argv: list[str] | None = None) -> None:
 
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    args.func(args)
+    try:
+        args.func(args)
+    except Exception as exc:
+        from .atomic import DiskFullError
+        from .checkpoint_io import CheckpointError
+        from .data import DataError
+
+        # Bad input or a full disk: the message says what and how to fix it; a traceback adds nothing
+        # (ORDERMERGE_TRACEBACK=1 shows it anyway). Anything else is a bug: keep its traceback.
+        if not isinstance(exc, (CheckpointError, DataError, DiskFullError)) or os.environ.get("ORDERMERGE_TRACEBACK"):
+            raise
+        print(f"ordermerge {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

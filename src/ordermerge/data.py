@@ -27,6 +27,10 @@ from .seeding import numpy_rng
 IGNORE_INDEX = -100
 
 
+class DataError(ValueError):
+    """A dataset file or record that cannot be used as it is; the message names the file and the fix."""
+
+
 def _sample_id(task: str, prompt: str) -> str:
     return f"{task}-{hashlib.sha256(prompt.encode()).hexdigest()[:12]}"
 
@@ -256,7 +260,7 @@ def split_records(records: list[dict], sizes: dict[str, int], seed: int, task: s
     """Disjoint train/val/test splits of the requested sizes, drawn by a seeded permutation."""
     need = sum(sizes.values())
     if len(records) < need:
-        raise ValueError(f"task {task}: only {len(records)} usable samples but train+val+test = {need}; "
+        raise DataError(f"task {task}: only {len(records)} usable samples but train+val+test = {need}; "
                          "lower the split sizes or raise max_length")
     perm = numpy_rng(seed, "split", task).permutation(len(records))
     out, start = {}, 0
@@ -302,13 +306,13 @@ def read_jsonl(path: str | Path) -> Records:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not JSON ({exc.msg}); the file is truncated or corrupt: {fix}") from None
+                raise DataError(f"{path}:{n}: not JSON ({exc.msg}); the file is truncated or corrupt: {fix}") from None
             if isinstance(r.get("response"), str) and not r["response"].strip():
-                raise ValueError(f"{path}:{n}: sample {r.get('sample_id')!r} has an empty response "
+                raise DataError(f"{path}:{n}: sample {r.get('sample_id')!r} has an empty response "
                                  f"(nothing to learn or score): {fix}")
             sid = r.get("sample_id")
             if sid is not None and sid in first_line:
-                raise ValueError(f"{path}:{n}: duplicate sample_id {sid!r} (first on line {first_line[sid]}); "
+                raise DataError(f"{path}:{n}: duplicate sample_id {sid!r} (first on line {first_line[sid]}); "
                                  f"losses and pairings are keyed by it: {fix}")
             if sid is not None:
                 first_line[sid] = n
@@ -322,5 +326,5 @@ def refuse_over_long(examples: list[dict], records: list[dict], max_length: int)
     for i, (e, r) in enumerate(zip(examples, records)):
         if e["length"] > max_length:
             where = f"{getattr(records, 'path', '<records>')}: sample {r.get('sample_id', i)!r} (record {i + 1})"
-            raise ValueError(f"{where} is {e['length']} tokens, over max_length {max_length}; prepare-data drops "
+            raise DataError(f"{where} is {e['length']} tokens, over max_length {max_length}; prepare-data drops "
                              "such samples, so re-run it with this max_length, or raise tasks.<task>.max_length")
