@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ordermerge.analysis_extra import (
+from ordermerge.subset_merges_analysis import (
     ksweep_markdown,
     ksweep_table,
     plot_ksweep,

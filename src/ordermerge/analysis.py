@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .analysis_extra import analyze_extra
+from .subset_merges_analysis import analyze_ksweep_and_multitask
 from .atomic import atomic_path
 from .figures import plot_fig1, plot_fig3, plot_fig4
 from .orders import first_epoch_positions, load_order
@@ -127,7 +127,7 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     _write_table(out, "imbalance", pd.DataFrame(imbalance), None)
     _write_table(out, "fig3_rho", pd.DataFrame(fig3_rows), None)
     metrics = load_metrics(results)
-    extra = analyze_extra(cfg, results, out, metrics, _write_table)  # K-sweep, Table 3 (when configured)
+    extra = analyze_ksweep_and_multitask(cfg, results, out, metrics, _write_table)  # K-sweep, Table 3 (when configured)
     _write_table(out, "metrics", pd.concat([tidy_metrics(metrics), extra], ignore_index=True) if len(extra)
                  else tidy_metrics(metrics), None)
     t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(results))

@@ -202,7 +202,7 @@ def tidy_extra(frame: pd.DataFrame) -> pd.DataFrame:
     return tidy.dropna(subset=["value"]).reset_index(drop=True)
 
 
-def analyze_extra(cfg: dict, results: Path, out: Path, metrics: pd.DataFrame, write_table) -> pd.DataFrame:
+def analyze_ksweep_and_multitask(cfg: dict, results: Path, out: Path, metrics: pd.DataFrame, write_table) -> pd.DataFrame:
     """Writes ksweep.csv/.md + figures and table3.csv/.md as configured; returns their tidy rows."""
     frames = []
     single = metrics[metrics["kind"] == "single"] if not metrics.empty else metrics
