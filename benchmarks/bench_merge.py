@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ordermerge.checkpoint_io import LazyCheckpoint
-from ordermerge.merge import sha256_of_dir
-from ordermerge.merge_math import stored_bits
+from ordermerge.storage.checkpoint import LazyCheckpoint
+from ordermerge.merging.engine import sha256_of_dir
+from ordermerge.merging.bits import stored_bits
 
 SMOLLM2_135M = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
@@ -48,7 +48,7 @@ PEAK_RSS = 'int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM
 MERGE_SNIPPET = f"""
 import json, resource, sys, time
 import torch
-from ordermerge.merge import merge_models
+from ordermerge.merging.engine import merge_models
 a = json.loads(sys.argv[1])
 if a["threads"]:
     torch.set_num_threads(a["threads"])
@@ -241,7 +241,7 @@ def main() -> None:
     print("sha256 of base + inputs          {:6.2f} s  ({:.2f} s CPU; merge.json records them)".format(
         *hash_floor([base, *models[: a.k]], threads)))
     print(f"write + fsync of one output       {write_floor(size, a.cache):6.2f} s")
-    idle_rss = run_measured([sys.executable, "-c", f"import json, ordermerge.merge; print(json.dumps({PEAK_RSS}))"])[0]
+    idle_rss = run_measured([sys.executable, "-c", f"import json, ordermerge.merging.engine; print(json.dumps({PEAK_RSS}))"])[0]
     print(f"peak RSS of python + torch + ordermerge imported: {idle_rss} MB\n")
     print(f"{'method':30s} {'time':>7s} {'x floor':>8s} {'CPU':>7s} {'peak RSS':>9s}")
 

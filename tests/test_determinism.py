@@ -21,7 +21,7 @@ from pathlib import Path
 from test_workflow import snakemake
 
 TIMING_JSON_KEYS = {"seconds"}
-TIMING_CSV_COLUMNS = {"seconds", "tokens_per_s"}  # = ordermerge.train.TIMING_COLUMNS
+TIMING_CSV_COLUMNS = {"seconds", "tokens_per_s"}  # = ordermerge.train.loop.TIMING_COLUMNS
 # Every kind of artefact must be among the compared files, or the test proves nothing about it.
 REQUIRED = ["/orders/run0.npy", "/runs/run0/epoch2/model.safetensors", "/runs/run1/steps.csv",
             "/merged/epoch2/average/seed0/model.safetensors", "/merged/epoch2/select/seed1/merge.json",

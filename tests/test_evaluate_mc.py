@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest_tiny import TASK_SPEC, build_tiny_base
 
-from ordermerge.choices import choice_logprobs, mc_predictions, mc_rows
-from ordermerge.data import encode_example
-from ordermerge.evaluate import evaluate_model
-from ordermerge.losses import load_model
-from ordermerge.tables import table1, table1_markdown, tidy_metrics
+from ordermerge.scoring.choices import choice_logprobs, mc_predictions, mc_rows
+from ordermerge.data.records import encode_example
+from ordermerge.scoring.evaluate import evaluate_model
+from ordermerge.scoring.losses import load_model
+from ordermerge.analysis.tables import table1, table1_markdown, tidy_metrics
 
 
 def mc_records() -> list[dict]:

@@ -37,9 +37,9 @@ from conftest_tiny import build_tiny_base, train_cfg, write_train
 
 from tqdm import tqdm
 
-from ordermerge.atomic import DiskFullError
-from ordermerge.orders import make_order, save_order
-from ordermerge.train import TIMING_COLUMNS, fine_tune
+from ordermerge.storage.atomic import DiskFullError
+from ordermerge.data.orders import make_order, save_order
+from ordermerge.train.loop import TIMING_COLUMNS, fine_tune
 
 # The trials: (stage, index). Counted by tests/reliability_counts.py for the README.
 FAULT_TRIALS = [("fine-tune", i) for i in range(4)] + [("merge", i) for i in range(4)] + \
@@ -289,7 +289,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_says_so(stages, tmp_path, m
 
 
 def test_disk_full_error_passes_other_errors_through(tmp_path):
-    from ordermerge.atomic import atomic_path
+    from ordermerge.storage.atomic import atomic_path
 
     with pytest.raises(PermissionError):
         with atomic_path(tmp_path / "x.json") as tmp:
@@ -306,7 +306,7 @@ def test_disk_full_error_passes_other_errors_through(tmp_path):
 def test_next_write_removes_only_temporaries_of_dead_writers_on_this_host(tmp_path):
     import socket
 
-    from ordermerge.atomic import write_json
+    from ordermerge.storage.atomic import write_json
 
     host = socket.gethostname()
     dead = _CTX.Process(target=os._exit, args=(0,))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ordermerge.subset_merges_analysis import (
+from ordermerge.analysis.subsets import (
     ksweep_markdown,
     ksweep_table,
     plot_ksweep,
@@ -22,7 +22,7 @@ from ordermerge.subset_merges_analysis import (
     token_mean_loss,
 )
 from ordermerge.config import ConfigError, load_config, validate_config
-from ordermerge.ksweep import draw_subsets, sweep_plan, sweep_sizes
+from ordermerge.merging.subsets import draw_subsets, sweep_plan, sweep_sizes
 from ordermerge.multitask import merge_variants
 
 ROOT = Path(__file__).resolve().parents[1]

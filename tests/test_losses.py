@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest_tiny import TASK_SPEC, build_tiny_base, write_train
 
-from ordermerge.data import encode_example, read_jsonl
-from ordermerge.losses import load_model, per_sample_losses, sample_losses_stage
+from ordermerge.data.records import encode_example, read_jsonl
+from ordermerge.scoring.losses import load_model, per_sample_losses, sample_losses_stage
 
 
 @pytest.fixture(scope="module")

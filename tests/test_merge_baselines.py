@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_merge_cli import _base_state, _fine_tune, _save, _weights
 
-from ordermerge import task_vectors as tv
+from ordermerge.merging import task_vectors as tv
 from ordermerge.cli import main
-from ordermerge.merge import merge_models, method_key, method_parameters, parse_method_key
-from ordermerge.merge_math import CHUNK, chunk_rng, stored_bits, weighted_average
+from ordermerge.merging.engine import merge_models, method_key, method_parameters, parse_method_key
+from ordermerge.merging.bits import CHUNK, chunk_rng, stored_bits, weighted_average
 
 K = 3
 WEIGHTS = [0.5, 0.3, 0.2]

@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ordermerge.checkpoint_io import INDEX_NAME, CheckpointError, LazyCheckpoint
+from ordermerge.storage.checkpoint import INDEX_NAME, CheckpointError, LazyCheckpoint
 from ordermerge.cli import main
-from ordermerge.merge import merge_models
-from ordermerge.merge_math import CHUNK, chunk_rng, draw_indices, select, stored_bits, weighted_average
+from ordermerge.merging.engine import merge_models
+from ordermerge.merging.bits import CHUNK, chunk_rng, draw_indices, select, stored_bits, weighted_average
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 48}
@@ -260,7 +260,7 @@ def test_existing_output_is_kept_without_force(zoo, tmp_path):
 
 
 def test_failure_mid_merge_leaves_nothing(zoo, tmp_path, monkeypatch):
-    import ordermerge.merge as merge_module
+    import ordermerge.merging.engine as merge_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure")
@@ -349,7 +349,7 @@ def test_resample_counts_in_merge_json_match_a_recount(zoo, tmp_path):
 
 
 def test_reader_and_writer_round_trip_every_dtype(tmp_path):
-    from ordermerge.checkpoint_io import save_state_dict_dir
+    from ordermerge.storage.checkpoint import save_state_dict_dir
 
     g = torch.Generator().manual_seed(0)
     state = {

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ordermerge.merge_math import normalized_weights, select, stored_bits, weighted_average
+from ordermerge.merging.bits import normalized_weights, select, stored_bits, weighted_average
 
 
 def _models(k=4, shape=(64, 32), dtype=torch.bfloat16, seed=0):

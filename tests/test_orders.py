@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ordermerge.orders import batches_of, first_epoch_positions, load_order, make_order, save_order
+from ordermerge.data.orders import batches_of, first_epoch_positions, load_order, make_order, save_order
 
 
 @pytest.mark.parametrize("scheme", ["shuffle", "fixbatch"])

@@ -3,9 +3,9 @@
 import numpy as np
 import pandas as pd
 
-from ordermerge.analysis import imbalance_row
-from ordermerge.stats import binned_means, paired_rho, permutation_p
-from ordermerge.tables import table1
+from ordermerge.analysis.run import imbalance_row
+from ordermerge.analysis.stats import binned_means, paired_rho, permutation_p
+from ordermerge.analysis.tables import table1
 
 
 def _runs(k=6, n=120, effect=0.0, seed=0):

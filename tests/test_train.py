@@ -18,9 +18,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from conftest_tiny import TASK_SPEC, build_tiny_base, cli_env, fine_tune_cmd, run_cli, train_cfg, write_train
 from safetensors.torch import load_file
 
-import ordermerge.train as train_mod
-from ordermerge.orders import batches_of, make_order, save_order
-from ordermerge.train import TIMING_COLUMNS, fine_tune
+import ordermerge.train.loop as train_mod
+from ordermerge.data.orders import batches_of, make_order, save_order
+from ordermerge.train.loop import TIMING_COLUMNS, fine_tune
 
 N = 14  # batch 4 leaves a short last batch of 2
 
@@ -77,7 +77,7 @@ def assert_same_files(a: Path, b: Path, epochs: int) -> None:
 def test_optimizer_sees_exactly_the_order(tiny, tmp_path, monkeypatch, scheme, micro):
     from transformers import AutoTokenizer
 
-    from ordermerge.data import encode_example, read_jsonl
+    from ordermerge.data.records import encode_example, read_jsonl
 
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     index = {tuple(encode_example(tok, r["prompt"], r["response"], None, TASK_SPEC["max_length"])["input_ids"]): i
@@ -111,7 +111,7 @@ def test_optimizer_sees_exactly_the_order(tiny, tmp_path, monkeypatch, scheme, m
 def test_gradient_accumulation_equals_one_batch(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ordermerge.data import encode_example, read_jsonl
+    from ordermerge.data.records import encode_example, read_jsonl
 
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     examples = [encode_example(tok, r["prompt"], r["response"], None, 96) for r in read_jsonl(tiny["train"])][:7]
@@ -239,7 +239,7 @@ def test_lora_saves_merged_full_checkpoints_and_the_adapter(tiny, tmp_path):
 
 
 def test_lora_checkpoints_are_merge_compatible_in_the_base_dtype(tiny, tmp_path):
-    from ordermerge.checkpoint_io import LazyCheckpoint
+    from ordermerge.storage.checkpoint import LazyCheckpoint
 
     out = run(tiny, tmp_path / "out", order_file(tmp_path / "order.npy"), method="lora", lora_r=4, lora_alpha=8)
     base, tuned = LazyCheckpoint(tiny["base"]), LazyCheckpoint(out / "epoch2")
@@ -336,7 +336,7 @@ def test_fsdp_two_processes_match_one(fsdp_runs):
 # stops rank 1, as a job killed mid-run would be.
 INTERRUPTING_CLI = """
 import sys
-import ordermerge.train as train
+import ordermerge.train.loop as train
 from ordermerge.cli import main
 
 real, calls = train._publish, []
@@ -377,7 +377,8 @@ def test_fsdp_interrupted_run_resumes_with_any_world_size(tiny, fsdp_runs, tmp_p
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_fsdp_micro_batch_count_is_that_of_the_largest_share(world):
-    from ordermerge import distributed, fsdp
+    from ordermerge.train import distributed
+    from ordermerge.train import fsdp
 
     for n in range(0, 20):
         for micro in (1, 2, 3, 4):

@@ -1,3 +1,3 @@
-from .cli import main
+from ordermerge.cli import main
 
 main()

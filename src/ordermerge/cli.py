@@ -24,7 +24,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_base_model(a):
-    from .base_model import build_base_model
+    from ordermerge.base.build import build_base_model
 
     build_base_model(a.source, a.out, dtype=a.dtype, trust_remote_code=a.trust_remote_code, revision=a.revision)
 
@@ -32,15 +32,15 @@ def cmd_base_model(a):
 def cmd_prepare_data(a):
     from transformers import AutoTokenizer
 
-    from .data import prepare_task
+    from ordermerge.data.records import prepare_task
 
     summary = prepare_task(a.task, a.spec, AutoTokenizer.from_pretrained(a.base), a.seed, a.out_dir)
     print(json.dumps(summary))
 
 
 def cmd_orders(a):
-    from .data import read_jsonl
-    from .orders import make_order, save_order
+    from ordermerge.data.records import read_jsonl
+    from ordermerge.data.orders import make_order, save_order
 
     n = len(read_jsonl(a.train))
     save_order(make_order(n, a.epochs, a.scheme, a.batch_size, a.seed, a.task, a.run), a.out)
@@ -48,14 +48,14 @@ def cmd_orders(a):
 
 def cmd_fine_tune(a):
     _set_threads(a.threads)
-    from .train import fine_tune
+    from ordermerge.train.loop import fine_tune
 
     fine_tune(a.base, a.train, a.order, a.out_dir, a.task_spec, a.train_cfg, a.seed, a.run_name)
 
 
 def cmd_sample_losses(a):
     _set_threads(a.threads)
-    from .losses import sample_losses_stage
+    from ordermerge.scoring.losses import sample_losses_stage
 
     splits = dict(s.split("=", 1) for s in a.split)
     sample_losses_stage(a.model_dir, splits, a.task_spec, a.batch_size, a.out, a.compute_dtype)
@@ -63,8 +63,8 @@ def cmd_sample_losses(a):
 
 def cmd_merge(a):
     _set_threads(a.threads)
-    from .checkpoint_io import CheckpointError
-    from .merge import merge_models
+    from ordermerge.storage.checkpoint import CheckpointError
+    from ordermerge.merging.engine import merge_models
 
     try:
         weights = [float(w) for w in a.weights.split(",")] if a.weights else None
@@ -81,7 +81,7 @@ def cmd_merge(a):
 
 def cmd_evaluate(a):
     _set_threads(a.threads)
-    from .evaluate import evaluate_model
+    from ordermerge.scoring.evaluate import evaluate_model
 
     m = evaluate_model(a.model_dir, a.val, a.test, a.task_spec, a.eval_cfg, a.out, a.generations, a.identity,
                        a.val_losses)
@@ -89,7 +89,7 @@ def cmd_evaluate(a):
 
 
 def cmd_analyze(a):
-    from .analysis import analyze
+    from ordermerge.analysis.run import analyze
 
     analyze(a.config_json, a.results_dir, a.out_dir)
 
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except Exception as exc:
-        from .atomic import DiskFullError
-        from .checkpoint_io import CheckpointError
-        from .data import DataError
+        from ordermerge.storage.atomic import DiskFullError
+        from ordermerge.storage.checkpoint import CheckpointError
+        from ordermerge.data.records import DataError
 
         # Bad input or a full disk: the message says what and how to fix it; a traceback adds nothing
         # (ORDERMERGE_TRACEBACK=1 shows it anyway). Anything else is a bug: keep its traceback.

@@ -251,7 +251,7 @@ def _rule_merge_epoch(cfg):
 
 def _rule_models(cfg):
     try:
-        from .base_model import SHIPPED_SOURCES  # torch-free at import
+        from ordermerge.base.build import SHIPPED_SOURCES  # torch-free at import
     except ImportError:
         SHIPPED_SOURCES = {"smollm2-gguf": None}
 

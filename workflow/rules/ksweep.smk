@@ -1,7 +1,7 @@
 # K-sweep (beyond the paper): merge random subsets of the K final checkpoints and score each merge.
-# The subsets come from ordermerge.ksweep.sweep_plan (seeded by (seed, size, index)); the merge is
+# The subsets come from ordermerge.merging.subsets.sweep_plan (seeded by (seed, size, index)); the merge is
 # the same `ordermerge merge` as rule merge, with the first merge seed.
-from ordermerge.ksweep import sweep_plan
+from ordermerge.merging.subsets import sweep_plan
 
 KSWEEP = config["ksweep"]
 KSWEEP_PLAN = sweep_plan(K, KSWEEP["sizes"], KSWEEP["subsets"], config["seed"]) if KSWEEP["enabled"] else {}

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .atomic import atomic_path, write_json
-from .choices import choice_logprobs, mc_rows
-from .data import extract_number, is_multiple_choice, prompt_text, read_jsonl
-from .losses import load_model, per_sample_losses
+from ordermerge.storage.atomic import atomic_path, write_json
+from ordermerge.scoring.choices import choice_logprobs, mc_rows
+from ordermerge.data.records import extract_number, is_multiple_choice, prompt_text, read_jsonl
+from ordermerge.scoring.losses import load_model, per_sample_losses
 
 
 @torch.no_grad()

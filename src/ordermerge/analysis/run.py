@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .subset_merges_analysis import analyze_ksweep_and_multitask
-from .atomic import atomic_path
-from .figures import plot_fig1, plot_fig3, plot_fig4
-from .orders import first_epoch_positions, load_order
-from .stats import paired_rho, permutation_p, spearman
-from .tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
+from ordermerge.analysis.subsets import analyze_ksweep_and_multitask
+from ordermerge.storage.atomic import atomic_path
+from ordermerge.analysis.figures import plot_fig1, plot_fig3, plot_fig4
+from ordermerge.data.orders import first_epoch_positions, load_order
+from ordermerge.analysis.stats import paired_rho, permutation_p, spearman
+from ordermerge.analysis.tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
 
 
 def _split_losses(csv: Path, split: str) -> pd.DataFrame:

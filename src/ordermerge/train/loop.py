@@ -39,14 +39,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import distributed, fsdp
-from .atomic import DiskFullError, atomic_path
-from .base_model import torch_dtype
-from .batching import collate, token_losses
-from .checkpoint_io import copy_sidecars
-from .data import encode_example, read_jsonl, refuse_over_long
-from .orders import batches_of, load_order
-from .seeding import derive_seed
+from ordermerge.train import distributed
+from ordermerge.train import fsdp
+from ordermerge.storage.atomic import DiskFullError, atomic_path
+from ordermerge.storage.dtypes import torch_dtype
+from ordermerge.batching import collate, token_losses
+from ordermerge.storage.checkpoint import copy_sidecars
+from ordermerge.data.records import encode_example, read_jsonl, refuse_over_long
+from ordermerge.data.orders import batches_of, load_order
+from ordermerge.seeding import derive_seed
 
 TIMING_COLUMNS = ("seconds", "tokens_per_s")
 
@@ -67,8 +68,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, schedule: str) -> floa
 
 def zero_task_vector_fraction(model_state: dict[str, torch.Tensor], base_dir: Path) -> float:
     """Fraction of elements whose stored value equals the base's stored value (what resample acts on)."""
-    from .checkpoint_io import LazyCheckpoint
-    from .merge_math import stored_bits
+    from ordermerge.storage.checkpoint import LazyCheckpoint
+    from ordermerge.storage.dtypes import stored_bits
 
     base = LazyCheckpoint(base_dir)
     zeros = total = 0
@@ -89,7 +90,7 @@ def save_checkpoint(model, base_dir: Path, out_dir: Path, save_dtype: str, meta:
     """
     from safetensors.torch import save_file
 
-    from . import lora as lora_mod
+    from ordermerge.train import lora as lora_mod
 
     hf_model = model.get_base_model() if lora else model
     if full is None:
@@ -238,7 +239,7 @@ def _build(base_dir: Path, train_cfg: dict, device: torch.device, total_steps: i
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     model.config.use_cache = False
     if lora:
-        from .lora import wrap
+        from ordermerge.train.lora import wrap
 
         model = wrap(model, train_cfg)
     if train_cfg.get("parallel", "ddp") == "fsdp":

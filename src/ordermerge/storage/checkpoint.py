@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path
+from ordermerge.storage.atomic import atomic_path
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -18,18 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .seeding import derive_seed
+from ordermerge.seeding import derive_seed
+from ordermerge.storage.dtypes import stored_bits  # noqa: F401  (re-exported for the merge methods)
 
 # Elements per random stream. Part of what a seed means: changing it changes every select merge.
 CHUNK = 1 << 18
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 INT_VIEW = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # the same, for raw numpy buffers
 _ARANGE = np.arange(CHUNK, dtype=np.int32)
-
-
-def stored_bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bits as integers: equality here is equality of what is stored."""
-    return t.contiguous().view(_INT_VIEW[t.element_size()])
 
 
 def normalized_weights(weights: list[float] | None, k: int) -> list[float]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
-from .seeding import numpy_rng
+from ordermerge.storage.atomic import atomic_path
+from ordermerge.seeding import numpy_rng
 
 SCHEMES = ("shuffle", "fixbatch")
 

@@ -21,8 +21,8 @@ import re
 from decimal import Decimal
 from pathlib import Path
 
-from .atomic import atomic_path
-from .seeding import numpy_rng
+from ordermerge.storage.atomic import atomic_path
+from ordermerge.seeding import numpy_rng
 
 IGNORE_INDEX = -100
 

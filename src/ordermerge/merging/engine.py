@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
-from . import task_vectors as tv
-from .atomic import atomic_path
-from .checkpoint_io import CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size
-from .merge_math import (CHUNK, INT_VIEW, SelectStats, chunk_rng, normalized_weights, select_bits, stored_bits,
+from ordermerge import __version__
+from ordermerge.merging import task_vectors as tv
+from ordermerge.storage.atomic import atomic_path
+from ordermerge.storage.checkpoint import CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size
+from ordermerge.merging.bits import (CHUNK, INT_VIEW, SelectStats, chunk_rng, normalized_weights, select_bits, stored_bits,
                          weighted_average)
 
 METHODS = ("average", "select", *tv.TASK_VECTOR_METHODS)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .ksweep import sweep_plan
-from .multitask import merge_variants
+from ordermerge.merging.subsets import sweep_plan
+from ordermerge.multitask import merge_variants
 
 METRICS = ("val_loss", "exact_match")
 IDS = ["model", "task", "scheme", "kind", "method", "seed", "run", "epoch", "subset_size", "subset", "merged"]
@@ -98,7 +98,7 @@ def load_ksweep(results: Path, cfg: dict) -> pd.DataFrame:
 def plot_ksweep(table: pd.DataFrame, single: pd.DataFrame, title: str, path: Path) -> None:
     """Val loss (and exact match, when decoded) vs subset size: one line per method, mean ± std over
     subsets; the single runs' mean (± std band) as the reference."""
-    from .figures import _save, plt
+    from ordermerge.analysis.figures import _save, plt
 
     panels = [("val_loss", "validation loss (nats / response token)")]
     if table["exact_match_mean"].notna().any():

@@ -14,10 +14,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .base_model import torch_dtype
-from .batching import collate, token_losses
-from .checkpoint_io import DTYPES, CheckpointError, LazyCheckpoint
-from .data import encode_example, read_jsonl, refuse_over_long
+from ordermerge.storage.dtypes import torch_dtype
+from ordermerge.batching import collate, token_losses
+from ordermerge.storage.checkpoint import DTYPES, CheckpointError, LazyCheckpoint
+from ordermerge.data.records import encode_example, read_jsonl, refuse_over_long
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def load_model(model_dir: str | Path, compute_dtype: str = "float32", device: st
 
 def sample_losses_stage(model_dir: str | Path, split_paths: dict[str, str], task_spec: dict, batch_size: int,
                         out_csv: str | Path, compute_dtype: str = "float32") -> pd.DataFrame:
-    from .atomic import atomic_path
+    from ordermerge.storage.atomic import atomic_path
 
     model, tokenizer = load_model(model_dir, compute_dtype)
     frames = []

@@ -7,7 +7,7 @@ from itertools import combinations
 import numpy as np
 from scipy import stats
 
-from .seeding import numpy_rng
+from ordermerge.seeding import numpy_rng
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

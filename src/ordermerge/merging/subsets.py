@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from math import comb
 
-from .seeding import numpy_rng
+from ordermerge.seeding import numpy_rng
 
 
 def sweep_sizes(runs: int, sizes: list[int] | None) -> list[int]:

