@@ -45,3 +45,52 @@ def test_duplicate_paths_and_duplicate_contents(tmp_path):
     with pytest.raises(OverlapError, match="same sha256"):
         refuse_duplicates("merge", ["a", "b", "c"], ["d1", "d2", "d1"])
     refuse_duplicates("merge", ["a", "b"], ["d1", "d2"])
+
+
+# --- every writing command, through the CLI: refused before anything is written ------------------
+
+def _tree(tmp_path):
+    for d in ("base", "run0", "run1", "data"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "keep.txt").write_text(d)
+    for f in ("data/train.jsonl", "data/val.jsonl", "data/test.jsonl", "order.npy"):
+        (tmp_path / f).write_text("x")
+    return {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+
+CASES = {
+    "merge-output-is-an-input": ["merge", "--base", "base", "--method", "average", "--force", "--out", "run0", "run0", "run1"],
+    "merge-output-inside-an-input": ["merge", "--base", "base", "--method", "select", "--force", "--out", "run1/m", "run0", "run1"],
+    "merge-output-contains-the-base": ["merge", "--base", "base", "--method", "average", "--force", "--out", ".", "run0", "run1"],
+    "merge-same-model-twice": ["merge", "--base", "base", "--method", "average", "--out", "m", "run0", "./run0"],
+    "fine-tune-into-its-base": ["fine-tune", "--base", "base", "--train", "data/train.jsonl", "--order", "order.npy",
+                                "--out-dir", "base", "--run-name", "r", "--task-spec", "{}", "--train-cfg", "{}", "--seed", "0"],
+    "orders-over-the-train-split": ["orders", "--train", "data/train.jsonl", "--task", "t", "--scheme", "shuffle", "--run", "0",
+                                    "--epochs", "1", "--batch-size", "1", "--seed", "0", "--out", "data/train.jsonl"],
+    "sample-losses-over-a-split": ["sample-losses", "--model-dir", "run0", "--split", "train=data/train.jsonl",
+                                   "--task-spec", "{}", "--out", "data/train.jsonl"],
+    "evaluate-into-the-model": ["evaluate", "--model-dir", "run0", "--val", "data/val.jsonl", "--test", "data/test.jsonl",
+                                "--task-spec", "{}", "--eval-cfg", "{}", "--out", "run0/metrics.json",
+                                "--generations", "g.jsonl"],
+    "prepare-data-into-the-base": ["prepare-data", "--task", "t", "--spec", "{}", "--base", "base", "--seed", "0",
+                                   "--out-dir", "base/data"],
+    "base-model-over-its-source": ["base-model", "--source", "run0", "--out", "run0"],
+    "analyze-into-a-model-dir": ["analyze", "--config-json", '{"models": {"m": {}}}', "--results-dir", ".",
+                                 "--out-dir", "m"],
+}
+
+
+@pytest.mark.parametrize("argv", CASES.values(), ids=CASES.keys())
+def test_every_writing_command_refuses_to_overwrite_its_inputs(tmp_path, monkeypatch, capsys, argv):
+    from ordermerge.cli import main
+
+    (tmp_path / "m").mkdir()
+    before = _tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert f"ordermerge {argv[0]}: error:" in err and ("Nothing was written" in err or "mistake, not a merge" in err)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # no input changed, nothing new written

@@ -94,6 +94,33 @@ def cmd_analyze(a):
     analyze(a.config_json, a.results_dir, a.out_dir)
 
 
+def _refuse_overwriting_inputs(a) -> None:
+    """Before anything is written: no output may be, contain or lie inside an input (whatever --force says).
+
+    Each subcommand names the arguments it reads and writes in its ``set_defaults(reads=, writes=)``.
+    ``analyze`` reads the results tree and writes its tables/ and figures/ beside the model directories.
+    """
+    from ordermerge.storage.guards import refuse_duplicates, refuse_overlap
+
+    def values(dest):
+        v = getattr(a, dest, None)
+        if dest == "split" and v:  # NAME=PATH
+            return [s.split("=", 1)[-1] for s in v]
+        if dest == "source" and v and not Path(v).exists():
+            return None  # a hub id, not a local directory
+        return v
+
+    reads = {dest: values(dest) for dest in a.reads}
+    writes = {dest: getattr(a, dest, None) for dest in a.writes}
+    if a.command == "analyze":
+        reads = {"--results-dir": [Path(a.results_dir) / m for m in a.config_json.get("models", {})]}
+        writes = {"--out-dir": [Path(a.out_dir) / "tables", Path(a.out_dir) / "figures"]}
+    refuse_overlap(f"ordermerge {a.command}", {f"--{k.replace('_', '-')}": v for k, v in writes.items()},
+                   {(f"--{k.replace('_', '-')}" if k != "models" else "MODEL_DIR"): v for k, v in reads.items()})
+    if a.command == "merge":
+        refuse_duplicates("ordermerge merge", a.models)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="ordermerge", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -104,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--revision")
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--out", required=True)
-    s.set_defaults(func=cmd_base_model)
+    s.set_defaults(func=cmd_base_model, reads=("source",), writes=("out",))
 
     s = sub.add_parser("prepare-data", help="write train/val/test JSONL with stable sample ids")
     s.add_argument("--task", required=True)
@@ -112,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--base", required=True, help="base model dir (its tokenizer filters by length)")
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--out-dir", required=True)
-    s.set_defaults(func=cmd_prepare_data)
+    s.set_defaults(func=cmd_prepare_data, reads=("base",), writes=("out_dir",))
 
     s = sub.add_parser("orders", help="the data order of one run: int64 [epochs, N] as .npy")
     s.add_argument("--train", required=True)
@@ -123,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--batch-size", type=int, required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--out", required=True)
-    s.set_defaults(func=cmd_orders)
+    s.set_defaults(func=cmd_orders, reads=("train",), writes=("out",))
 
     s = sub.add_parser("fine-tune", help="full or LoRA fine-tuning in a given order, a checkpoint per epoch; "
                        "resumes after its last complete epoch; several processes under torchrun")
@@ -133,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--train-cfg", type=_json_arg, required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--threads", type=int)
-    s.set_defaults(func=cmd_fine_tune)
+    s.set_defaults(func=cmd_fine_tune, reads=("base", "train", "order"), writes=("out_dir",))
 
     s = sub.add_parser("sample-losses", help="per-sample response loss of one checkpoint")
     s.add_argument("--model-dir", required=True)
@@ -143,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument("--threads", type=int)
     s.add_argument("--out", required=True)
-    s.set_defaults(func=cmd_sample_losses)
+    s.set_defaults(func=cmd_sample_losses, reads=("model_dir", "split"), writes=("out",))
 
     s = sub.add_parser("merge", help="merge fine-tunes of one base (average, select, select + resample; "
                        "baselines task_arithmetic, ties, dare, model_stock)")
@@ -166,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--threads", type=int)
     s.add_argument("--out", required=True)
     s.add_argument("models", nargs="+", metavar="MODEL_DIR")
-    s.set_defaults(func=cmd_merge)
+    s.set_defaults(func=cmd_merge, reads=("base", "models", "data"), writes=("out",))
 
     s = sub.add_parser("evaluate", help="val loss and greedy exact-match accuracy of one model")
     for flag in ("--model-dir", "--val", "--test", "--out", "--generations"):
@@ -176,26 +203,28 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--identity", type=_json_arg, default={}, help="fields copied into the metrics (model, run, method...)")
     s.add_argument("--val-losses", help="also write per-sample validation losses (CSV) here")
     s.add_argument("--threads", type=int)
-    s.set_defaults(func=cmd_evaluate)
+    s.set_defaults(func=cmd_evaluate, reads=("model_dir", "val", "test"), writes=("out", "generations", "val_losses"))
 
     s = sub.add_parser("analyze", help="figures and tables from the results tree")
     s.add_argument("--config-json", type=_json_arg, required=True)
     s.add_argument("--results-dir", required=True)
     s.add_argument("--out-dir", required=True)
-    s.set_defaults(func=cmd_analyze)
+    s.set_defaults(func=cmd_analyze, reads=("results_dir",), writes=("out_dir",))
 
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
+        _refuse_overwriting_inputs(args)
         args.func(args)
     except Exception as exc:
         from ordermerge.storage.atomic import DiskFullError
+        from ordermerge.storage.guards import OverlapError
         from ordermerge.storage.checkpoint import CheckpointError
         from ordermerge.data.records import DataError
 
         # Bad input or a full disk: the message says what and how to fix it; a traceback adds nothing
         # (ORDERMERGE_TRACEBACK=1 shows it anyway). Anything else is a bug: keep its traceback.
-        if not isinstance(exc, (CheckpointError, DataError, DiskFullError)) or os.environ.get("ORDERMERGE_TRACEBACK"):
+        if not isinstance(exc, (CheckpointError, DataError, DiskFullError, OverlapError)) or os.environ.get("ORDERMERGE_TRACEBACK"):
             raise
         print(f"ordermerge {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(2)
