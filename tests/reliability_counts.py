@@ -20,15 +20,20 @@ END = "<!-- reliability:end -->"
 BLOCK = re.compile(r"<!-- reliability:begin.*?-->.*?<!-- reliability:end -->", re.S)
 
 
-def counts() -> dict:
+def load_test_module(name: str):
+    """A test module, imported for its case tables: this script counts what the tests check
+    (test modules themselves never import each other; shared helpers live in tests/helpers.py)."""
+    import importlib
+
     for p in (TESTS, ROOT / "src"):
         if str(p) not in sys.path:
             sys.path.insert(0, str(p))
-    import test_bad_artefacts
-    import test_config
-    import test_faults
-    import test_merge_cli
-    import test_path_security
+    return importlib.import_module(name)
+
+
+def counts() -> dict:
+    test_bad_artefacts, test_config, test_faults, test_merge_cli, test_path_security = map(
+        load_test_module, ["test_bad_artefacts", "test_config", "test_faults", "test_merge_cli", "test_path_security"])
 
     stages: dict[str, int] = {}
     for stage, _ in test_faults.FAULT_TRIALS:

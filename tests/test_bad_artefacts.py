@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_tiny import TASK_SPEC, build_tiny_base, train_cfg, write_train
+from helpers import TASK_SPEC, train_cfg, write_train
 from safetensors.torch import load_file, save_file
 
 from ordermerge.storage.checkpoint import CheckpointError
@@ -30,9 +30,9 @@ NORM, DOWN = "model.norm.weight", "model.layers.1.mlp.down_proj.weight"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_base, tmp_path_factory):
     d = tmp_path_factory.mktemp("artefacts")
-    return {"dir": d, "base": build_tiny_base(d / "base"), "data": write_train(d / "data.jsonl", 8)}
+    return {"dir": d, "base": tiny_base, "data": write_train(d / "data.jsonl", 8)}
 
 
 # Checkpoints ----------------------------------------------------------------------------------------
@@ -171,12 +171,12 @@ def test_broken_dataset_is_refused_naming_file_and_fix(tiny, tmp_path, case, con
     assert not out.exists(), "nothing may be written for a refused dataset"
 
 
-def test_the_command_line_reports_a_bad_dataset_in_one_line(tmp_path):
+def test_the_command_line_reports_a_bad_dataset_in_one_line(tiny_base, tmp_path):
     """No traceback for bad input: one line naming the file and the fix, exit status 2."""
     import subprocess
     import sys
 
-    model = build_tiny_base(tmp_path / "base")
+    model = tiny_base
     bad = tmp_path / "val.jsonl"
     bad.write_text('{"sample_id": "a", "prompt": "1+1?", "response": ""}\n')
     spec = json.dumps(TASK_SPEC)

@@ -18,7 +18,7 @@ import io
 import json
 from pathlib import Path
 
-from test_workflow import snakemake
+from helpers import snakemake
 
 TIMING_JSON_KEYS = {"seconds"}
 TIMING_CSV_COLUMNS = {"seconds", "tokens_per_s"}  # = ordermerge.train.loop.TIMING_COLUMNS

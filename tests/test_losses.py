@@ -5,17 +5,16 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from conftest_tiny import TASK_SPEC, build_tiny_base, write_train
+from helpers import TASK_SPEC, write_train
 
 from ordermerge.data.records import encode_example, read_jsonl
 from ordermerge.scoring.losses import load_model, per_sample_losses, sample_losses_stage
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_base_f32, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
-    base = build_tiny_base(d / "base", dtype="float32")
-    return {"base": base, "train": write_train(d / "train.jsonl", 11)}
+    return {"base": tiny_base_f32, "train": write_train(d / "train.jsonl", 11)}
 
 
 def reference_losses(model, tokenizer, records: list[dict]) -> list[float]:

@@ -7,7 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_merge_cli import _base_state, _fine_tune, _save, _weights
+from helpers import fine_tuned_state as _fine_tune
+from helpers import merge_base_state as _base_state
+from helpers import read_weights as _weights
+from helpers import save_model_dir as _save
 
 from ordermerge.merging import task_vectors as tv
 from ordermerge.cli import main

@@ -13,56 +13,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helpers import fine_tuned_state as _fine_tune
+from helpers import merge_base_state as _base_state
+from helpers import read_weights as _weights
+from helpers import save_model_dir as _save
+
 from ordermerge.storage.checkpoint import INDEX_NAME, CheckpointError, LazyCheckpoint
 from ordermerge.cli import main
 from ordermerge.merging.engine import merge_models
 from ordermerge.merging.bits import CHUNK, chunk_rng, draw_indices, select, stored_bits, weighted_average
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 48}
-# "embed" spans two random-stream chunks, so chunk boundaries are exercised too.
-SHAPES = {"model.embed.weight": (CHUNK // 400 + 100, 400), "model.layers.0.mlp.weight": (64, 48),
-          "model.norm.weight": (48,)}
-
-
-def _save(directory: Path, state: dict, shards: int = 1) -> Path:
-    """An HF directory: config.json + model.safetensors, or ``shards`` files + index."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(CONFIG))
-    if shards == 1:
-        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return directory
-    names = sorted(state)
-    weight_map = {}
-    for i in range(shards):
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: state[n] for n in names[i::shards]}
-        save_file(part, str(directory / fname), metadata={"format": "pt"})
-        weight_map |= {n: fname for n in part}
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return directory
-
-
-def _base_state() -> dict:
-    g = torch.Generator().manual_seed(0)
-    state = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in SHAPES.items()}
-    state["model.position_ids"] = torch.arange(16, dtype=torch.int64)
-    return state
-
-
-def _fine_tune(base: dict, i: int, changed: float = 0.5) -> dict:
-    """Base + an update on a random ``changed`` fraction of elements, distinct per model."""
-    g = torch.Generator().manual_seed(100 + i)
-    out = {}
-    for name, t in base.items():
-        if not t.is_floating_point():
-            out[name] = t + i  # integer tensors are copied from the first model, whatever they hold
-            continue
-        moved = (t.float() + (1 + i) * 0.25 + t.float().abs() * 0.1).to(t.dtype)
-        out[name] = torch.where(torch.rand(t.shape, generator=g) < changed, moved, t)
-    return out
-
-
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """A base and K=4 fine-tunes, single-file and sharded (same tensors)."""
@@ -87,10 +48,6 @@ def _cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([sys.executable, "-m", "ordermerge", "merge", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=300)
-
-
-def _weights(directory: Path) -> dict:
-    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 def test_same_seed_same_bytes_other_seed_differs(zoo, tmp_path):

@@ -16,7 +16,7 @@ def test_readme_reliability_block_is_current():
 
 def test_counts_follow_the_test_modules(monkeypatch):
     """A case added to a test module changes the rendered block (the counts are not typed)."""
-    import test_faults
+    test_faults = rc.load_test_module("test_faults")
 
     before = rc.render(rc.counts())
     monkeypatch.setattr(test_faults, "FAULT_TRIALS", [*test_faults.FAULT_TRIALS, ("merge", 99)])

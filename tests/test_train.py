@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from conftest_tiny import TASK_SPEC, build_tiny_base, cli_env, fine_tune_cmd, run_cli, train_cfg, write_train
+from helpers import TASK_SPEC, cli_env, fine_tune_cmd, run_cli, train_cfg, write_train
 from safetensors.torch import load_file
 
 import ordermerge.train.loop as train_mod
@@ -26,9 +26,9 @@ N = 14  # batch 4 leaves a short last batch of 2
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_base, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
-    return {"dir": d, "base": build_tiny_base(d / "base"), "train": write_train(d / "train.jsonl", N)}
+    return {"dir": d, "base": tiny_base, "train": write_train(d / "train.jsonl", N)}
 
 
 @pytest.fixture(autouse=True)

@@ -3,43 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "tests" / "configs" / "smoke.yaml"
-BIN = Path(sys.executable).parent
-
-
-def snakemake(workdir: Path, *args: str, configfile: Path = SMOKE, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-           "--configfile", str(configfile), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
-    text = proc.stdout + proc.stderr
-    block = text.split("Job stats:", 1)[1] if "Job stats:" in text else ""
-    counts = {}
-    for line in block.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if m:
-            counts[m.group(1)] = int(m.group(2))
-        elif counts:
-            break
-    return counts
+from helpers import ROOT, SMOKE, planned_jobs, snakemake
 
 
 def test_dry_run_plans_every_stage(tmp_path):
