@@ -80,7 +80,7 @@ def bench_trainer(base: Path, examples: list[dict], pad_id: int, cfg: dict, step
 
 
 def bench_losses(base: Path, records: list[dict], spec: dict, batch_size: int, repeats: int) -> tuple[float, float, float]:
-    from ordermerge.data.records import encode_example
+    from ordermerge.data.formatting import encode_example
     from ordermerge.scoring.losses import load_model, per_sample_losses
 
     model, tok = load_model(base)
@@ -123,7 +123,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from ordermerge.data.records import encode_example, read_jsonl
+    from ordermerge.data.formatting import encode_example
+
+    from ordermerge.data.prepare import read_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     need = a.steps * a.batch_size

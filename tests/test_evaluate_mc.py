@@ -12,7 +12,7 @@ import torch
 from helpers import ROOT, TASK_SPEC
 
 from ordermerge.scoring.choices import choice_logprobs, mc_predictions, mc_rows
-from ordermerge.data.records import encode_example
+from ordermerge.data.formatting import encode_example
 from ordermerge.scoring.evaluate import evaluate_model
 from ordermerge.scoring.losses import load_model
 from ordermerge.analysis.tables import table1, table1_markdown, tidy_metrics

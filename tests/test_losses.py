@@ -7,7 +7,9 @@ import pytest
 import torch
 from helpers import TASK_SPEC, write_train
 
-from ordermerge.data.records import encode_example, read_jsonl
+from ordermerge.data.formatting import encode_example
+
+from ordermerge.data.prepare import read_jsonl
 from ordermerge.scoring.losses import load_model, per_sample_losses, sample_losses_stage
 
 

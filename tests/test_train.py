@@ -77,7 +77,9 @@ def assert_same_files(a: Path, b: Path, epochs: int) -> None:
 def test_optimizer_sees_exactly_the_order(tiny, tmp_path, monkeypatch, scheme, micro):
     from transformers import AutoTokenizer
 
-    from ordermerge.data.records import encode_example, read_jsonl
+    from ordermerge.data.formatting import encode_example
+
+    from ordermerge.data.prepare import read_jsonl
 
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     index = {tuple(encode_example(tok, r["prompt"], r["response"], None, TASK_SPEC["max_length"])["input_ids"]): i
@@ -111,7 +113,9 @@ def test_optimizer_sees_exactly_the_order(tiny, tmp_path, monkeypatch, scheme, m
 def test_gradient_accumulation_equals_one_batch(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ordermerge.data.records import encode_example, read_jsonl
+    from ordermerge.data.formatting import encode_example
+
+    from ordermerge.data.prepare import read_jsonl
 
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     examples = [encode_example(tok, r["prompt"], r["response"], None, 96) for r in read_jsonl(tiny["train"])][:7]
@@ -143,7 +147,12 @@ class Interrupted(BaseException):
 
 
 def interrupt_after(monkeypatch, target: str, calls: int) -> None:
-    real = getattr(train_mod, target)
+    """``target``: a function of train/loop.py, or ``module.function`` of another train/ module."""
+    import importlib
+
+    where, _, name = target.rpartition(".")
+    module = importlib.import_module(f"ordermerge.train.{where}") if where else train_mod
+    real = getattr(module, name)
     count = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -152,11 +161,12 @@ def interrupt_after(monkeypatch, target: str, calls: int) -> None:
             raise Interrupted
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, target, failing)
+    monkeypatch.setattr(module, name, failing)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-@pytest.mark.parametrize("where", [("backward_batch", 6), ("_publish", 1), ("_save_state", 2), ("_write_steps", 0)])
+@pytest.mark.parametrize("where", [("backward_batch", 6), ("resume.publish", 1), ("resume.save_state", 2),
+                                   ("resume.write_steps", 0)])
 def test_interrupted_run_resumes_bit_identically(tiny, tmp_path, monkeypatch, method, where):
     cfg = {"epochs": 3, "micro_batch_size": 2, "method": method, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
            "lora_target_modules": ["q_proj", "v_proj", "down_proj"]}
@@ -336,10 +346,10 @@ def test_fsdp_two_processes_match_one(fsdp_runs):
 # stops rank 1, as a job killed mid-run would be.
 INTERRUPTING_CLI = """
 import sys
-import ordermerge.train.loop as train
+import ordermerge.train.resume as resume
 from ordermerge.cli import main
 
-real, calls = train._publish, []
+real, calls = resume.publish, []
 
 def failing(*args, **kwargs):
     calls.append(1)
@@ -347,7 +357,7 @@ def failing(*args, **kwargs):
         raise SystemExit("interrupted")
     return real(*args, **kwargs)
 
-train._publish = failing
+resume.publish = failing
 main(sys.argv[2:])  # after 'ordermerge'
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ordermerge.data.records import IGNORE_INDEX
+from ordermerge.data.formatting import IGNORE_INDEX
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

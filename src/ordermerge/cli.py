@@ -32,14 +32,14 @@ def cmd_base_model(a):
 def cmd_prepare_data(a):
     from transformers import AutoTokenizer
 
-    from ordermerge.data.records import prepare_task
+    from ordermerge.data.prepare import prepare_task
 
     summary = prepare_task(a.task, a.spec, AutoTokenizer.from_pretrained(a.base), a.seed, a.out_dir)
     print(json.dumps(summary))
 
 
 def cmd_orders(a):
-    from ordermerge.data.records import read_jsonl
+    from ordermerge.data.prepare import read_jsonl
     from ordermerge.data.orders import make_order, save_order
 
     n = len(read_jsonl(a.train))
@@ -121,7 +121,8 @@ def _refuse_overwriting_inputs(a) -> None:
         refuse_duplicates("ordermerge merge", a.models)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per stage, each naming the paths it reads and writes."""
     p = argparse.ArgumentParser(prog="ordermerge", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -211,7 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--out-dir", required=True)
     s.set_defaults(func=cmd_analyze, reads=("results_dir",), writes=("out_dir",))
 
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         _refuse_overwriting_inputs(args)
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         from ordermerge.storage.atomic import DiskFullError
         from ordermerge.storage.guards import OverlapError
         from ordermerge.storage.checkpoint import CheckpointError
-        from ordermerge.data.records import DataError
+        from ordermerge.data.prepare import DataError
 
         # Bad input or a full disk: the message says what and how to fix it; a traceback adds nothing
         # (ORDERMERGE_TRACEBACK=1 shows it anyway). Anything else is a bug: keep its traceback.

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ordermerge.batching import collate, token_losses
-from ordermerge.data.records import encode_example
+from ordermerge.data.formatting import encode_example
 
 NO_TRUNCATION = 10**9  # cutting a choice short would score a different answer
 

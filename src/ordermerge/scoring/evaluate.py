@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 from ordermerge.storage.atomic import atomic_path, write_json
 from ordermerge.scoring.choices import choice_logprobs, mc_rows
-from ordermerge.data.records import extract_number, is_multiple_choice, prompt_text, read_jsonl
+from ordermerge.data.formatting import extract_number, prompt_text
+from ordermerge.data.prepare import read_jsonl
+from ordermerge.data.sources import is_multiple_choice
 from ordermerge.scoring.losses import load_model, per_sample_losses
 
 

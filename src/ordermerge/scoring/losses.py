@@ -17,7 +17,8 @@ from tqdm import tqdm
 from ordermerge.storage.dtypes import torch_dtype
 from ordermerge.batching import collate, token_losses
 from ordermerge.storage.checkpoint import DTYPES, CheckpointError, LazyCheckpoint
-from ordermerge.data.records import encode_example, read_jsonl, refuse_over_long
+from ordermerge.data.formatting import encode_example
+from ordermerge.data.prepare import read_jsonl, refuse_over_long
 
 
 @torch.no_grad()
