@@ -217,7 +217,7 @@ def test_existing_output_is_kept_without_force(zoo, tmp_path):
 
 
 def test_failure_mid_merge_leaves_nothing(zoo, tmp_path, monkeypatch):
-    import ordermerge.merging.engine as merge_module
+    import ordermerge.merging.methods.select as merge_module
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated failure")

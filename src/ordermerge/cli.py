@@ -63,20 +63,52 @@ def cmd_sample_losses(a):
 
 def cmd_merge(a):
     _set_threads(a.threads)
-    from ordermerge.storage.checkpoint import CheckpointError
+    from ordermerge.merging import registry
     from ordermerge.merging.engine import merge_models
+    from ordermerge.storage.checkpoint import CheckpointError
 
     try:
         weights = [float(w) for w in a.weights.split(",")] if a.weights else None
+        params = {p: getattr(a, p) for p in registry.workflow_params()}
         prov = merge_models(a.base, a.models, a.out, method=a.method, resample=a.resample, seed=a.seed,
-                            weights=weights, shard_size=a.shard_size, force=a.force, scale=a.scale,
-                            density=a.density, drop_rate=a.drop_rate, device=a.device)
+                            weights=weights, shard_size=a.shard_size, force=a.force, device=a.device,
+                            data=a.data, task_spec=a.task_spec, **params)
     except (CheckpointError, ValueError, FileExistsError) as exc:
         print(f"ordermerge merge: error: {exc}", file=sys.stderr)
         sys.exit(2)
     s = prov["stats"]
     print(f"merged {len(a.models)} models ({prov['method_key']}, seed {a.seed}) into {a.out}; "
           f"resampled per round: {s['resampled_per_round']}")
+
+
+def _merge_parser(sub) -> None:
+    """``ordermerge merge``: the methods and their parameter flags, defaults and bounds from the registry."""
+    from ordermerge.merging import registry
+
+    names = list(registry.METHODS)
+    s = sub.add_parser("merge", help=f"merge fine-tunes of one base ({', '.join(names)})")
+    s.add_argument("--base", required=True, help="the base model directory (task vectors are relative to it)")
+    s.add_argument("--method", choices=names, required=True,
+                   help="; ".join(f"{m.name}: {m.summary} ({m.citation})"
+                                  for m in registry.METHODS.values()).replace("%", "%%"))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--weights", help="comma-separated, one per model (normalised); default uniform")
+    s.add_argument("--shard-size", default="5GB")
+    keyed = {m.key_param for m in registry.METHODS.values()}
+    for p in registry.PARAMETERS.values():
+        users = ", ".join(m.name for m in registry.METHODS.values() if p.name in m.params)
+        s.add_argument(p.flag, type=int if p.integer else float, default=p.default if p.name in keyed else None,
+                       help=f"{users}: {p.help} (default {p.default}; {p.bounds()})".replace("%", "%%"))
+    data_users = ", ".join(m.name for m in registry.METHODS.values() if m.needs_data) or "no method yet"
+    s.add_argument("--data", help=f"held-out JSONL, for methods that choose on data ({data_users}) only")
+    s.add_argument("--task-spec", type=_json_arg, help=f"the task's spec as JSON, with --data ({data_users})")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the float math runs; cuda gives the CPU's bytes (select gathers bits on the CPU)")
+    s.add_argument("--force", action="store_true", help="replace an existing output directory")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--out", required=True)
+    s.add_argument("models", nargs="+", metavar="MODEL_DIR")
+    s.set_defaults(func=cmd_merge, reads=("base", "models", "data"), writes=("out",))
 
 
 def cmd_evaluate(a):
@@ -173,28 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_sample_losses, reads=("model_dir", "split"), writes=("out",))
 
-    s = sub.add_parser("merge", help="merge fine-tunes of one base (average, select, select + resample; "
-                       "baselines task_arithmetic, ties, dare, model_stock)")
-    s.add_argument("--base", required=True, help="the base model directory (task vectors are relative to it)")
-    s.add_argument("--method", choices=["average", "select", "task_arithmetic", "ties", "dare", "model_stock"],
-                   required=True)
-    s.add_argument("--resample", type=int, default=0, help="select only: redraw exact-zero task-vector elements up to N times")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--weights", help="comma-separated, one per model (normalised); default uniform")
-    s.add_argument("--shard-size", default="5GB")
-    s.add_argument("--scale", type=float, help="task_arithmetic, ties, dare: λ on the merged task vector (default 1; "
-                   "weights sum to 1, so λ = K adds the task vectors)")
-    s.add_argument("--density", type=float, help="ties: fraction of each task vector's largest magnitudes kept "
-                   "per tensor, in (0, 1] (default 0.2)")
-    s.add_argument("--drop-rate", type=float, help="dare: probability of dropping each task-vector element, "
-                   "in [0, 1) (default 0.9)")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the float math runs; cuda gives the CPU's bytes (select gathers bits on the CPU)")
-    s.add_argument("--force", action="store_true", help="replace an existing output directory")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--out", required=True)
-    s.add_argument("models", nargs="+", metavar="MODEL_DIR")
-    s.set_defaults(func=cmd_merge, reads=("base", "models", "data"), writes=("out",))
+    _merge_parser(sub)
 
     s = sub.add_parser("evaluate", help="val loss and greedy exact-match accuracy of one model")
     for flag in ("--model-dir", "--val", "--test", "--out", "--generations"):

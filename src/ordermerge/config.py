@@ -16,11 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from ordermerge.merging import registry
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "array": "a list",
               "object": "a mapping (key: value lines)", "boolean": "true or false", "null": "null (empty)"}
-MERGE_METHODS = (["average", "select"] + [f"resample{n}" for n in range(1, 9)]
-                 + ["task_arithmetic", "ties", "dare", "model_stock"])  # the last four: baselines
+MERGE_METHODS = tuple(registry.method_keys())
 HINTS = {"runs": "K fine-tunes to merge: K < 2 cannot merge"}
 RESERVED_NAMES = {"models": {"tables", "figures"}, "tasks": {"base", "multitask"}}  # directories beside them
 
@@ -37,8 +38,14 @@ class _Skip(Exception):
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    """The schema file plus what the merge registry says: the method-key pattern and merge parameters."""
     with open(path) as fh:
-        return yaml.safe_load(fh)
+        schema = yaml.safe_load(fh)
+    merge = schema["properties"]["merge"]
+    fragment = registry.schema_fragment()
+    merge["properties"]["methods"]["items"]["pattern"] = fragment["pattern"]
+    merge["properties"].update(fragment["params"])
+    return schema
 
 
 def _key_path(path) -> str:
@@ -93,6 +100,16 @@ def _type_fix(value, expected: list[str], default=None) -> str:
     return f"use {' or '.join(TYPE_WORDS.get(t, t) for t in expected)}{example}"
 
 
+def _method_key_problem(value: str) -> str:
+    """Why a merge-method key is refused, and the fix, from the registry."""
+    for m in registry.METHODS.values():
+        if m.key_prefix and re.fullmatch(rf"{re.escape(m.key_prefix)}-?\d+", value):
+            lo, hi = int(registry.PARAMETERS[m.key_param].low) + 1, int(registry.PARAMETERS[m.key_param].high)
+            return (f"{m.key_prefix}N needs n in {lo}..{hi} (n must be {lo}..{hi}; plain `{m.name}` is n=0); "
+                    f"use {m.key_prefix}{lo} ... {m.key_prefix}{hi}, or {m.name}")
+    return f"unknown merge method{_did_you_mean(value, MERGE_METHODS)}; use {registry.describe_keys()}"
+
+
 def _explain(error) -> list[str]:
     """One ``key: value — problem; fix`` line per problem in a jsonschema error."""
     where, value, v, vv = _key_path(error.absolute_path), error.instance, error.validator, error.validator_value
@@ -122,12 +139,7 @@ def _explain(error) -> list[str]:
         return [f"{where}: {_show(value)} — not an allowed value{_did_you_mean(value, vv)}; "
                 f"use one of: {', '.join(map(str, vv))}"]
     if v == "pattern" and re.search(r"(merge|ksweep|multitask)\.methods\[\d+\]$", where):
-        if re.fullmatch(r"resample-?\d+", str(value)):
-            return [f"{where}: {_show(value)} — resampleN needs n in 1..8 (n must be 1..8; plain `select` is n=0); "
-                    f"use resample1 ... resample8, or select"]
-        return [f"{where}: {_show(value)} — unknown merge method{_did_you_mean(value, MERGE_METHODS)}; "
-                f"use average, select, resampleN with n in 1..8, or a baseline: task_arithmetic, ties, dare, "
-                "model_stock"]
+        return [f"{where}: {_show(value)} — {_method_key_problem(str(value))}"]
     bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
     if v in bounds:
         why = f" ({HINTS[where]})" if where in HINTS else ""
@@ -329,8 +341,22 @@ def _rule_multitask(cfg):
         yield ("multitask.run", f"{run} — runs are numbered 0..{cfg['runs'] - 1}; set multitask.run to one of them, e.g. 0")
 
 
+def _rule_heldout(cfg):
+    """A method that chooses on data (registry ``needs_data``) needs every task's held-out split."""
+    listed = list(cfg["merge"]["methods"])
+    listed += cfg["ksweep"]["methods"] if cfg["ksweep"].get("enabled") else []
+    listed += cfg["multitask"]["methods"] if cfg["multitask"].get("tasks") else []
+    choosers = sorted({m for m in listed if isinstance(m, str) and m in MERGE_METHODS and registry.needs_data(m)})
+    if not choosers:
+        return
+    for name, task in cfg["tasks"].items():
+        if _int(task.get("n_heldout", 0)) < 1:
+            yield (f"tasks.{name}.n_heldout", f"{task.get('n_heldout', 0)} — {', '.join(choosers)} chooses on "
+                   f"held-out data; set tasks.{name}.n_heldout >= 1 (e.g. 32), or drop {', '.join(choosers)}")
+
+
 RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
-         _rule_ksweep, _rule_multitask, _rule_parallel)
+         _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

@@ -41,6 +41,9 @@ class Param:
         return "--" + self.name.replace("_", "-")
 
     def bounds(self) -> str:
+        """``in (0, 1]``, or ``> 0`` / ``>= 0`` for a half-line."""
+        if self.high == math.inf and self.low != -math.inf:
+            return (">" if self.low_open else ">=") + " " + _num(self.low)
         lo = ("(" if self.low_open else "[") + ("-inf" if self.low == -math.inf else _num(self.low))
         hi = ("inf" if self.high == math.inf else _num(self.high)) + (")" if self.high_open else "]")
         return f"in {lo}, {hi}"
@@ -73,7 +76,7 @@ def _num(x: float) -> str:
 # Every parameter any method takes. Weights are normalised to sum 1, so scale = K adds the task vectors.
 PARAMETERS = {p.name: p for p in (
     Param("resample", 0, 0, 8, integer=True,
-          help="select: redraw exact-zero task-vector elements from all K up to N times (the key resampleN)"),
+          help="redraw exact-zero task-vector elements from all K up to N times (the key resampleN)"),
     Param("scale", 1.0, 0, math.inf, low_open=True, high_open=True,
           help="λ on the merged task vector (weights sum to 1, so 1.0 is the mean task vector)"),
     Param("density", 0.2, 0, 1, low_open=True,
@@ -87,7 +90,8 @@ PARAMETERS = {p.name: p for p in (
 class Method:
     """One merge method. ``seeded``: it draws random numbers, so each merge seed gives another merge.
     ``needs_base``: it reads the base's values (task vectors). ``needs_data``: it scores candidate
-    merges on held-out data (the ``select`` split). ``uniform``: it ignores weights."""
+    merges on held-out data (the ``heldout`` split,
+    ``<data dir>/heldout.jsonl``, which Table 1 never scores). ``uniform``: it ignores weights."""
 
     name: str
     summary: str

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare", "model_stock")
 _HIGH_BINS, _LOW_BINS = 1 << 15, 1 << 16  # |τ| as fp32 bits, sign bit clear: 15 high bits, 16 low
 
 

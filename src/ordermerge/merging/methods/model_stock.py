@@ -1,0 +1,33 @@
+"""``model_stock`` (Jang et al., ECCV 2024): interpolate the average toward the base by the task
+vectors' mean pairwise cosine, per tensor (a Gram matrix summed over chunks first)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ordermerge.merging import task_vectors as tv
+from ordermerge.merging.bits import stored_bits
+from ordermerge.merging.methods import TaskVectorMethod
+from ordermerge.merging.passes import gather
+
+
+class Merger(TaskVectorMethod):
+    def check(self, ctx):
+        if ctx.weights is not None and len(set(ctx.weights)) > 1:
+            raise ValueError("model_stock averages the inputs uniformly (Jang et al.); drop --weights")
+
+    def prepare(self, ctx, pool, tasks, progress):
+        """Per tensor: the Gram matrix of task vectors, summed over chunks in chunk order (fp64, CPU)."""
+        grams = gather(pool, lambda n, lo, c: tv.gram_fp64(*ctx.rows(n, lo, c, device="cpu")),
+                       tasks, progress, "model_stock angles")
+        total: dict[str, np.ndarray] = {}
+        for (name, _, _), gram in zip(tasks, grams):  # tasks are in chunk order within a tensor
+            total[name] = total[name] + gram if name in total else gram
+        for name, gram in total.items():
+            ratio, cosine = tv.model_stock_ratio(gram)
+            ctx.per_tensor[name] = ratio
+            ctx.tensor_stats[name] = {"ratio": ratio, "cosine": cosine}
+
+    def merge_chunk(self, ctx, name, start, count):
+        rows, base = ctx.rows(name, start, count)
+        return stored_bits(tv.model_stock(rows, base, ctx.per_tensor[name])).cpu().numpy(), None
