@@ -119,6 +119,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            params=("drop_rate", "scale"), seeded=True),
     Method("model_stock", "interpolate the average toward the base by the task vectors' angle, per tensor",
            "Jang et al., ECCV 2024 (Model Stock)", uniform=True),
+    Method("tsv", "per 2-D tensor: top 1/K singular triplets of each τ_i, decorrelated (Procrustes), summed; 1-D: task arithmetic", "Gargiulo et al., CVPR 2025 (TSV-Merge)", params=("scale",)),
 )}
 
 
