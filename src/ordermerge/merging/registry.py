@@ -120,6 +120,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("model_stock", "interpolate the average toward the base by the task vectors' angle, per tensor",
            "Jang et al., ECCV 2024 (Model Stock)", uniform=True),
     Method("tsv", "per 2-D tensor: top 1/K singular triplets of each τ_i, decorrelated (Procrustes), summed; 1-D: task arithmetic", "Gargiulo et al., CVPR 2025 (TSV-Merge)", params=("scale",)),
+    Method("greedy_soup", "rank the K by held-out loss; add each to the uniform soup only if its held-out loss does not rise", "Wortsman et al., ICML 2022 (Model soups, greedy soup)", needs_base=False, needs_data=True, uniform=True),
 )}
 
 
