@@ -12,6 +12,7 @@ from helpers import merge_base_state as _base_state
 from helpers import read_weights as _weights
 from helpers import save_model_dir as _save
 
+from ordermerge.merging import registry
 from ordermerge.merging import task_vectors as tv
 from ordermerge.cli import main
 from ordermerge.merging.engine import merge_models, method_key, method_parameters, parse_method_key
@@ -260,7 +261,8 @@ BAD = [
     (["--method", "task_arithmetic", "--scale", "0"], "--scale must be > 0, got 0.0"),
     (["--method", "ties", "--scale", "nan"], "--scale must be > 0, got nan"),
     (["--method", "dare", "--density", "0.5"], "--density applies to ties only, not dare"),
-    (["--method", "select", "--scale", "2"], "--scale applies to task_arithmetic, ties, dare only, not select"),
+    (["--method", "select", "--scale", "2"],  # every method taking scale is named, from the registry
+     f"--scale applies to {', '.join(m.name for m in registry.METHODS.values() if 'scale' in m.params)} only, not select"),
     (["--method", "model_stock", "--weights", "1,2,3"], "model_stock averages the inputs uniformly"),
 ]
 if not torch.cuda.is_available():
