@@ -94,3 +94,23 @@ def test_every_writing_command_refuses_to_overwrite_its_inputs(tmp_path, monkeyp
     assert f"ordermerge {argv[0]}: error:" in err and ("Nothing was written" in err or "mistake, not a merge" in err)
     after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # no input changed, nothing new written
+
+
+def test_merge_refuses_two_copies_of_one_run_by_content(tmp_path, capsys):
+    """Different directories, same weights: refused by the digests merge.json records; nothing written."""
+    import shutil
+
+    from helpers import fine_tuned_state, merge_base_state, save_model_dir
+    from ordermerge.cli import main
+
+    base = merge_base_state()
+    save_model_dir(tmp_path / "base", base)
+    save_model_dir(tmp_path / "run0", fine_tuned_state(base, 0))
+    shutil.copytree(tmp_path / "run0", tmp_path / "run0-copy")
+    save_model_dir(tmp_path / "run1", fine_tuned_state(base, 1))
+    with pytest.raises(SystemExit) as exc:
+        main(["merge", "--base", str(tmp_path / "base"), "--method", "average", "--out", str(tmp_path / "m"),
+              str(tmp_path / "run0"), str(tmp_path / "run1"), str(tmp_path / "run0-copy")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "same sha256" in err and "run0-copy" in err
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".tmp-*"))

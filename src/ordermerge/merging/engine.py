@@ -28,6 +28,7 @@ from ordermerge.merging import registry
 from ordermerge.merging.bits import CHUNK, INT_VIEW, normalized_weights
 from ordermerge.merging.methods import MergeMethod, load
 from ordermerge.storage.atomic import atomic_path
+from ordermerge.storage.guards import refuse_duplicates
 from ordermerge.storage.checkpoint import CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size
 
 METHODS = tuple(registry.METHODS)
@@ -245,6 +246,7 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
         weights = list(ctx.probs)
         results, digests = _run_parallel(tasks, [Path(base_dir), *map(Path, model_dirs)], _ChunkMerger(ctx, impl),
                                          progress, f"merge {key}")
+        refuse_duplicates("ordermerge merge", model_dirs, digests[1:])  # nothing is renamed into place
         copy_sidecars(Path(base_dir), tmp)
         stats, per_tensor, extra = impl.summary(ctx, tasks, results)
         provenance = _provenance(base_dir, model_dirs, method, ctx.resample, ctx.seed, weights, digests)
