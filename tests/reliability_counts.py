@@ -32,8 +32,9 @@ def load_test_module(name: str):
 
 
 def counts() -> dict:
-    test_bad_artefacts, test_config, test_faults, test_merge_cli, test_path_security = map(
-        load_test_module, ["test_bad_artefacts", "test_config", "test_faults", "test_merge_cli", "test_path_security"])
+    test_bad_artefacts, test_config, test_faults, test_merge_cli, test_path_security, test_guards = map(
+        load_test_module, ["test_bad_artefacts", "test_config", "test_faults", "test_merge_cli", "test_path_security",
+                           "test_guards"])
 
     stages: dict[str, int] = {}
     for stage, _ in test_faults.FAULT_TRIALS:
@@ -49,13 +50,15 @@ def counts() -> dict:
         "datasets": len(test_bad_artefacts.DATASET_CASES),
         "dataset_consumers": test_bad_artefacts.DATA_CONSUMERS,
         "merge_inputs": len(test_merge_cli.CASES),
+        "overwrites": len(test_guards.CASES),
+        "overwrite_commands": sorted({argv[0] for argv in test_guards.CASES.values()}),
     }
 
 
 def render(c: dict) -> str:
     kill_stages = ", ".join(f"{s} {n}" for s, n in c["kill_stages"].items())
     ck, dk = len(c["checkpoint_consumers"]), len(c["dataset_consumers"])
-    refused = c["checkpoints"] * ck + c["datasets"] * dk + c["merge_inputs"]
+    refused = c["checkpoints"] * ck + c["datasets"] * dk + c["merge_inputs"] + c["overwrites"] + 1
     rows = [
         ("Broken configs rejected before any job runs, naming key, value and fix",
          f"{c['configs'] + c['path_escapes']}", f"`test_config.py` ({c['configs']}), "
@@ -70,6 +73,10 @@ def render(c: dict) -> str:
         (f"Broken prepared datasets (empty response, duplicate id, over-long, truncated) refused by "
          f"{', '.join(c['dataset_consumers'])}", f"{c['datasets']} × {dk}", "`test_bad_artefacts.py`"),
         ("Broken merge inputs and arguments refused", f"{c['merge_inputs']}", "`test_merge_cli.py`"),
+        (f"An output that is, contains or lies inside an input (symlinks and `..` resolved; `--force` never "
+         f"overrides), or one run merged twice, refused by every writing command "
+         f"({', '.join(c['overwrite_commands'])}); same weights under two names refused by digest",
+         f"{c['overwrites']} + 1", "`test_guards.py`"),
         ("Broken inputs refused, all together (nothing written for any)", f"{refused}", ""),
     ]
     table = ["| check | cases | tests |", "|---|---|---|"] + [f"| {a} | {b} | {t} |" for a, b, t in rows]
