@@ -106,3 +106,17 @@ def test_data_flags_refused_for_methods_that_use_no_data(tmp_path):
         merge_models(b, models, tmp_path / "out", method="average", data=tmp_path / "x.jsonl", task_spec={},
                      progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_method_table_is_the_registry():
+    """One fact, one place: the README's method table is generated from the registry."""
+    import re
+    from pathlib import Path
+
+    from ordermerge.merging.registry import markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- methods:begin.*?-->\n(.*?)<!-- methods:end -->", readme, re.S)
+    assert block, "README.md lacks the generated method table"
+    assert block.group(1).strip() == markdown_table().strip(), (
+        "README.md's method table is stale: replace it by the output of `python -m ordermerge.merging.registry`")

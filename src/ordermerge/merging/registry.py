@@ -240,3 +240,19 @@ def schema_fragment() -> dict:
     """What the config schema says about methods: the key pattern and the ``merge.<param>`` properties."""
     return {"pattern": f"^({key_pattern()})$",
             "params": {p: PARAMETERS[p].schema() for p in workflow_params()}}
+
+
+def markdown_table() -> str:
+    """The README's table of methods (tests/test_registry.py keeps the README equal to this)."""
+    rows = ["| method | what | parameters | per merge seed | needs | source |", "|---|---|---|---|---|---|"]
+    for m in METHODS.values():
+        name = f"`{m.name}`" + (f", `{m.key_prefix}N`" if m.key_prefix else "")
+        params = ", ".join(f"`{PARAMETERS[p].flag}` ({PARAMETERS[p].default})" for p in m.params) or "—"
+        needs = ", ".join(w for w, flag in (("base", m.needs_base), ("held-out data", m.needs_data)) if flag) or "—"
+        what = m.summary.replace("|", "\\|")
+        rows.append(f"| {name} | {what} | {params} | {'yes' if m.seeded else 'no (built once)'} | {needs} | {m.citation} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
