@@ -161,6 +161,15 @@ CATALOGUE = [
     ("results-dir-under-file", put("results_dir", lambda tmp: str(a_file(tmp) / "results")),
      ["results_dir", "not-a-dir", "is a file", "choose another results_dir"]),
     ("results-dir-is-file", put("results_dir", lambda tmp: str(a_file(tmp))), ["results_dir", "is a file"]),
+    # accepted, then clipped or ignored at run time: refused instead
+    ("warmup-as-long-as-training", put("train.warmup_steps", 12),
+     ["train.warmup_steps: 12", "12 optimizer steps", "never reach train.lr", "warmup_steps < 12"]),
+    ("n-generate-beyond-the-test-split", put("eval.n_generate", 17),
+     ["eval.n_generate: 17", "n_test 16", "only 16 would be evaluated", "n_generate <= 16"]),
+    ("merge-parameter-no-method-reads", put("merge.density", 0.5),
+     ["merge.density: 0.5", "no configured method reads it", "ties", "drop merge.density"]),
+    ("lora-key-with-full-fine-tuning", put("train.lora_r", 8),
+     ["train.lora_r: 8", "ignored: train.method is full", "train.method: lora"]),
 ]
 
 

