@@ -110,6 +110,22 @@ def test_optimizer_sees_exactly_the_order(tiny, tmp_path, monkeypatch, scheme, m
     assert [[int(i) for i in r["sample_indices"].split()] for r in steps(out)] == expected
 
 
+@pytest.mark.parametrize("micro", [None, 3])
+def test_packing_keeps_the_order_and_the_losses(tiny, tmp_path, micro):
+    """train.packing: the same steps.csv sample ids, losses and (fp32) weights as the padded path."""
+    order_path = order_file(tmp_path / "order.npy", "shuffle", epochs=2)
+    padded = run(tiny, tmp_path / "padded", order_path, micro_batch_size=micro)
+    packed = run(tiny, tmp_path / "packed", order_path, micro_batch_size=micro, packing=True)
+    a, b = steps(padded), steps(packed)
+    assert [r["sample_indices"] for r in a] == [r["sample_indices"] for r in b]
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-4)
+    wa, wb = weights(padded / "epoch2"), weights(packed / "epoch2")
+    for name in wa:  # saved in bf16: allow a rounding flip of a few ulp
+        torch.testing.assert_close(wb[name].float(), wa[name].float(), rtol=2e-2, atol=1e-3)
+
+
 def test_gradient_accumulation_equals_one_batch(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ordermerge.storage.dtypes import torch_dtype
-from ordermerge.batching import collate, token_losses
+from ordermerge.batching import collate_for, per_sample_sums, token_losses
 from ordermerge.storage.checkpoint import DTYPES, CheckpointError, LazyCheckpoint
 from ordermerge.data.formatting import encode_example
 from ordermerge.data.prepare import read_jsonl, refuse_over_long
@@ -23,7 +23,7 @@ from ordermerge.data.prepare import read_jsonl, refuse_over_long
 
 @torch.no_grad()
 def per_sample_losses(model, tokenizer, records: list[dict], task_spec: dict, batch_size: int,
-                      progress: bool = False, desc: str = "losses") -> list[dict]:
+                      progress: bool = False, desc: str = "losses", packing: bool = False) -> list[dict]:
     examples = [encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"),
                                task_spec["max_length"]) for r in records]
     refuse_over_long(examples, records, task_spec["max_length"])
@@ -33,10 +33,9 @@ def per_sample_losses(model, tokenizer, records: list[dict], task_spec: dict, ba
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
         idx = order[start:start + batch_size]
-        batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        batch = collate_for(packing)([examples[i] for i in idx], tokenizer.pad_token_id)
         losses, scored = token_losses(model, {k: v.to(device) for k, v in batch.items()})
-        losses, scored = losses.cpu(), scored.cpu()
-        sums, counts = losses.sum(1), scored.sum(1)
+        sums, counts = per_sample_sums(losses.cpu(), scored.cpu(), batch)
         for j, i in enumerate(idx):
             rows[i] = {"sample_id": records[i]["sample_id"], "row": i, "loss": float(sums[j] / counts[j]),
                        "tokens": int(counts[j])}

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ordermerge.batching import collate, token_losses
+from ordermerge.batching import collate_for, token_losses
 from ordermerge.data.orders import batches_of
 from ordermerge.seeding import derive_seed
 from ordermerge.train import checkpointing, distributed, fsdp, resume
@@ -48,17 +48,18 @@ TIMING_COLUMNS = ("seconds", "tokens_per_s")
 
 
 def backward_batch(model, examples: list[dict], micro: int, pad_id: int, n_scored: int, device: torch.device,
-                   bf16: bool, n_micro: int = 0, filler: dict | None = None) -> float:
+                   bf16: bool, n_micro: int = 0, filler: dict | None = None, packing: bool = False) -> float:
     """Forward/backward of one (share of an) optimizer batch in micro-batches; returns its loss share.
 
     Each micro-batch's summed token loss is divided by the whole batch's scored-token count, so
     accumulated gradients equal those of the batch in one piece. Under FSDP every rank must run
     ``n_micro`` forward/backward passes (they are collectives): missing ones run ``filler`` with
-    weight 0, which adds exact zeros to the gradients.
+    weight 0, which adds exact zeros to the gradients. ``packing``: each micro-batch is one padding-free row.
     """
     chunks = [(examples[s:s + micro], 1.0) for s in range(0, len(examples), micro)]
     chunks += [([filler], 0.0)] * (n_micro - len(chunks))
     loss_sum = 0.0
+    collate = collate_for(packing)
     for chunk, weight in chunks:
         mb = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -78,7 +79,7 @@ def _optimizer_step(job: Job, tr: Trainable, examples: list[dict], batch_indices
     mine = distributed.my_slice(batch_examples, ranks)
     n_micro = fsdp.micro_batch_count(len(batch_examples), ranks.world, job.micro) if tr.sharded else 0
     loss_sum = backward_batch(tr.hf_model, mine, job.micro, job.pad_id, n_scored, ranks.device, job.bf16,
-                              n_micro, batch_examples[0])
+                              n_micro, batch_examples[0], job.packing)
     if not tr.sharded:  # FSDP has reduce-scattered (summed) them during backward
         distributed.sum_gradients(tr.params, ranks)
     loss_sum = distributed.sum_scalar(loss_sum, ranks)

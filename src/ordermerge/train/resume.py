@@ -25,7 +25,7 @@ def fingerprint(*, base_dir: Path, train_path: Path, order, task_spec: dict, tra
                 run_name: str) -> str:
     h = hashlib.sha256()
     # How the work is split over processes changes no result beyond rounding, nor the state's format.
-    train_cfg = {k: v for k, v in train_cfg.items() if k != "parallel"}
+    train_cfg = {k: v for k, v in train_cfg.items() if k != "parallel" and not (k == "packing" and not v)}
     h.update(json.dumps([task_spec, train_cfg, seed, run_name], sort_keys=True).encode())
     h.update(order.tobytes())
     h.update(train_path.read_bytes())

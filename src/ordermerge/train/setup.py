@@ -45,6 +45,10 @@ class Job:
     def micro(self) -> int:
         return self.train_cfg.get("micro_batch_size") or self.train_cfg["batch_size"]
 
+    @property
+    def packing(self) -> bool:
+        return bool(self.train_cfg.get("packing", False))
+
 
 @dataclass
 class Trainable:
