@@ -33,6 +33,19 @@ def tiny_setup(tmp: Path, n: int) -> tuple[Path, Path]:
     return build_tiny_base(tmp / "base"), write_train(tmp / "train.jsonl", n)
 
 
+def distinct_repeats(records: list[dict], need: int) -> list[dict]:
+    """Repeat a small split to fill the steps; repeats get a distinct id AND prompt (the loader refuses
+    duplicate prompts/ids), at the cost of a few extra prompt tokens."""
+    out = []
+    for i in range(need):
+        r, copy = dict(records[i % len(records)]), i // len(records)
+        r["sample_id"] = f"{r['sample_id']}-{i}"
+        if copy:
+            r["prompt"] = f"{r['prompt']} (repeat {copy})"
+        out.append(r)
+    return out
+
+
 def bench_ordermerge(base: Path, data: Path, spec: dict, cfg: dict, steps: int, tmp: Path) -> tuple[float, int]:
     import pandas as pd
 
@@ -40,8 +53,9 @@ def bench_ordermerge(base: Path, data: Path, spec: dict, cfg: dict, steps: int, 
     from ordermerge.train.loop import fine_tune
 
     save_order(np.arange(steps * cfg["batch_size"])[None, :], tmp / "order.npy")
-    fine_tune(base, data, tmp / "order.npy", tmp / "om", spec, cfg, seed=0, run_name="bench", progress=False)
-    log = pd.read_csv(tmp / "om" / "steps.csv").iloc[1:]
+    out = tmp / ("om-packed" if cfg.get("packing") else "om")
+    fine_tune(base, data, tmp / "order.npy", out, spec, cfg, seed=0, run_name="bench", progress=False)
+    log = pd.read_csv(out / "steps.csv").iloc[1:]
     return float(log["tokens"].sum() / log["seconds"].sum()), int(log["tokens"].sum())
 
 
@@ -138,9 +152,9 @@ def main() -> None:
     if a.data is None:
         p.error("--data train.jsonl is needed with --model")
     records = read_jsonl(a.data)
-    records = (records * (need // len(records) + 1))[:need]  # repeat a small split to fill the steps
-    for i, r in enumerate(records):
-        r["sample_id"] = f"{r['sample_id']}-{i}"
+    if need > len(records):  # repeats are made distinct by a short prompt suffix: room for it
+        a.task_spec = {**a.task_spec, "max_length": a.task_spec["max_length"] + 8}
+    records = distinct_repeats(records, need)
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -155,9 +169,11 @@ def main() -> None:
           f"{scored:.0%} of tokens scored (response)")
 
     om, tokens = bench_ordermerge(a.model, data, a.task_spec, cfg, a.steps, tmp)
+    packed, _ = bench_ordermerge(a.model, data, a.task_spec, {**cfg, "packing": True}, a.steps, tmp)
     hf = bench_trainer(a.model, examples, tok.pad_token_id, cfg, a.steps, tmp)
-    print(f"train tokens/s  ordermerge {om:9.1f}   transformers.Trainer {hf:9.1f}   ratio {om / hf:.2f}x "
-          f"({tokens} tokens timed)")
+    print(f"train tokens/s  ordermerge padded {om:9.1f}   packed {packed:9.1f}   transformers.Trainer {hf:9.1f}\n"
+          f"ratios  padded/Trainer {om / hf:.2f}x   packed/Trainer {packed / hf:.2f}x   packed/padded "
+          f"{packed / om:.2f}x   ({tokens} tokens timed per run, first step skipped)")
 
     t_batched, t_ref, diff = bench_losses(a.model, records, a.task_spec, a.loss_batch_size, a.repeats)
     print(f"per-sample losses ({len(records)} samples)  batched(bs={a.loss_batch_size}) {t_batched:.2f}s   "
