@@ -165,7 +165,7 @@ CATALOGUE = [
     ("warmup-as-long-as-training", put("train.warmup_steps", 12),
      ["train.warmup_steps: 12", "12 optimizer steps", "never reach train.lr", "warmup_steps < 12"]),
     ("n-generate-beyond-the-test-split", put("eval.n_generate", 17),
-     ["eval.n_generate: 17", "n_test 16", "only 16 would be evaluated", "n_generate <= 16"]),
+     ["eval.n_generate: 17", "more than any task's n_test", "at most 16 would be evaluated", "n_generate <= 16"]),
     ("merge-parameter-no-method-reads", put("merge.density", 0.5),
      ["merge.density: 0.5", "no configured method reads it", "ties", "drop merge.density"]),
     ("lora-key-with-full-fine-tuning", put("train.lora_r", 8),

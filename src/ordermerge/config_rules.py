@@ -182,16 +182,19 @@ def _rule_warmup(cfg):
 
 
 def _rule_n_generate(cfg):
-    """More test samples asked for than a task has would be cut to n_test without a word."""
+    """More test samples asked for than any task has would be cut to n_test without a word (with tasks
+    of different sizes, n_generate is an upper bound: it only has to fit the largest)."""
     n = cfg["eval"]["n_generate"]
     if n is None:
         return
     n = _int(n)
-    for name, task in cfg["tasks"].items():
-        t = task.get("n_test") if isinstance(task, dict) else None
-        if isinstance(t, int) and not isinstance(t, bool) and n > t:
-            yield ("eval.n_generate", f"{n} — task {name} has n_test {t}, so only {t} would be evaluated; set "
-                   f"n_generate <= {t}, or null for all")
+    sizes = {name: t.get("n_test") for name, t in cfg["tasks"].items() if isinstance(t, dict)}
+    sizes = {k: v for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
+    if sizes and n > max(sizes.values()):
+        largest = max(sizes.values())
+        names = ", ".join(f"{k} {v}" for k, v in sizes.items())
+        yield ("eval.n_generate", f"{n} — more than any task's n_test ({names}), so at most {largest} would be "
+               f"evaluated; set n_generate <= {largest}, or null for all")
 
 
 def _configured_methods(cfg) -> list[str]:
