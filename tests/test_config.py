@@ -168,6 +168,10 @@ CATALOGUE = [
      ["eval.n_generate: 17", "more than any task's n_test", "at most 16 would be evaluated", "n_generate <= 16"]),
     ("merge-parameter-no-method-reads", put("merge.density", 0.5),
      ["merge.density: 0.5", "no configured method reads it", "ties", "drop merge.density"]),
+    ("multitask-method-that-chooses-on-one-task", lambda cfg, tmp: {**cfg, "tasks": {**cfg["tasks"], "asdiv": {
+        "source": "asdiv", "n_train": 16, "n_val": 16, "n_test": 16, "max_length": 120, "n_heldout": 4}},
+        "multitask": {"tasks": [TASK, "asdiv"], "methods": ["greedy_soup"]}},
+     ["multitask.methods[0]: 'greedy_soup'", "spans several tasks", "use it in merge.methods"]),
     ("lora-key-with-full-fine-tuning", put("train.lora_r", 8),
      ["train.lora_r: 8", "ignored: train.method is full", "train.method: lora"]),
 ]

@@ -23,7 +23,7 @@ from ordermerge.analysis.subsets import (
 )
 from ordermerge.config import ConfigError, load_config, validate_config
 from ordermerge.merging.subsets import draw_subsets, sweep_plan, sweep_sizes
-from ordermerge.multitask import merge_variants
+from ordermerge.merging.registry import merge_variants
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tests" / "configs" / "smoke.yaml"
@@ -75,6 +75,8 @@ def test_sweep_plan_and_merge_variants():
     plan = sweep_plan(4, None, 3, 0)
     assert list(plan) == [2, 4] and len(plan[2]) == 3 and plan[4] == [(0, 1, 2, 3)]
     assert merge_variants(["average", "select"], [0, 1]) == [("average", 0), ("select", 0), ("select", 1)]
+    # one list for the K-run merges and Table 3 (the multitask copy used to call ties seeded: std 0)
+    assert merge_variants(["ties", "dare"], [0, 1]) == [("ties", 0), ("dare", 0), ("dare", 1)]
 
 
 # --- builders on synthetic inputs with known answers ------------------------------------------------

@@ -155,6 +155,16 @@ def _rule_multitask(cfg):
         yield ("multitask.run", f"{run} — runs are numbered 0..{cfg['runs'] - 1}; set multitask.run to one of them, e.g. 0")
 
 
+def _rule_multitask_data(cfg):
+    """A multi-task merge has one input per task: no one task's held-out split can choose it."""
+    if not cfg["multitask"].get("tasks"):
+        return
+    for i, m in enumerate(cfg["multitask"]["methods"]):
+        if isinstance(m, str) and m in registry.method_keys() and registry.needs_data(m):
+            yield (f"multitask.methods[{i}]", f"{m!r} — chooses on one task's held-out data, but a multi-task merge "
+                   "spans several tasks; use it in merge.methods (per task), or drop it here")
+
+
 def _rule_heldout(cfg):
     """A method that chooses on data (registry ``needs_data``) needs every task's held-out split."""
     choosers = sorted({m for m in _configured_methods(cfg) if registry.needs_data(m)})
@@ -227,7 +237,8 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
 
 
 RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
-         _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate)
+         _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate,
+         _rule_multitask_data)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

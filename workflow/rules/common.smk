@@ -1,11 +1,13 @@
 # Paths, targets and config validation. No torch here: every job re-parses this file.
 import json
+import shlex
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ordermerge.config import ConfigError, validate_config  # noqa: E402
+from ordermerge.merging import registry  # noqa: E402  (no torch: names, parameters, flags)
 
 try:
     config.update(validate_config(config))
@@ -29,7 +31,7 @@ wildcard_constraints:
     scheme="shuffle|fixbatch",
     run=r"\d+",
     epoch=r"\d+",
-    method=r"average|select|resample\d|task_arithmetic|ties|dare|model_stock",
+    method=registry.key_pattern(),
     mseed=r"\d+",
 
 
@@ -38,18 +40,16 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True)
 
 
-# Merges that draw nothing at random: one seed is enough (select, resampleN and dare draw).
-DETERMINISTIC_METHODS = ("average", "task_arithmetic", "ties", "model_stock")
+# Whether any configured merge (the K runs', the K-sweep's) chooses on held-out data.
+HELDOUT_NEEDED = any(
+    registry.needs_data(m)
+    for m in config["merge"]["methods"] + (config["ksweep"]["methods"] if config["ksweep"]["enabled"] else [])
+)
 
 
 def merge_variants():
-    """(method, seed) pairs to build: deterministic methods are built once."""
-    seeds = config["merge"]["seeds"]
-    out = []
-    for method in config["merge"]["methods"]:
-        for s in seeds[:1] if method in DETERMINISTIC_METHODS else seeds:
-            out.append((method, s))
-    return out
+    """(method, seed) pairs to build: a method that draws nothing at random is built for the first seed only."""
+    return registry.merge_variants(config["merge"]["methods"], config["merge"]["seeds"])
 
 
 def single_eval_files(model, task, scheme):

@@ -5,6 +5,8 @@ rule prepare_data:
         train=R + "/{model}/{task}/data/train.jsonl",
         val=R + "/{model}/{task}/data/val.jsonl",
         test=R + "/{model}/{task}/data/test.jsonl",
+        # the held-out split, when a configured method chooses on data (the config then requires n_heldout >= 1)
+        **({"heldout": R + "/{model}/{task}/data/heldout.jsonl"} if HELDOUT_NEEDED else {}),
     params:
         spec=lambda w: as_json(config["tasks"][w.task]),
         seed=config["seed"],

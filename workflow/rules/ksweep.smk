@@ -37,6 +37,7 @@ def ksweep_targets():
 
 rule ksweep_merge:
     input:
+        unpack(heldout_input),
         base=R + "/{model}/base",
         models=lambda w: [f"{R}/{w.model}/{w.task}/{w.scheme}/runs/run{k}/epoch{EPOCHS}" for k in ksweep_runs(w)],
     output:

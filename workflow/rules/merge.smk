@@ -2,22 +2,23 @@ def merge_inputs(w):
     return [f"{R}/{w.model}/{w.task}/{w.scheme}/runs/run{k}/epoch{w.epoch}" for k in range(K)]
 
 
-def merge_flags(w):
-    """CLI flags of a method key; the baselines take their parameters from config merge.*."""
-    m = config["merge"]
-    if w.method.startswith("resample"):
-        return f"--method select --resample {w.method[len('resample'):]}"
-    if w.method == "task_arithmetic":
-        return f"--method task_arithmetic --scale {m['scale']}"
-    if w.method == "ties":
-        return f"--method ties --density {m['density']} --scale {m['scale']}"
-    if w.method == "dare":
-        return f"--method dare --drop-rate {m['drop_rate']} --scale {m['scale']}"
-    return f"--method {w.method}"  # average, select, model_stock
+def merge_flags(w, input):
+    """CLI flags of a method key (registry.cli_flags); a method that chooses on data also gets the task's
+    held-out split and spec (registry.needs_data)."""
+    flags = registry.cli_flags(w.method, config["merge"])
+    if registry.needs_data(w.method):
+        flags += f" --data {input.heldout} --task-spec {shlex.quote(as_json(config['tasks'][w.task]))}"
+    return flags
+
+
+def heldout_input(w):
+    """The held-out split, for methods that choose on data only (their inputs stay the same otherwise)."""
+    return {"heldout": f"{R}/{w.model}/{w.task}/data/heldout.jsonl"} if registry.needs_data(w.method) else {}
 
 
 rule merge:
     input:
+        unpack(heldout_input),
         base=R + "/{model}/base",
         models=merge_inputs,
     output:

@@ -1,6 +1,5 @@
 # Multi-task merge (paper Table 3): each task's single-task fine-tune (run multitask.run of the first
 # scheme, final epoch) merged across tasks with `ordermerge merge`, then evaluated on every task.
-from ordermerge.multitask import merge_variants as multitask_variants
 
 MT = config["multitask"]
 MT_SCHEME = SCHEMES[0]
@@ -9,7 +8,7 @@ MT_DIR = R + "/{model}/multitask"
 
 def multitask_eval_files(model):
     stems = [f"{R}/{model}/multitask/eval/{t}/{m}/seed{s}" for t in MT["tasks"]
-             for m, s in multitask_variants(MT["methods"], MT["seeds"])]
+             for m, s in registry.merge_variants(MT["methods"], MT["seeds"])]
     return [s + ext for s in stems for ext in (".json", ".val_losses.csv")]
 
 

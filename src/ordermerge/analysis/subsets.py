@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ordermerge.merging.subsets import sweep_plan
-from ordermerge.multitask import merge_variants
+from ordermerge.merging.registry import merge_variants
 
 METRICS = ("val_loss", "exact_match")
 IDS = ["model", "task", "scheme", "kind", "method", "seed", "run", "epoch", "subset_size", "subset", "merged"]
