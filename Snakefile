@@ -24,8 +24,8 @@ include: "workflow/rules/analysis.smk"
 
 
 rule all:
+    default_target: True
     input:
         analysis_targets(),
         ksweep_targets(),
         multitask_targets(),
-    default_target: True

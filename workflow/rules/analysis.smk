@@ -2,32 +2,22 @@ localrules:
     analyze,
 
 
-def analysis_inputs(w):
-    files = []
-    for m in MODELS:
-        for t in TASKS:
-            for s in SCHEMES:
-                files += single_eval_files(m, t, s) + merged_eval_files(m, t, s) + loss_files(m, t, s)
-                files += merged_loss_files(m, t, s)
-                files += [f"{R}/{m}/{t}/{s}/orders/run{k}.npy" for k in range(K)]
-                files += ksweep_eval_files(m, t, s)
-        if MT["tasks"]:
-            files += multitask_eval_files(m)
-    return files
-
-
 rule analyze:
     input:
         analysis_inputs,
     output:
         tables=report(
-            [f"{R}/tables/{n}.csv" for n in table_names()],
+            [P.of("table", name=n, ext="csv") for n in table_names()],
             caption="../report/tables.rst",
             category="Tables",
         ),
-        markdown=[f"{R}/tables/{n}.md" for n in table_names() if n not in ("imbalance", "metrics")],
+        markdown=[
+            P.of("table", name=n, ext="md")
+            for n in table_names()
+            if n not in ("imbalance", "metrics")
+        ],
         figures=report(
-            [f"{R}/figures/{f}.png" for f in figure_names()],
+            [P.of("figure", name=f) for f in figure_names()],
             caption="../report/figures.rst",
             category="Figures",
         ),
@@ -41,9 +31,12 @@ rule analyze:
             caption="../report/table3.rst",
             category="Multi-task merge",
         ),
-    params:
-        cfg=as_json(config),
     log:
         "logs/analyze.log",
+    conda:
+        "../../envs/ordermerge.yaml"
+    params:
+        cfg=as_json(config),
+        results=lambda w, output: str(Path(output.tables[0]).parent.parent),
     shell:
-        "ordermerge analyze --config-json {params.cfg:q} --results-dir {R} --out-dir {R} > {log} 2>&1"
+        "ordermerge analyze --config-json {params.cfg:q} --results-dir {params.results} --out-dir {params.results} > {log} 2>&1"

@@ -7,7 +7,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ordermerge.config import ConfigError, validate_config  # noqa: E402
-from ordermerge.merging import registry  # noqa: E402  (no torch: names, parameters, flags)
+from ordermerge import paths  # noqa: E402
+from ordermerge.merging import (
+    registry,
+)  # noqa: E402  (no torch: names, parameters, flags)
+from ordermerge.merging.subsets import sweep_plan  # noqa: E402
 
 try:
     config.update(validate_config(config))
@@ -22,7 +26,7 @@ THREADS = config["threads_per_job"]
 MODELS = list(config["models"])
 TASKS = list(config["tasks"])
 SCHEMES = config["schemes"]
-RUN_DIR = R + "/{model}/{task}/{scheme}"
+P = paths.Paths(R)  # every artefact path: src/ordermerge/paths.py
 
 
 wildcard_constraints:
@@ -43,7 +47,8 @@ def as_json(obj):
 # Whether any configured merge (the K runs', the K-sweep's) chooses on held-out data.
 HELDOUT_NEEDED = any(
     registry.needs_data(m)
-    for m in config["merge"]["methods"] + (config["ksweep"]["methods"] if config["ksweep"]["enabled"] else [])
+    for m in config["merge"]["methods"]
+    + (config["ksweep"]["methods"] if config["ksweep"]["enabled"] else [])
 )
 
 
@@ -52,14 +57,27 @@ def merge_variants():
     return registry.merge_variants(config["merge"]["methods"], config["merge"]["seeds"])
 
 
+def eval_files(stem, **wildcards):
+    """The metrics JSON and per-sample validation losses of one evaluation (what the analysis reads)."""
+    outputs = P.eval_outputs(stem)
+    return [outputs[kind].format(**wildcards) for kind in ("metrics", "val_losses")]
+
+
 def single_eval_files(model, task, scheme):
-    stems = [f"{R}/{model}/{task}/{scheme}/eval/single/run{k}" for k in range(K)]
-    return [s + ext for s in stems for ext in (".json", ".val_losses.csv")]
+    return [
+        f
+        for k in range(K)
+        for f in eval_files("eval_single", model=model, task=task, scheme=scheme, run=k)
+    ]
 
 
 def merged_eval_files(model, task, scheme):
-    stems = [f"{R}/{model}/{task}/{scheme}/eval/merged/{m}/seed{s}" for m, s in merge_variants()]
-    return [s + ext for s in stems for ext in (".json", ".val_losses.csv")]
+    w = {"model": model, "task": task, "scheme": scheme}
+    return [
+        f
+        for m, s in merge_variants()
+        for f in eval_files("eval_merged", **w, method=m, mseed=s)
+    ]
 
 
 def loss_epochs():
@@ -67,14 +85,18 @@ def loss_epochs():
 
 
 def loss_files(model, task, scheme):
-    return [f"{R}/{model}/{task}/{scheme}/losses/run{k}/epoch{e}.csv" for k in range(K) for e in loss_epochs()]
+    w = {"model": model, "task": task, "scheme": scheme}
+    return [
+        P.of("run_losses", **w, run=k, epoch=e) for k in range(K) for e in loss_epochs()
+    ]
 
 
 def merged_loss_files(model, task, scheme):
     """Per-sample losses of each merge method (first merge seed) at every scored epoch: Fig. 3 and 4."""
     seed = config["merge"]["seeds"][0]
+    w = {"model": model, "task": task, "scheme": scheme}
     return [
-        f"{R}/{model}/{task}/{scheme}/losses/merged/{method}/seed{seed}/epoch{e}.csv"
+        P.of("merged_losses", **w, method=method, mseed=seed, epoch=e)
         for method in config["merge"]["methods"]
         for e in loss_epochs()
     ]
@@ -82,8 +104,14 @@ def merged_loss_files(model, task, scheme):
 
 def figure_names():
     """Fig. 4 (loss vs epoch) needs more than one scored epoch: losses.epochs = all."""
-    names = ["fig1", "fig3"] + (["fig4"] if len(loss_epochs()) > 1 else [])
-    return [f"{n}_{m}_{t}_{s}" for n in names for m in MODELS for t in TASKS for s in SCHEMES]
+    names = ["fig1", "fig3", *(["fig4"] if len(loss_epochs()) > 1 else [])]
+    return [
+        f"{n}_{m}_{t}_{s}"
+        for n in names
+        for m in MODELS
+        for t in TASKS
+        for s in SCHEMES
+    ]
 
 
 def table_names():
@@ -96,7 +124,8 @@ def table_names():
 
 
 def analysis_targets():
-    return [f"{R}/tables/{n}.csv" for n in table_names()] + [f"{R}/figures/{f}.png" for f in figure_names()]
+    tables = [P.of("table", name=n, ext="csv") for n in table_names()]
+    return [*tables, *(P.of("figure", name=f) for f in figure_names())]
 
 
 # Job resources. Each rule states its built-in needs (sized for the laptop default); the config's
@@ -110,18 +139,33 @@ localrules:
     orders,
 
 
-_RESOURCE_NAMES = {"gpus": "gpu", "gpu_model": "gpu_model", "gres": "gres", "mem_mb": "mem_mb",
-                   "partition": "slurm_partition", "account": "slurm_account", "constraint": "constraint",
-                   "slurm_extra": "slurm_extra"}
+_RESOURCE_NAMES = {
+    "gpus": "gpu",
+    "gpu_model": "gpu_model",
+    "gres": "gres",
+    "mem_mb": "mem_mb",
+    "partition": "slurm_partition",
+    "account": "slurm_account",
+    "constraint": "constraint",
+    "slurm_extra": "slurm_extra",
+}
 
 
 def _resource_overrides(rule):
-    return {**config["resources"].get("default", {}), **config["resources"].get(rule, {})}
+    return {
+        **config["resources"].get("default", {}),
+        **config["resources"].get(rule, {}),
+    }
 
 
 def rule_resources(rule, mem_mb, runtime, gpus=0):
     """A rule's `resources:` (use as `resources: **rule_resources("fine_tune", mem_mb=..., runtime=...)`)."""
-    spec = {"gpus": gpus, "mem_mb": mem_mb, "runtime": runtime, **_resource_overrides(rule)}
+    spec = {
+        "gpus": gpus,
+        "mem_mb": mem_mb,
+        "runtime": runtime,
+        **_resource_overrides(rule),
+    }
     out = {_RESOURCE_NAMES[k]: v for k, v in spec.items() if k in _RESOURCE_NAMES}
     minutes = spec["runtime"]
     out["runtime"] = lambda wildcards, attempt: minutes * attempt
@@ -131,3 +175,165 @@ def rule_resources(rule, mem_mb, runtime, gpus=0):
 def rule_threads(rule):
     """A rule's `threads:`: resources.<rule>.cpus, else resources.default.cpus, else threads_per_job."""
     return _resource_overrides(rule).get("cpus", THREADS)
+
+
+# --- helpers of the stage rules (rules and functions live apart: the rule files hold rules only) ---
+
+
+def remote_code_args(model):
+    """--trust-remote-code only when the config says so, always with the reviewed revision it requires
+    (a string, quoted here: "" for the default, as before, so no existing base model is re-run).
+    """
+    args = ["--trust-remote-code"] if model["trust_remote_code"] else []
+    args += ["--revision", model["revision"]] if model["revision"] else []
+    return " ".join(map(shlex.quote, args))
+
+
+def eval_shell(model_dir):
+    return (
+        f"ordermerge evaluate --model-dir {model_dir} --val {{input.val}} --test {{input.test}} "
+        "--task-spec {params.task_spec:q} --eval-cfg {params.eval_cfg:q} --identity {params.identity:q} "
+        "--threads {threads} --out {output.metrics} --generations {output.generations} "
+        "--val-losses {output.val_losses} > {log} 2>&1"
+    )
+
+
+def fine_tune_launcher(resources, threads):
+    """One process, or one per GPU under torchrun when the job holds several (train.parallel: ddp or fsdp)."""
+    gpus = int(resources.get("gpu", 0) or 0)
+    if gpus <= 1:
+        return f"ordermerge fine-tune --threads {threads}"
+    # --standalone: a private rendezvous on a free local port, so jobs sharing a node do not collide
+    return (
+        f"torchrun --standalone --nproc-per-node {gpus} -m ordermerge fine-tune "
+        f"--threads {max(1, threads // gpus)}"
+    )
+
+
+def merge_inputs(w):
+    return [
+        P.of(
+            "checkpoint",
+            model=w.model,
+            task=w.task,
+            scheme=w.scheme,
+            run=k,
+            epoch=w.epoch,
+        )
+        for k in range(K)
+    ]
+
+
+def merge_flags(w, input):
+    """CLI flags of a method key (registry.cli_flags); a method that chooses on data also gets the task's
+    held-out split and spec (registry.needs_data)."""
+    flags = registry.cli_flags(w.method, config["merge"])
+    if registry.needs_data(w.method):
+        flags += f" --data {input.heldout} --task-spec {shlex.quote(as_json(config['tasks'][w.task]))}"
+    return flags
+
+
+def heldout_input(w):
+    """The held-out split, for methods that choose on data only (their inputs stay the same otherwise)."""
+    return (
+        {"heldout": P.of("split", model=w.model, task=w.task, split="heldout")}
+        if registry.needs_data(w.method)
+        else {}
+    )
+
+
+# K-sweep (beyond the paper): merge random subsets of the K final checkpoints and score each merge.
+# The subsets come from ordermerge.merging.subsets.sweep_plan (seeded by (seed, size, index)); the merge is
+# the same `ordermerge merge` as rule merge, with the first merge seed.
+
+KSWEEP = config["ksweep"]
+KSWEEP_PLAN = (
+    sweep_plan(K, KSWEEP["sizes"], KSWEEP["subsets"], config["seed"])
+    if KSWEEP["enabled"]
+    else {}
+)
+KSWEEP_SEED = config["merge"]["seeds"][0]
+
+
+wildcard_constraints:
+    size=r"\d+",
+    subset=r"\d+",
+
+
+def ksweep_runs(w):
+    return KSWEEP_PLAN[int(w.size)][int(w.subset)]
+
+
+def ksweep_eval_files(model, task, scheme):
+    kinds = ("val_losses", "metrics") if KSWEEP["exact_match"] else ("val_losses",)
+    outputs = P.eval_outputs("ksweep_merged")
+    return [
+        outputs[kind].format(
+            model=model, task=task, scheme=scheme, size=n, subset=i, method=method
+        )
+        for n, subsets in KSWEEP_PLAN.items()
+        for i in range(len(subsets))
+        for method in KSWEEP["methods"]
+        for kind in kinds
+    ]
+
+
+def ksweep_targets():
+    if not KSWEEP["enabled"]:
+        return []
+    figures = [
+        P.of("figure", name=f"ksweep_{m}_{t}_{s}")
+        for m in MODELS
+        for t in TASKS
+        for s in SCHEMES
+    ]
+    return [P.of("table", name="ksweep", ext="csv"), *figures]
+
+
+# Validation loss only (per-sample, token-weighted in the analysis) unless ksweep.exact_match: then the
+# full evaluation, greedy decoding included (~1 min per model on 2 CPU cores at the default size).
+KSWEEP_LOSS_SHELL = (
+    "ordermerge sample-losses --model-dir {input.model} --split val={input.val} --task-spec {params.task_spec:q} "
+    "--batch-size {params.batch} --threads {threads} --out {output.val_losses} > {log} 2>&1"
+)
+
+# Multi-task merge (paper Table 3): each task's single-task fine-tune (run multitask.run of the first
+# scheme, final epoch) merged across tasks with `ordermerge merge`, then evaluated on every task.
+
+MT = config["multitask"]
+MT_SCHEME = SCHEMES[0]
+
+
+def multitask_eval_files(model):
+    return [
+        f
+        for t in MT["tasks"]
+        for m, s in registry.merge_variants(MT["methods"], MT["seeds"])
+        for f in eval_files("eval_multitask", model=model, task=t, method=m, mseed=s)
+    ]
+
+
+def multitask_targets():
+    return (
+        [P.of("table", name="table3", ext=ext) for ext in ("csv", "md")]
+        if MT["tasks"]
+        else []
+    )
+
+
+def analysis_inputs(w):
+    files = []
+    for m in MODELS:
+        for t in TASKS:
+            for s in SCHEMES:
+                files += single_eval_files(m, t, s)
+                files += merged_eval_files(m, t, s)
+                files += loss_files(m, t, s)
+                files += merged_loss_files(m, t, s)
+                files += [
+                    P.of("order", model=m, task=t, scheme=s, run=k) for k in range(K)
+                ]
+                files += ksweep_eval_files(m, t, s)
+        if MT["tasks"]:
+            files += multitask_eval_files(m)
+    return files

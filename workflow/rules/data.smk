@@ -1,18 +1,20 @@
 rule prepare_data:
     input:
-        base=R + "/{model}/base",
+        base=P.base,
     output:
-        train=R + "/{model}/{task}/data/train.jsonl",
-        val=R + "/{model}/{task}/data/val.jsonl",
-        test=R + "/{model}/{task}/data/test.jsonl",
+        **({"heldout": P.partial("split", split="heldout")} if HELDOUT_NEEDED else {}),
+        train=P.partial("split", split="train"),
+        val=P.partial("split", split="val"),
+        test=P.partial("split", split="test"),
         # the held-out split, when a configured method chooses on data (the config then requires n_heldout >= 1)
-        **({"heldout": R + "/{model}/{task}/data/heldout.jsonl"} if HELDOUT_NEEDED else {}),
+    log:
+        "logs/prepare_data/{model}_{task}.log",
+    conda:
+        "../../envs/ordermerge.yaml"
     params:
         spec=lambda w: as_json(config["tasks"][w.task]),
         seed=config["seed"],
         out_dir=lambda w, output: str(Path(output.train).parent),
-    log:
-        "logs/prepare_data/{model}_{task}.log",
     shell:
         "ordermerge prepare-data --task {wildcards.task} --spec {params.spec:q} --base {input.base} "
         "--seed {params.seed} --out-dir {params.out_dir} > {log} 2>&1"
@@ -20,15 +22,17 @@ rule prepare_data:
 
 rule orders:
     input:
-        train=R + "/{model}/{task}/data/train.jsonl",
+        train=P.partial("split", split="train"),
     output:
-        RUN_DIR + "/orders/run{run}.npy",
+        P.order,
+    log:
+        "logs/orders/{model}_{task}_{scheme}_run{run}.log",
+    conda:
+        "../../envs/ordermerge.yaml"
     params:
         epochs=EPOCHS,
         batch=config["train"]["batch_size"],
         seed=config["seed"],
-    log:
-        "logs/orders/{model}_{task}_{scheme}_run{run}.log",
     shell:
         "ordermerge orders --train {input.train} --task {wildcards.task} --scheme {wildcards.scheme} "
         "--run {wildcards.run} --epochs {params.epochs} --batch-size {params.batch} --seed {params.seed} "

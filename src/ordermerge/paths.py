@@ -1,0 +1,59 @@
+"""Where every artefact lives: the one place that spells a path (no torch; the Snakefile imports it).
+
+Each template names its Snakemake wildcards in braces; ``{results}`` is the config's ``results_dir``.
+:class:`Paths` fills in ``results`` and gives the rules their patterns (``Paths(R).checkpoint``)
+and everyone else concrete paths (``Paths(R).checkpoint.format(model=..., ...)`` or :meth:`Paths.of`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RUN = "{results}/{model}/{task}/{scheme}"  # one model x task x order scheme: its K runs and their merges
+
+TEMPLATES = {
+    "base": "{results}/{model}/base",
+    "split": "{results}/{model}/{task}/data/{split}.jsonl",  # train | val | test | heldout
+    "order": RUN + "/orders/run{run}.npy",
+    "checkpoint": RUN + "/runs/run{run}/epoch{epoch}",
+    "steps": RUN + "/runs/run{run}/steps.csv",
+    "run_losses": RUN + "/losses/run{run}/epoch{epoch}.csv",
+    "merged": RUN + "/merged/epoch{epoch}/{method}/seed{mseed}",
+    "merged_losses": RUN + "/losses/merged/{method}/seed{mseed}/epoch{epoch}.csv",
+    # evaluation stems: + .json (metrics), .generations.jsonl, .val_losses.csv
+    "eval_single": RUN + "/eval/single/run{run}",
+    "eval_merged": RUN + "/eval/merged/{method}/seed{mseed}",
+    "ksweep_merged": RUN + "/ksweep/size{size}/subset{subset}/{method}",
+    "multitask_merged": "{results}/{model}/multitask/merged/{method}/seed{mseed}",
+    "eval_multitask": "{results}/{model}/multitask/eval/{task}/{method}/seed{mseed}",
+    "table": "{results}/tables/{name}.{ext}",
+    "figure": "{results}/figures/{name}.png",
+}
+EVAL_FILES = {"metrics": ".json", "generations": ".generations.jsonl", "val_losses": ".val_losses.csv"}
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The templates with ``results`` filled in: Snakemake patterns whose other wildcards stay open."""
+
+    results: str
+
+    def __getattr__(self, name: str) -> str:
+        if name not in TEMPLATES:
+            raise AttributeError(name)
+        return TEMPLATES[name].replace("{results}", self.results)
+
+    def of(self, template: str, /, **wildcards) -> str:
+        """A concrete path: every wildcard given."""
+        return getattr(self, template).format(**wildcards)
+
+    def partial(self, template: str, /, **wildcards) -> str:
+        """A pattern with some wildcards filled and the rest left for Snakemake, e.g. split=train."""
+        out = getattr(self, template)
+        for key, value in wildcards.items():
+            out = out.replace("{" + key + "}", str(value))
+        return out
+
+    def eval_outputs(self, stem: str) -> dict[str, str]:
+        """The three files an evaluation writes, from its stem (a pattern or a concrete path)."""
+        return {kind: getattr(self, stem) + ext for kind, ext in EVAL_FILES.items()}
