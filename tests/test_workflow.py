@@ -104,3 +104,20 @@ def test_merge_reruns_alone_without_retraining(smoke_run):
     assert set(jobs) == {"merge", "total"}
     snakemake(smoke_run, target, "--forcerun", target)
     assert (smoke_run / target / "model.safetensors").read_bytes() == before  # bit-identical merge
+
+
+def test_methods_that_choose_on_data_get_the_heldout_split(tmp_path):
+    """tsv and greedy_soup beside the paper's methods: the soup's merge reads the heldout split, built once."""
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["merge"]["methods"] = ["average", "select", "resample1", "tsv", "greedy_soup"]
+    cfg["tasks"]["gsm"]["n_heldout"] = 4
+    path = tmp_path / "soup.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "-p", configfile=path)
+    jobs = planned_jobs(proc)
+    # + tsv and greedy_soup: one merge each (deterministic) at epoch 2, and at epoch 1 for Fig. 4's losses
+    assert jobs["merge"] == 12 and jobs["evaluate_merged"] == 7 and jobs["sample_losses_merged"] == 10
+    text = proc.stdout + proc.stderr
+    soup = [line for line in text.splitlines() if "ordermerge merge" in line and "greedy_soup" in line]
+    assert soup and all("--data results/smollm2-135m/gsm/data/heldout.jsonl" in line for line in soup)
+    assert not [line for line in text.splitlines() if "--method tsv" in line and "--data" in line]

@@ -1,0 +1,36 @@
+"""paths.py: the one place that spells an artefact path (the rules, the analysis inputs and these tests read it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ordermerge.paths import TEMPLATES, Paths
+
+
+def test_concrete_paths_are_the_layout_the_results_tree_has():
+    p = Paths("results")
+    w = {"model": "m", "task": "t", "scheme": "shuffle"}
+    assert p.of("base", model="m") == "results/m/base"
+    assert p.of("split", model="m", task="t", split="heldout") == "results/m/t/data/heldout.jsonl"
+    assert p.of("checkpoint", **w, run=1, epoch=3) == "results/m/t/shuffle/runs/run1/epoch3"
+    assert p.of("merged", **w, epoch=3, method="resample1", mseed=0) == "results/m/t/shuffle/merged/epoch3/resample1/seed0"
+    assert p.of("merged_losses", **w, method="select", mseed=1, epoch=2) == \
+        "results/m/t/shuffle/losses/merged/select/seed1/epoch2.csv"
+    assert p.of("table", name="table1", ext="md") == "results/tables/table1.md"
+
+
+def test_patterns_keep_open_wildcards_and_partial_fills_some():
+    p = Paths("out/dir")
+    assert p.checkpoint == "out/dir/{model}/{task}/{scheme}/runs/run{run}/epoch{epoch}"
+    assert p.partial("checkpoint", epoch=3) == "out/dir/{model}/{task}/{scheme}/runs/run{run}/epoch3"
+    assert p.eval_outputs("eval_merged") == {
+        "metrics": "out/dir/{model}/{task}/{scheme}/eval/merged/{method}/seed{mseed}.json",
+        "generations": "out/dir/{model}/{task}/{scheme}/eval/merged/{method}/seed{mseed}.generations.jsonl",
+        "val_losses": "out/dir/{model}/{task}/{scheme}/eval/merged/{method}/seed{mseed}.val_losses.csv",
+    }
+    with pytest.raises(AttributeError):
+        p.no_such_artefact
+
+
+def test_every_template_lives_under_the_results_dir():
+    assert all(t.startswith("{results}/") for t in TEMPLATES.values())
