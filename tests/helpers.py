@@ -179,3 +179,18 @@ def read_weights(directory: Path) -> dict:
     from safetensors.torch import load_file
 
     return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def merge_zoo(root: Path, k: int, model_shards=lambda i: 1, sharded: bool = False) -> dict:
+    """A base and ``k`` fine-tunes saved as model directories: the inputs of the merge tests.
+
+    ``state``/``fts``: the tensors; ``base``/``models``: their directories (model i in
+    ``model_shards(i)`` files); ``sharded``: the same fine-tunes in 2 shards each (when asked for).
+    """
+    base = merge_base_state()
+    fts = [fine_tuned_state(base, i) for i in range(k)]
+    zoo = {"state": base, "fts": fts, "base": save_model_dir(root / "base", base),
+           "models": [save_model_dir(root / f"ft{i}", s, shards=model_shards(i)) for i, s in enumerate(fts)]}
+    if sharded:
+        zoo["sharded"] = [save_model_dir(root / f"ft{i}-sharded", s, shards=2) for i, s in enumerate(fts)]
+    return zoo

@@ -7,10 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import fine_tuned_state as _fine_tune
-from helpers import merge_base_state as _base_state
+from helpers import merge_zoo
 from helpers import read_weights as _weights
-from helpers import save_model_dir as _save
 
 from ordermerge.merging import registry
 from ordermerge.merging import task_vectors as tv
@@ -26,12 +24,7 @@ F32 = np.float32
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """A base and K fine-tunes (half of each model's elements moved), single-file and sharded."""
-    root = tmp_path_factory.mktemp("baselines")
-    base = _base_state()
-    fts = [_fine_tune(base, i) for i in range(K)]
-    return {"state": base, "fts": fts, "base": _save(root / "base", base),
-            "models": [_save(root / f"ft{i}", s) for i, s in enumerate(fts)],
-            "sharded": [_save(root / f"ft{i}-sharded", s, shards=2) for i, s in enumerate(fts)]}
+    return merge_zoo(tmp_path_factory.mktemp("baselines"), K, sharded=True)
 
 
 def _merge(zoo, out, models=None, **kw):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import fine_tuned_state, merge_base_state, read_weights, save_model_dir
+from helpers import merge_zoo, read_weights
 
 from ordermerge.cli import main
 from ordermerge.merging.methods.tsv import tsv_delta
@@ -18,11 +18,7 @@ WEIGHTS = [0.5, 0.3, 0.2]
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tsv")
-    base = merge_base_state()
-    fts = [fine_tuned_state(base, i) for i in range(K)]
-    return {"base_state": base, "states": fts, "base": save_model_dir(root / "base", base),
-            "models": [save_model_dir(root / f"ft{i}", s, shards=1 + i % 2) for i, s in enumerate(fts)]}
+    return merge_zoo(tmp_path_factory.mktemp("tsv"), K, model_shards=lambda i: 1 + i % 2)
 
 
 def reference(base: dict, states: list[dict], weights: list[float], scale: float) -> dict:
@@ -62,7 +58,7 @@ def test_engine_gives_the_reference_bytes(zoo, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the engine's workers: one intra-op thread, one LAPACK order
     try:
-        want = reference(zoo["base_state"], zoo["states"], WEIGHTS, 1.5)
+        want = reference(zoo["state"], zoo["fts"], WEIGHTS, 1.5)
     finally:
         torch.set_num_threads(threads)
     got, prov = _tsv(zoo, tmp_path / "m", "--scale", "1.5", "--weights", ",".join(map(str, WEIGHTS)))
