@@ -411,3 +411,4 @@ def test_fsdp_micro_batch_count_is_that_of_the_largest_share(world):
             shares = [distributed.my_slice(list(range(n)), distributed.Ranks(r, world, torch.device("cpu")))
                       for r in range(world)]
             assert fsdp.micro_batch_count(n, world, micro) == max(-(-len(s) // micro) for s in shares)
+

@@ -9,6 +9,8 @@ unmerging round-trip in floating point and would perturb the frozen base between
 
 from __future__ import annotations
 
+import json
+
 import warnings
 from pathlib import Path
 
@@ -53,3 +55,10 @@ def save_adapter(peft_model, directory: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     peft_model.peft_config[ADAPTER].save_pretrained(str(directory))
+    # peft keeps target_modules as a set: its JSON order follows the string hash (PYTHONHASHSEED), so two
+    # identical runs would write different bytes; sorted, the file is deterministic and loads the same.
+    config_path = directory / "adapter_config.json"
+    cfg = json.loads(config_path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
