@@ -31,7 +31,7 @@ rule evaluate_single:
         eval_shell("{input.model}")
 
 
-rule evaluate_merged:
+use rule evaluate_single as evaluate_merged with:
     input:
         model=P.partial("merged", epoch=MERGE_EPOCH),
         val=P.partial("split", split="val"),
@@ -40,8 +40,6 @@ rule evaluate_merged:
         **P.eval_outputs("eval_merged"),
     log:
         "logs/evaluate/{model}_{task}_{scheme}_{method}_seed{mseed}.log",
-    conda:
-        "../../envs/ordermerge.yaml"
     threads: rule_threads("evaluate_merged")
     resources:
         **rule_resources("evaluate_merged", mem_mb=4000, runtime=60),
@@ -60,5 +58,3 @@ rule evaluate_merged:
                 "epoch": MERGE_EPOCH,
             }
         ),
-    shell:
-        eval_shell("{input.model}")

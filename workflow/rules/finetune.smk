@@ -57,7 +57,7 @@ rule sample_losses:
         "--out {output} > {log} 2>&1"
 
 
-rule sample_losses_merged:
+use rule sample_losses as sample_losses_merged with:
     input:
         checkpoint=P.merged,
         splits=lambda w: [
@@ -68,19 +68,6 @@ rule sample_losses_merged:
         P.merged_losses,
     log:
         "logs/sample_losses/{model}_{task}_{scheme}_{method}_seed{mseed}_epoch{epoch}.log",
-    conda:
-        "../../envs/ordermerge.yaml"
     threads: rule_threads("sample_losses_merged")
     resources:
         **rule_resources("sample_losses_merged", mem_mb=4000, runtime=30),
-    params:
-        splits=lambda w, input: " ".join(
-            f"--split {s}={p}"
-            for s, p in zip(config["losses"]["splits"], input.splits)
-        ),
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
-        batch=config["losses"]["batch_size"],
-    shell:
-        "ordermerge sample-losses --model-dir {input.checkpoint} {params.splits} "
-        "--task-spec {params.task_spec:q} --batch-size {params.batch} --threads {threads} "
-        "--out {output} > {log} 2>&1"

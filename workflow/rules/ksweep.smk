@@ -2,7 +2,7 @@
 # (plan, paths and helpers in common.smk).
 
 
-rule ksweep_merge:
+use rule merge as ksweep_merge with:
     input:
         unpack(heldout_input),
         base=P.base,
@@ -23,17 +23,12 @@ rule ksweep_merge:
         temp(directory(P.ksweep_merged)),
     log:
         "logs/ksweep_merge/{model}_{task}_{scheme}_size{size}_subset{subset}_{method}.log",
-    conda:
-        "../../envs/ordermerge.yaml"
     threads: rule_threads("ksweep_merge")
     resources:
         **rule_resources("ksweep_merge", mem_mb=4000, runtime=30),
     params:
         flags=merge_flags,
         seed=KSWEEP_SEED,
-    shell:
-        "ordermerge merge --base {input.base} {params.flags} --seed {params.seed} "
-        "--threads {threads} --force --out {output} {input.models} > {log} 2>&1"
 
 
 rule ksweep_evaluate:

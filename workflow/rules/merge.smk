@@ -14,6 +14,7 @@ rule merge:
         **rule_resources("merge", mem_mb=4000, runtime=30),
     params:
         flags=merge_flags,
+        seed=lambda w: w.mseed,
     shell:
-        "ordermerge merge --base {input.base} {params.flags} --seed {wildcards.mseed} "
+        "ordermerge merge --base {input.base} {params.flags} --seed {params.seed} "
         "--threads {threads} --force --out {output} {input.models} > {log} 2>&1"

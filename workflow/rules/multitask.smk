@@ -2,7 +2,7 @@
 # on every task (helpers in common.smk).
 
 
-rule multitask_merge:
+use rule merge as multitask_merge with:
     input:
         base=P.base,
         models=lambda w: [
@@ -20,16 +20,12 @@ rule multitask_merge:
         directory(P.multitask_merged),
     log:
         "logs/multitask_merge/{model}_{method}_seed{mseed}.log",
-    conda:
-        "../../envs/ordermerge.yaml"
     threads: rule_threads("multitask_merge")
     resources:
         **rule_resources("multitask_merge", mem_mb=4000, runtime=30),
     params:
         flags=merge_flags,
-    shell:
-        "ordermerge merge --base {input.base} {params.flags} --seed {wildcards.mseed} "
-        "--threads {threads} --force --out {output} {input.models} > {log} 2>&1"
+        seed=lambda w: w.mseed,
 
 
 rule evaluate_multitask:
