@@ -34,3 +34,24 @@ def test_patterns_keep_open_wildcards_and_partial_fills_some():
 
 def test_every_template_lives_under_the_results_dir():
     assert all(t.startswith("{results}/") for t in TEMPLATES.values())
+
+
+def test_analysis_reads_the_planned_evaluations_not_whatever_lies_in_the_tree(tmp_path):
+    """A stale evaluation of a method no longer configured is not read (a glob used to pick it up)."""
+    import json
+
+    from ordermerge.analysis.run import evaluations, load_metrics
+
+    cfg = {"models": {"m": {}}, "tasks": {"t": {}}, "schemes": ["shuffle"], "runs": 2,
+           "merge": {"methods": ["average", "select"], "seeds": [0, 1]}}
+    p = Paths(str(tmp_path))
+    w = {"model": "m", "task": "t", "scheme": "shuffle"}
+    planned = [p.of("eval_single", **w, run=k) for k in range(2)]
+    planned += [p.of("eval_merged", **w, method=m, mseed=s) for m, s in (("average", 0), ("select", 0), ("select", 1))]
+    stale = p.of("eval_merged", **w, method="ties", mseed=0)
+    for stem in [*planned, stale]:
+        path = tmp_path / f"{stem}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"stem": stem}))
+    assert sorted(str(stem) for _, stem in evaluations(cfg, tmp_path)) == sorted(planned)
+    assert sorted(load_metrics(cfg, tmp_path)["stem"]) == sorted(planned)

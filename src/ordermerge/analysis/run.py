@@ -19,6 +19,8 @@ from ordermerge.analysis.figures import plot_fig1, plot_fig3, plot_fig4
 from ordermerge.data.orders import first_epoch_positions, load_order
 from ordermerge.analysis.stats import paired_rho, permutation_p, spearman
 from ordermerge.analysis.tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
+from ordermerge.merging.registry import merge_variants
+from ordermerge.paths import EVAL_FILES, Paths
 
 
 def _split_losses(csv: Path, split: str) -> pd.DataFrame:
@@ -58,17 +60,30 @@ def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: 
     }
 
 
-def load_metrics(results: Path) -> pd.DataFrame:
-    rows = [json.loads(p.read_text()) for p in sorted(results.glob("*/*/*/eval/**/*.json"))]
+def evaluations(cfg: dict, results: Path) -> list[tuple[tuple[str, str, str, str], Path]]:
+    """(model, task, scheme, method) and the stem of every single-run and merged evaluation the config
+    plans (paths.py spells them; registry.merge_variants says which seeds), in results-tree order."""
+    p = Paths(str(results))
+    out = []
+    for model in cfg["models"]:
+        for task in cfg["tasks"]:
+            for scheme in cfg["schemes"]:
+                w = {"model": model, "task": task, "scheme": scheme}
+                out += [((model, task, scheme, "single"), p.of("eval_single", **w, run=k)) for k in range(cfg["runs"])]
+                out += [((model, task, scheme, m), p.of("eval_merged", **w, method=m, mseed=s))
+                        for m, s in merge_variants(cfg["merge"]["methods"], cfg["merge"]["seeds"])]
+    return sorted(((key, Path(stem)) for key, stem in out), key=lambda item: item[1])
+
+
+def load_metrics(cfg: dict, results: Path) -> pd.DataFrame:
+    rows = [json.loads(Path(f"{stem}{EVAL_FILES['metrics']}").read_text()) for _, stem in evaluations(cfg, results)]
     return pd.DataFrame(rows)
 
 
-def load_val_losses(results: Path) -> dict:
+def load_val_losses(cfg: dict, results: Path) -> dict:
     out: dict = {}
-    for path in sorted(results.glob("*/*/*/eval/**/*.val_losses.csv")):
-        rel = path.relative_to(results).parts  # model, task, scheme, eval, single|merged, [method,] file
-        method = "single" if rel[4] == "single" else rel[5]
-        out.setdefault((rel[0], rel[1], rel[2], method), []).append(pd.read_csv(path))
+    for key, stem in evaluations(cfg, results):
+        out.setdefault(key, []).append(pd.read_csv(f"{stem}{EVAL_FILES['val_losses']}"))
     return out
 
 
@@ -126,11 +141,11 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
                               out / "figures" / f"fig4_{tag}.png")
     _write_table(out, "imbalance", pd.DataFrame(imbalance), None)
     _write_table(out, "fig3_rho", pd.DataFrame(fig3_rows), None)
-    metrics = load_metrics(results)
+    metrics = load_metrics(cfg, results)
     extra = analyze_ksweep_and_multitask(cfg, results, out, metrics, _write_table)  # K-sweep, Table 3 (when configured)
     _write_table(out, "metrics", pd.concat([tidy_metrics(metrics), extra], ignore_index=True) if len(extra)
                  else tidy_metrics(metrics), None)
-    t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(results))
+    t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(cfg, results))
     _write_table(out, "table1", t1, table1_markdown(t1))
     best = cfg["merge"]["methods"][-1]
     if len(cfg["models"]) > 1:
