@@ -14,7 +14,7 @@ rule analyze:
         markdown=[
             P.of("table", name=n, ext="md")
             for n in table_names()
-            if n not in ("imbalance", "metrics")
+            if n not in ("imbalance", "metrics", "fig3_rho")
         ],
         figures=report(
             [P.of("figure", name=f) for f in figure_names()],

@@ -115,7 +115,7 @@ def figure_names():
 
 
 def table_names():
-    names = ["table1", "imbalance", "metrics"]
+    names = ["table1", "imbalance", "metrics", "fig3_rho"]
     if len(MODELS) > 1:
         names.append("table2")
     if set(SCHEMES) == {"shuffle", "fixbatch"}:
@@ -287,7 +287,8 @@ def ksweep_targets():
         for t in TASKS
         for s in SCHEMES
     ]
-    return [P.of("table", name="ksweep", ext="csv"), *figures]
+    tables = [P.of("table", name="ksweep", ext=ext) for ext in ("csv", "md")]
+    return [*tables, *figures]
 
 
 # Validation loss only (per-sample, token-weighted in the analysis) unless ksweep.exact_match: then the
