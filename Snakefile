@@ -26,6 +26,4 @@ include: "workflow/rules/analysis.smk"
 rule all:
     default_target: True
     input:
-        analysis_targets(),
-        ksweep_targets(),
-        multitask_targets(),
+        ANALYSIS.targets(),

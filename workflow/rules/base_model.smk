@@ -2,7 +2,7 @@ rule base_model:
     output:
         directory(P.base),
     log:
-        "logs/base_model/{model}.log",
+        P.log("base_model"),
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("base_model")

@@ -6,7 +6,7 @@ rule merge:
     output:
         directory(P.merged),
     log:
-        "logs/merge/{model}_{task}_{scheme}_epoch{epoch}_{method}_seed{mseed}.log",
+        P.log("merge"),
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("merge")
