@@ -26,4 +26,6 @@ include: "workflow/rules/analysis.smk"
 rule all:
     default_target: True
     input:
-        ANALYSIS.targets(),
+        analysis_targets(),
+        ksweep_targets(),
+        multitask_targets(),

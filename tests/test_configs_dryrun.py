@@ -27,9 +27,6 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 #   merge: final-epoch merges (average once + every other method x seeds) + Fig. 4 merges (each method,
 #   first seed, at the other scored epochs); evaluate_merged: the final-epoch merges;
 #   sample_losses_merged: each method x scored epochs (first seed).
-# The analysis, one job per family: Fig. 1, 3, 4 and the tables; + the K-sweep and Table 3 when configured.
-ANALYSIS_FIGS = {f"analysis_{f}": 1 for f in ("fig1", "fig3", "fig4", "tables")}
-ANALYSIS_ALL = {**ANALYSIS_FIGS, "analysis_ksweep": 1, "analysis_table3": 1}
 EXPECTED = {
     # K=8, 3 epochs (all scored), 5 paper methods x 5 seeds + 4 baselines (dare x 5 seeds, the rest
     # deterministic: 1 seed), 2 schemes
@@ -39,15 +36,15 @@ EXPECTED = {
     "gpu": {"base_model": 1, "prepare_data": 2, "orders": 32, "fine_tune": 32, "evaluate_single": 32,
             "sample_losses": 96, "merge": 188, "evaluate_merged": 116, "sample_losses_merged": 108,
             "ksweep_merge": 80, "ksweep_evaluate": 80, "multitask_merge": 11, "evaluate_multitask": 22,
-            **ANALYSIS_ALL, "all": 1, "total": 807},
+            "analyze": 1, "all": 1, "total": 802},
     # K=8, 3 epochs, 3 methods x 5 seeds, 1 scheme
     "gpu-1b": {"base_model": 1, "prepare_data": 1, "orders": 8, "fine_tune": 8, "evaluate_single": 8,
                "sample_losses": 24, "merge": 17, "evaluate_merged": 11, "sample_losses_merged": 9,
-               **ANALYSIS_FIGS, "all": 1, "total": 92},
+               "analyze": 1, "all": 1, "total": 89},
     # K=20, 3 epochs, 3 methods x 5 seeds, 1 scheme
     "llama2-7b-gsm8k": {"base_model": 1, "prepare_data": 1, "orders": 20, "fine_tune": 20, "evaluate_single": 20,
                         "sample_losses": 60, "merge": 17, "evaluate_merged": 11, "sample_losses_merged": 9,
-                        **ANALYSIS_FIGS, "all": 1, "total": 164},
+                        "analyze": 1, "all": 1, "total": 161},
 }
 
 

@@ -211,8 +211,7 @@ def test_dry_run_with_ksweep_and_multitask(tmp_path):
     # evaluated on both tasks. The per-task pipeline doubles (2 tasks).
     assert jobs["ksweep_merge"] == 12 and jobs["ksweep_evaluate"] == 12
     assert jobs["multitask_merge"] == 3 and jobs["evaluate_multitask"] == 6
-    assert jobs["fine_tune"] == 6 and jobs["prepare_data"] == 2
-    assert all(jobs[f"analysis_{f}"] == 1 for f in ("fig1", "fig3", "tables", "ksweep", "table3"))
+    assert jobs["fine_tune"] == 6 and jobs["prepare_data"] == 2 and jobs["analyze"] == 1
     text = proc.stdout + proc.stderr
     assert "results/tables/table3.md" in text and "results/figures/ksweep_smollm2-135m_asdiv_shuffle.png" in text
     # a K-sweep subset merges exactly its runs' final checkpoints
@@ -235,7 +234,7 @@ def test_multitask_test_config_plans_both_features(tmp_path):
     # + 2 x resample1 = 5 merges, each evaluated on gsm and asdiv
     assert (jobs["ksweep_merge"], jobs["ksweep_evaluate"]) == (4, 4)
     assert (jobs["multitask_merge"], jobs["evaluate_multitask"]) == (5, 10)
-    assert jobs["total"] == 54  # the analysis: 5 families (Fig. 1, Fig. 3, tables, K-sweep, Table 3)
+    assert jobs["total"] == 50
 
 
 # --- a real run: the K-sweep added to the shared smoke run ----------------------------------------------
@@ -267,9 +266,7 @@ def smoke_with_ksweep(smoke_run, tmp_path_factory):
 def test_smoke_ksweep_reuses_the_runs_and_writes_its_figure_and_table(smoke_with_ksweep):
     work, jobs = smoke_with_ksweep
     # K=2: one subset of size 2 (both runs) x 2 methods; nothing upstream reruns
-    # the analysis: the K-sweep's family and the tables (metrics.csv gains its rows); the figures stay
-    assert jobs == {"ksweep_merge": 2, "ksweep_evaluate": 2, "analysis_ksweep": 1, "analysis_tables": 1,
-                    "all": 1, "total": 7}
+    assert jobs == {"ksweep_merge": 2, "ksweep_evaluate": 2, "analyze": 1, "all": 1, "total": 6}
     results = work / "results"
     fig = results / "figures" / "ksweep_smollm2-135m_gsm_shuffle.png"
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 20_000

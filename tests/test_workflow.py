@@ -15,11 +15,9 @@ def test_dry_run_plans_every_stage(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n"))
     # K=2 runs, 2 epochs, merges: average once + select and resample1 for 2 seeds at the final epoch,
     # plus each method's first seed at epoch 1 (Fig. 4), whose per-sample losses are scored (Fig. 3, 4)
-    # the analysis: one job per family (Fig. 1, Fig. 3, Fig. 4, the tables)
-    assert jobs == {"all": 1, **{f"analysis_{f}": 1 for f in ("fig1", "fig3", "fig4", "tables")},
-                    "base_model": 1, "evaluate_merged": 5, "evaluate_single": 2,
+    assert jobs == {"all": 1, "analyze": 1, "base_model": 1, "evaluate_merged": 5, "evaluate_single": 2,
                     "fine_tune": 2, "merge": 8, "orders": 2, "prepare_data": 1, "sample_losses": 4,
-                    "sample_losses_merged": 6, "total": 36}
+                    "sample_losses_merged": 6, "total": 33}
 
 
 def test_default_config_dry_run(tmp_path):
@@ -93,9 +91,7 @@ def test_new_merge_seed_reruns_only_merges_and_what_depends_on_them(smoke_run):
     changed = smoke_run / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(smoke_run, "-n", configfile=changed))
-    # Fig. 1 reads no merge: its family does not re-run
-    assert set(jobs) == {"all", "analysis_fig3", "analysis_fig4", "analysis_tables", "merge", "evaluate_merged",
-                         "sample_losses_merged", "total"}
+    assert set(jobs) == {"all", "analyze", "merge", "evaluate_merged", "sample_losses_merged", "total"}
     # select and resample1 get seed 2; resample2 gets seeds 0, 1, 2 (+ seed 0 at epoch 1 for Fig. 4)
     assert jobs["merge"] == 6 and jobs["evaluate_merged"] == 5 and jobs["sample_losses_merged"] == 2
 

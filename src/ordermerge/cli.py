@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from ordermerge.analysis.plan import FAMILIES as ANALYSIS_FAMILIES  # no torch: names only
-
 
 def _json_arg(text: str) -> dict:
     try:
@@ -125,7 +123,7 @@ def cmd_evaluate(a):
 def cmd_analyze(a):
     from ordermerge.analysis.run import analyze
 
-    analyze(a.config_json, a.results_dir, a.out_dir, a.family)
+    analyze(a.config_json, a.results_dir, a.out_dir)
 
 
 def _refuse_overwriting_inputs(a) -> None:
@@ -223,8 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config-json", type=_json_arg, required=True)
     s.add_argument("--results-dir", required=True)
     s.add_argument("--out-dir", required=True)
-    s.add_argument("--family", action="append", choices=ANALYSIS_FAMILIES,
-                   help="write only this family of figures/tables (repeatable; default: every one the config asks for)")
     s.set_defaults(func=cmd_analyze, reads=("results_dir",), writes=("out_dir",))
 
     return p

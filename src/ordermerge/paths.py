@@ -1,8 +1,6 @@
 """Where every artefact lives: the one place that spells a path (no torch; the Snakefile imports it).
 
 Each template names its Snakemake wildcards in braces; ``{results}`` is the config's ``results_dir``.
-Logs (``LOGS``) live under ``logs/`` in the working directory. Which artefacts a config asks for is
-``ordermerge.analysis.plan`` (the analysis) and the rules; where each one lives is only here.
 :class:`Paths` fills in ``results`` and gives the rules their patterns (``Paths(R).checkpoint``)
 and everyone else concrete paths (``Paths(R).checkpoint.format(model=..., ...)`` or :meth:`Paths.of`).
 """
@@ -33,25 +31,6 @@ TEMPLATES = {
 }
 EVAL_FILES = {"metrics": ".json", "generations": ".generations.jsonl", "val_losses": ".val_losses.csv"}
 
-STEP = "{model}_{task}_{scheme}"
-# Each rule's log, relative to the working directory (not the results dir): logs/<stage>/<job>.log.
-LOGS = {
-    "base_model": "logs/base_model/{model}.log",
-    "prepare_data": "logs/prepare_data/{model}_{task}.log",
-    "orders": f"logs/orders/{STEP}_run{{run}}.log",
-    "fine_tune": f"logs/fine_tune/{STEP}_run{{run}}.log",
-    "sample_losses": f"logs/sample_losses/{STEP}_run{{run}}_epoch{{epoch}}.log",
-    "sample_losses_merged": f"logs/sample_losses/{STEP}_{{method}}_seed{{mseed}}_epoch{{epoch}}.log",
-    "merge": f"logs/merge/{STEP}_epoch{{epoch}}_{{method}}_seed{{mseed}}.log",
-    "evaluate_single": f"logs/evaluate/{STEP}_single_run{{run}}.log",
-    "evaluate_merged": f"logs/evaluate/{STEP}_{{method}}_seed{{mseed}}.log",
-    "ksweep_merge": f"logs/ksweep_merge/{STEP}_size{{size}}_subset{{subset}}_{{method}}.log",
-    "ksweep_evaluate": f"logs/ksweep_evaluate/{STEP}_size{{size}}_subset{{subset}}_{{method}}.log",
-    "multitask_merge": "logs/multitask_merge/{model}_{method}_seed{mseed}.log",
-    "evaluate_multitask": "logs/evaluate_multitask/{model}_{task}_{method}_seed{mseed}.log",
-    "analysis": "logs/analysis/{family}.log",
-}
-
 
 @dataclass(frozen=True)
 class Paths:
@@ -71,14 +50,6 @@ class Paths:
     def partial(self, template: str, /, **wildcards) -> str:
         """A pattern with some wildcards filled and the rest left for Snakemake, e.g. split=train."""
         out = getattr(self, template)
-        for key, value in wildcards.items():
-            out = out.replace("{" + key + "}", str(value))
-        return out
-
-    @staticmethod
-    def log(rule: str, /, **wildcards) -> str:
-        """A rule's log pattern, with the given wildcards filled (e.g. the analysis family)."""
-        out = LOGS[rule]
         for key, value in wildcards.items():
             out = out.replace("{" + key + "}", str(value))
         return out

@@ -2,7 +2,7 @@ rule base_model:
     output:
         directory(P.base),
     log:
-        P.log("base_model"),
+        "logs/base_model/{model}.log",
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("base_model")

@@ -1,18 +1,17 @@
-# Config validation, the registry-derived constraints and the helpers of the rules. No torch here:
-# every job re-parses this file. Where an artefact lives: src/ordermerge/paths.py (P); which figures and
-# tables the config asks for and what they read: src/ordermerge/analysis/plan.py (ANALYSIS).
+# Paths, targets and config validation. No torch here: every job re-parses this file.
 import json
 import shlex
 import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # none of these imports torch
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ordermerge.config import ConfigError, validate_config  # noqa: E402
 from ordermerge import paths  # noqa: E402
-from ordermerge.merging import registry  # noqa: E402
+from ordermerge.merging import (
+    registry,
+)  # noqa: E402  (no torch: names, parameters, flags)
 from ordermerge.merging.subsets import sweep_plan  # noqa: E402
-from ordermerge.analysis.plan import Plan  # noqa: E402
 
 try:
     config.update(validate_config(config))
@@ -27,18 +26,12 @@ THREADS = config["threads_per_job"]
 MODELS = list(config["models"])
 TASKS = list(config["tasks"])
 SCHEMES = config["schemes"]
-P = paths.Paths(R)
-ANALYSIS = Plan(config, R)
-
-
-def names_pattern(names):
-    """A wildcard constraint matching exactly these names (models or tasks)."""
-    return "|".join(map(re.escape, names))
+P = paths.Paths(R)  # every artefact path: src/ordermerge/paths.py
 
 
 wildcard_constraints:
-    model=names_pattern(MODELS),
-    task=names_pattern(TASKS),
+    model="|".join(map(re.escape, MODELS)),
+    task="|".join(map(re.escape, TASKS)),
     scheme="shuffle|fixbatch",
     run=r"\d+",
     epoch=r"\d+",
@@ -51,17 +44,137 @@ def as_json(obj):
     return json.dumps(obj, sort_keys=True)
 
 
-# prepare-data writes heldout.jsonl exactly for the tasks with n_heldout > 0 (the config requires one
-# for every task when a configured method chooses on data). Rule prepare_data declares it when every
-# task has one; when only some do, those get prepare_data_heldout (the same command).
-HELDOUT_TASKS = [t for t in TASKS if config["tasks"][t]["n_heldout"] > 0]
-PLAIN_TASKS = [t for t in TASKS if t not in HELDOUT_TASKS]
+# Whether any configured merge (the K runs', the K-sweep's) chooses on held-out data.
+HELDOUT_NEEDED = any(
+    registry.needs_data(m)
+    for m in config["merge"]["methods"]
+    + (config["ksweep"]["methods"] if config["ksweep"]["enabled"] else [])
+)
 
 
-def split_outputs(heldout):
-    """prepare_data's outputs: train, val, test and, with ``heldout``, the held-out split."""
-    names = ["train", "val", "test", *(["heldout"] if heldout else [])]
-    return {name: P.partial("split", split=name) for name in names}
+def merge_variants():
+    """(method, seed) pairs to build: a method that draws nothing at random is built for the first seed only."""
+    return registry.merge_variants(config["merge"]["methods"], config["merge"]["seeds"])
+
+
+def eval_files(stem, **wildcards):
+    """The metrics JSON and per-sample validation losses of one evaluation (what the analysis reads)."""
+    outputs = P.eval_outputs(stem)
+    return [outputs[kind].format(**wildcards) for kind in ("metrics", "val_losses")]
+
+
+def single_eval_files(model, task, scheme):
+    return [
+        f
+        for k in range(K)
+        for f in eval_files("eval_single", model=model, task=task, scheme=scheme, run=k)
+    ]
+
+
+def merged_eval_files(model, task, scheme):
+    w = {"model": model, "task": task, "scheme": scheme}
+    return [
+        f
+        for m, s in merge_variants()
+        for f in eval_files("eval_merged", **w, method=m, mseed=s)
+    ]
+
+
+def loss_epochs():
+    return range(1, EPOCHS + 1) if config["losses"]["epochs"] == "all" else [EPOCHS]
+
+
+def loss_files(model, task, scheme):
+    w = {"model": model, "task": task, "scheme": scheme}
+    return [
+        P.of("run_losses", **w, run=k, epoch=e) for k in range(K) for e in loss_epochs()
+    ]
+
+
+def merged_loss_files(model, task, scheme):
+    """Per-sample losses of each merge method (first merge seed) at every scored epoch: Fig. 3 and 4."""
+    seed = config["merge"]["seeds"][0]
+    w = {"model": model, "task": task, "scheme": scheme}
+    return [
+        P.of("merged_losses", **w, method=method, mseed=seed, epoch=e)
+        for method in config["merge"]["methods"]
+        for e in loss_epochs()
+    ]
+
+
+def figure_names():
+    """Fig. 4 (loss vs epoch) needs more than one scored epoch: losses.epochs = all."""
+    names = ["fig1", "fig3", *(["fig4"] if len(loss_epochs()) > 1 else [])]
+    return [
+        f"{n}_{m}_{t}_{s}"
+        for n in names
+        for m in MODELS
+        for t in TASKS
+        for s in SCHEMES
+    ]
+
+
+def table_names():
+    names = ["table1", "imbalance", "metrics", "fig3_rho"]
+    if len(MODELS) > 1:
+        names.append("table2")
+    if set(SCHEMES) == {"shuffle", "fixbatch"}:
+        names.append("table4")
+    return names
+
+
+def analysis_targets():
+    tables = [P.of("table", name=n, ext="csv") for n in table_names()]
+    return [*tables, *(P.of("figure", name=f) for f in figure_names())]
+
+
+# Job resources. Each rule states its built-in needs (sized for the laptop default); the config's
+# `resources.default`, then `resources.<rule>`, override them (keys: workflow/schemas/config.schema.yaml).
+# runtime is minutes for the first attempt: with the profile's `retries`, attempt n asks for n times
+# as long, and a timed-out fine-tune restarts from its last complete epoch. The SLURM executor maps
+# gpu to --gpus, mem_mb to --mem, runtime to -t and threads to --cpus-per-task; a local run counts
+# gpu against `--resources gpu=N` (profiles/local). Cheap rules run on the submit host.
+localrules:
+    prepare_data,
+    orders,
+
+
+_RESOURCE_NAMES = {
+    "gpus": "gpu",
+    "gpu_model": "gpu_model",
+    "gres": "gres",
+    "mem_mb": "mem_mb",
+    "partition": "slurm_partition",
+    "account": "slurm_account",
+    "constraint": "constraint",
+    "slurm_extra": "slurm_extra",
+}
+
+
+def _resource_overrides(rule):
+    return {
+        **config["resources"].get("default", {}),
+        **config["resources"].get(rule, {}),
+    }
+
+
+def rule_resources(rule, mem_mb, runtime, gpus=0):
+    """A rule's `resources:` (use as `resources: **rule_resources("fine_tune", mem_mb=..., runtime=...)`)."""
+    spec = {
+        "gpus": gpus,
+        "mem_mb": mem_mb,
+        "runtime": runtime,
+        **_resource_overrides(rule),
+    }
+    out = {_RESOURCE_NAMES[k]: v for k, v in spec.items() if k in _RESOURCE_NAMES}
+    minutes = spec["runtime"]
+    out["runtime"] = lambda wildcards, attempt: minutes * attempt
+    return out
+
+
+def rule_threads(rule):
+    """A rule's `threads:`: resources.<rule>.cpus, else resources.default.cpus, else threads_per_job."""
+    return _resource_overrides(rule).get("cpus", THREADS)
 
 
 # --- helpers of the stage rules (rules and functions live apart: the rule files hold rules only) ---
@@ -151,6 +264,33 @@ def ksweep_runs(w):
     return KSWEEP_PLAN[int(w.size)][int(w.subset)]
 
 
+def ksweep_eval_files(model, task, scheme):
+    kinds = ("val_losses", "metrics") if KSWEEP["exact_match"] else ("val_losses",)
+    outputs = P.eval_outputs("ksweep_merged")
+    return [
+        outputs[kind].format(
+            model=model, task=task, scheme=scheme, size=n, subset=i, method=method
+        )
+        for n, subsets in KSWEEP_PLAN.items()
+        for i in range(len(subsets))
+        for method in KSWEEP["methods"]
+        for kind in kinds
+    ]
+
+
+def ksweep_targets():
+    if not KSWEEP["enabled"]:
+        return []
+    figures = [
+        P.of("figure", name=f"ksweep_{m}_{t}_{s}")
+        for m in MODELS
+        for t in TASKS
+        for s in SCHEMES
+    ]
+    tables = [P.of("table", name="ksweep", ext=ext) for ext in ("csv", "md")]
+    return [*tables, *figures]
+
+
 # Validation loss only (per-sample, token-weighted in the analysis) unless ksweep.exact_match: then the
 # full evaluation, greedy decoding included (~1 min per model on 2 CPU cores at the default size).
 KSWEEP_LOSS_SHELL = (
@@ -165,46 +305,36 @@ MT = config["multitask"]
 MT_SCHEME = SCHEMES[0]
 
 
-# Job resources. Each rule states its built-in needs (sized for the laptop default); the config's
-# `resources.default`, then `resources.<rule>`, override them (keys: workflow/schemas/config.schema.yaml).
-# runtime is minutes for the first attempt: with the profile's `retries`, attempt n asks for n times
-# as long, and a timed-out fine-tune restarts from its last complete epoch. The SLURM executor maps
-# gpu to --gpus, mem_mb to --mem, runtime to -t and threads to --cpus-per-task; a local run counts
-# gpu against `--resources gpu=N` (profiles/local). Cheap rules run on the submit host (localrules).
-# This block stays last and plain Python: tests/test_slurm.py runs it alone.
-_RESOURCE_NAMES = {
-    "gpus": "gpu",
-    "gpu_model": "gpu_model",
-    "gres": "gres",
-    "mem_mb": "mem_mb",
-    "partition": "slurm_partition",
-    "account": "slurm_account",
-    "constraint": "constraint",
-    "slurm_extra": "slurm_extra",
-}
+def multitask_eval_files(model):
+    return [
+        f
+        for t in MT["tasks"]
+        for m, s in registry.merge_variants(MT["methods"], MT["seeds"])
+        for f in eval_files("eval_multitask", model=model, task=t, method=m, mseed=s)
+    ]
 
 
-def _resource_overrides(rule):
-    return {
-        **config["resources"].get("default", {}),
-        **config["resources"].get(rule, {}),
-    }
+def multitask_targets():
+    return (
+        [P.of("table", name="table3", ext=ext) for ext in ("csv", "md")]
+        if MT["tasks"]
+        else []
+    )
 
 
-def rule_resources(rule, mem_mb, runtime, gpus=0):
-    """A rule's `resources:` (use as `resources: **rule_resources("fine_tune", mem_mb=..., runtime=...)`)."""
-    spec = {
-        "gpus": gpus,
-        "mem_mb": mem_mb,
-        "runtime": runtime,
-        **_resource_overrides(rule),
-    }
-    out = {_RESOURCE_NAMES[k]: v for k, v in spec.items() if k in _RESOURCE_NAMES}
-    minutes = spec["runtime"]
-    out["runtime"] = lambda wildcards, attempt: minutes * attempt
-    return out
-
-
-def rule_threads(rule):
-    """A rule's `threads:`: resources.<rule>.cpus, else resources.default.cpus, else threads_per_job."""
-    return _resource_overrides(rule).get("cpus", THREADS)
+def analysis_inputs(w):
+    files = []
+    for m in MODELS:
+        for t in TASKS:
+            for s in SCHEMES:
+                files += single_eval_files(m, t, s)
+                files += merged_eval_files(m, t, s)
+                files += loss_files(m, t, s)
+                files += merged_loss_files(m, t, s)
+                files += [
+                    P.of("order", model=m, task=t, scheme=s, run=k) for k in range(K)
+                ]
+                files += ksweep_eval_files(m, t, s)
+        if MT["tasks"]:
+            files += multitask_eval_files(m)
+    return files

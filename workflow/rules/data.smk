@@ -1,17 +1,14 @@
-# The task's splits and each run's order. Cheap: on the submit host (localrule), not as cluster jobs.
-
-
 rule prepare_data:
     input:
         base=P.base,
     output:
-        # heldout.jsonl too when every task has n_heldout > 0 (else: prepare_data_heldout below)
-        **split_outputs(heldout=not PLAIN_TASKS),
+        **({"heldout": P.partial("split", split="heldout")} if HELDOUT_NEEDED else {}),
+        train=P.partial("split", split="train"),
+        val=P.partial("split", split="val"),
+        test=P.partial("split", split="test"),
+        # the held-out split, when a configured method chooses on data (the config then requires n_heldout >= 1)
     log:
-        P.log("prepare_data"),
-    wildcard_constraints:
-        task=names_pattern(PLAIN_TASKS or TASKS),
-    localrule: True
+        "logs/prepare_data/{model}_{task}.log",
     conda:
         "../../envs/ordermerge.yaml"
     params:
@@ -23,24 +20,13 @@ rule prepare_data:
         "--seed {params.seed} --out-dir {params.out_dir} > {log} 2>&1"
 
 
-# Some tasks with a held-out split, some without: the same command, declaring heldout.jsonl.
-if HELDOUT_TASKS and PLAIN_TASKS:
-
-    use rule prepare_data as prepare_data_heldout with:
-        output:
-            **split_outputs(heldout=True),
-        wildcard_constraints:
-            task=names_pattern(HELDOUT_TASKS),
-
-
 rule orders:
     input:
         train=P.partial("split", split="train"),
     output:
         P.order,
     log:
-        P.log("orders"),
-    localrule: True
+        "logs/orders/{model}_{task}_{scheme}_run{run}.log",
     conda:
         "../../envs/ordermerge.yaml"
     params:

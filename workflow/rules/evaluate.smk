@@ -6,7 +6,7 @@ rule evaluate_single:
     output:
         **P.eval_outputs("eval_single"),
     log:
-        P.log("evaluate_single"),
+        "logs/evaluate/{model}_{task}_{scheme}_single_run{run}.log",
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("evaluate_single")
@@ -39,7 +39,7 @@ use rule evaluate_single as evaluate_merged with:
     output:
         **P.eval_outputs("eval_merged"),
     log:
-        P.log("evaluate_merged"),
+        "logs/evaluate/{model}_{task}_{scheme}_{method}_seed{mseed}.log",
     threads: rule_threads("evaluate_merged")
     resources:
         **rule_resources("evaluate_merged", mem_mb=4000, runtime=60),

@@ -9,7 +9,7 @@ rule fine_tune:
         ],
         steps=P.steps,
     log:
-        P.log("fine_tune"),
+        "logs/fine_tune/{model}_{task}_{scheme}_run{run}.log",
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("fine_tune")
@@ -38,7 +38,7 @@ rule sample_losses:
     output:
         P.run_losses,
     log:
-        P.log("sample_losses"),
+        "logs/sample_losses/{model}_{task}_{scheme}_run{run}_epoch{epoch}.log",
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("sample_losses")
@@ -67,7 +67,7 @@ use rule sample_losses as sample_losses_merged with:
     output:
         P.merged_losses,
     log:
-        P.log("sample_losses_merged"),
+        "logs/sample_losses/{model}_{task}_{scheme}_{method}_seed{mseed}_epoch{epoch}.log",
     threads: rule_threads("sample_losses_merged")
     resources:
         **rule_resources("sample_losses_merged", mem_mb=4000, runtime=30),

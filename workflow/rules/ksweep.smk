@@ -22,7 +22,7 @@ use rule merge as ksweep_merge with:
         # scale keeping them would add ~20 GB of disk
         temp(directory(P.ksweep_merged)),
     log:
-        P.log("ksweep_merge"),
+        "logs/ksweep_merge/{model}_{task}_{scheme}_size{size}_subset{subset}_{method}.log",
     threads: rule_threads("ksweep_merge")
     resources:
         **rule_resources("ksweep_merge", mem_mb=4000, runtime=30),
@@ -48,7 +48,7 @@ rule ksweep_evaluate:
         ),
         val_losses=P.eval_outputs("ksweep_merged")["val_losses"],
     log:
-        P.log("ksweep_evaluate"),
+        "logs/ksweep_evaluate/{model}_{task}_{scheme}_size{size}_subset{subset}_{method}.log",
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("ksweep_evaluate")

@@ -6,7 +6,7 @@ rule merge:
     output:
         directory(P.merged),
     log:
-        P.log("merge"),
+        "logs/merge/{model}_{task}_{scheme}_epoch{epoch}_{method}_seed{mseed}.log",
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("merge")

@@ -19,7 +19,7 @@ use rule merge as multitask_merge with:
     output:
         directory(P.multitask_merged),
     log:
-        P.log("multitask_merge"),
+        "logs/multitask_merge/{model}_{method}_seed{mseed}.log",
     threads: rule_threads("multitask_merge")
     resources:
         **rule_resources("multitask_merge", mem_mb=4000, runtime=30),
@@ -36,7 +36,7 @@ rule evaluate_multitask:
     output:
         **P.eval_outputs("eval_multitask"),
     log:
-        P.log("evaluate_multitask"),
+        "logs/evaluate_multitask/{model}_{task}_{method}_seed{mseed}.log",
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("evaluate_multitask")

@@ -19,8 +19,7 @@ SIGN_NOTE = ("ρ < 0: samples seen early end with a higher loss (the paper's dir
              "Paired ρ compares runs sample by sample, cancelling difficulty.")
 
 
-def save_figure(fig, path: Path) -> None:
-    """Lay out, write atomically as PNG (dpi 120) and close: every figure of the analysis goes through here."""
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
@@ -53,7 +52,7 @@ def plot_fig1(positions: np.ndarray, losses: np.ndarray, row: dict, anchor: int,
     ax_b.set_xlabel(POSITION_LABEL)
     ax_b.legend(fontsize=8, ncol=2)
     fig.suptitle(title + "\n" + SIGN_NOTE, fontsize=10)
-    save_figure(fig, path)
+    _save(fig, path)
 
 
 def segment_means(anchor_positions: np.ndarray, losses: np.ndarray, segments: int) -> np.ndarray:
@@ -64,7 +63,7 @@ def segment_means(anchor_positions: np.ndarray, losses: np.ndarray, segments: in
 
 def plot_fig3(positions: np.ndarray, losses: np.ndarray, merged: dict[str, np.ndarray], anchor: int,
               segments: int, title: str, path: Path) -> list[dict]:
-    """Returns the per-series ρ vs the anchor's positions (the rows of fig3_rho.csv)."""
+    """Returns the per-series ρ vs the anchor's positions (for the imbalance table)."""
     anchor_pos = positions[anchor]
     xs = np.arange(segments)
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -91,7 +90,7 @@ def plot_fig3(positions: np.ndarray, losses: np.ndarray, merged: dict[str, np.nd
     ax.set_ylabel("mean final training loss (nats / response token)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    _save(fig, path)
     return rows
 
 
@@ -111,4 +110,4 @@ def plot_fig4(curves: dict[str, dict[int, list[float]]], split: str, title: str,
     ax.set_ylabel(f"{split} loss (nats / response token)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    save_figure(fig, path)
+    _save(fig, path)

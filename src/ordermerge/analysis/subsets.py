@@ -1,8 +1,8 @@
 """The K-sweep and the multi-task merge (Table 3): their tables, the K-sweep figure, tidy rows.
 
-The ``ksweep`` and ``table3`` analysis families (analysis.plan), and the K-sweep / multi-task rows of
-``metrics.csv``. The builders are pure functions of small frames (tested on synthetic inputs); the
-loaders read exactly the files the plan lists (the same plan the Snakefile declares), never a glob.
+Called by ``analysis.analyze`` when ``ksweep.enabled`` or ``multitask.tasks`` is set. The builders
+are pure functions of small frames (tested on synthetic inputs); the loaders read exactly the files
+the config asks for (the same plan the Snakefile builds), never a glob.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ordermerge.analysis.figures import plt, save_figure
-from ordermerge.analysis.plan import Plan
-from ordermerge.analysis.tables import write_table
-from ordermerge.paths import EVAL_FILES
+from ordermerge.merging.subsets import sweep_plan
+from ordermerge.merging.registry import merge_variants
 
 METRICS = ("val_loss", "exact_match")
 IDS = ["model", "task", "scheme", "kind", "method", "seed", "run", "epoch", "subset_size", "subset", "merged"]
@@ -74,24 +72,34 @@ def ksweep_markdown(t: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_ksweep(plan: Plan) -> pd.DataFrame:
+def load_ksweep(results: Path, cfg: dict) -> pd.DataFrame:
     """One row per (model, task, scheme, size, subset, method) the config's K-sweep built."""
-    ks, seed = plan.cfg["ksweep"], plan.cfg["merge"]["seeds"][0]
+    ks, seed = cfg["ksweep"], cfg["merge"]["seeds"][0]
+    plan = sweep_plan(cfg["runs"], ks["sizes"], ks["subsets"], cfg["seed"])
     rows = []
-    for cell, size, i, runs, method, stem in plan.ksweep_subsets():
-        em = float("nan")
-        if ks["exact_match"]:
-            em = json.loads(Path(stem + EVAL_FILES["metrics"]).read_text())["exact_match"]
-        rows.append({**cell, "kind": "ksweep", "method": method, "seed": seed, "run": None,
-                     "epoch": plan.cfg["train"]["epochs"], "subset_size": size, "subset": i,
-                     "merged": " ".join(f"run{k}" for k in runs),
-                     "val_loss": token_mean_loss(pd.read_csv(stem + EVAL_FILES["val_losses"])), "exact_match": em})
+    for model in cfg["models"]:
+        for task in cfg["tasks"]:
+            for scheme in cfg["schemes"]:
+                for size, subsets in plan.items():
+                    for i, runs in enumerate(subsets):
+                        for method in ks["methods"]:
+                            stem = results / model / task / scheme / "ksweep" / f"size{size}" / f"subset{i}" / method
+                            em = float("nan")
+                            if ks["exact_match"]:
+                                em = json.loads(stem.with_name(method + ".json").read_text())["exact_match"]
+                            rows.append({"model": model, "task": task, "scheme": scheme, "kind": "ksweep",
+                                         "method": method, "seed": seed, "run": None, "epoch": cfg["train"]["epochs"],
+                                         "subset_size": size, "subset": i, "merged": " ".join(f"run{k}" for k in runs),
+                                         "val_loss": token_mean_loss(pd.read_csv(stem.with_name(method + ".val_losses.csv"))),
+                                         "exact_match": em})
     return pd.DataFrame(rows)
 
 
 def plot_ksweep(table: pd.DataFrame, single: pd.DataFrame, title: str, path: Path) -> None:
     """Val loss (and exact match, when decoded) vs subset size: one line per method, mean ± std over
     subsets; the single runs' mean (± std band) as the reference."""
+    from ordermerge.analysis.figures import _save, plt
+
     panels = [("val_loss", "validation loss (nats / response token)")]
     if table["exact_match_mean"].notna().any():
         panels.insert(0, ("exact_match", "exact match of the final answer (%)"))
@@ -116,7 +124,7 @@ def plot_ksweep(table: pd.DataFrame, single: pd.DataFrame, title: str, path: Pat
         ax.legend(fontsize=8)
     note = "" if len(panels) > 1 else "\n(exact match not decoded: set ksweep.exact_match: true)"
     fig.suptitle(title + note, fontsize=10)
-    save_figure(fig, path)
+    _save(fig, path)
 
 
 # --- Multi-task merge (Table 3) ------------------------------------------------------------------
@@ -171,18 +179,15 @@ def table3_markdown(t: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_multitask(plan: Plan) -> pd.DataFrame:
+def load_multitask(results: Path, cfg: dict) -> pd.DataFrame:
+    mt = cfg["multitask"]
     rows = []
-    for *_, stem in plan.multitask_evaluations():
-        m = json.loads(Path(stem + EVAL_FILES["metrics"]).read_text())
-        rows.append({**{k: m.get(k) for k in IDS}, "val_loss": m["val_loss"], "exact_match": m["exact_match"]})
+    for model in cfg["models"]:
+        for task in mt["tasks"]:
+            for method, seed in merge_variants(mt["methods"], mt["seeds"]):
+                m = json.loads((results / model / "multitask" / "eval" / task / method / f"seed{seed}.json").read_text())
+                rows.append({**{k: m.get(k) for k in IDS}, "val_loss": m["val_loss"], "exact_match": m["exact_match"]})
     return pd.DataFrame(rows)
-
-
-def load_single(plan: Plan) -> pd.DataFrame:
-    """The single runs' evaluations (the reference of the K-sweep and of Table 3)."""
-    stems = [stem for (*_, method), stem in plan.evaluations() if method == "single"]
-    return pd.DataFrame([json.loads(Path(stem + EVAL_FILES["metrics"]).read_text()) for stem in stems])
 
 
 # --- tidy rows and the stage itself --------------------------------------------------------------
@@ -197,32 +202,27 @@ def tidy_extra(frame: pd.DataFrame) -> pd.DataFrame:
     return tidy.dropna(subset=["value"]).reset_index(drop=True)
 
 
-def extra_rows(plan: Plan) -> pd.DataFrame:
-    """The tidy K-sweep and multi-task rows of metrics.csv (none when neither is configured)."""
-    frames = [load_ksweep(plan)] if plan.cfg["ksweep"]["enabled"] else []
-    frames += [load_multitask(plan)] if plan.cfg["multitask"]["tasks"] else []
+def analyze_ksweep_and_multitask(cfg: dict, results: Path, out: Path, metrics: pd.DataFrame, write_table) -> pd.DataFrame:
+    """Writes ksweep.csv/.md + figures and table3.csv/.md as configured; returns their tidy rows."""
+    frames = []
+    single = metrics[metrics["kind"] == "single"] if not metrics.empty else metrics
+    if (cfg.get("ksweep") or {}).get("enabled"):
+        sweep = load_ksweep(results, cfg)
+        t = ksweep_table(sweep, single)
+        write_table(out, "ksweep", t, ksweep_markdown(t))
+        for (model, task, scheme), g in t.groupby(["model", "task", "scheme"]):
+            s = single[(single["model"] == model) & (single["task"] == task) & (single["scheme"] == scheme)]
+            plot_ksweep(g, s, f"K-sweep — {model}, {task}, {scheme}:\nmerges of random subsets of the "
+                        f"{cfg['runs']} runs vs the single runs", out / "figures" / f"ksweep_{model}_{task}_{scheme}.png")
+        frames.append(sweep)
+        print(ksweep_markdown(t))
+    mt = cfg.get("multitask") or {}
+    if mt.get("tasks"):
+        merged = load_multitask(results, cfg)
+        scheme = cfg["schemes"][0]
+        ref = single[(single["scheme"] == scheme) & (single["run"] == mt["run"]) & single["task"].isin(mt["tasks"])]
+        t = table3(merged, ref, mt["methods"])
+        write_table(out, "table3", t, table3_markdown(t))
+        frames.append(merged)
+        print(table3_markdown(t))
     return tidy_extra(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
-
-
-def ksweep_family(plan: Plan, out: Plan) -> None:
-    """ksweep.csv/.md and one K-sweep figure per (model, task, scheme)."""
-    single = load_single(plan)
-    t = ksweep_table(load_ksweep(plan), single)
-    write_table(out.table("ksweep"), t, ksweep_markdown(t))
-    for cell in plan.cells():
-        g = t[(t["model"] == cell["model"]) & (t["task"] == cell["task"]) & (t["scheme"] == cell["scheme"])]
-        s = single[(single["model"] == cell["model"]) & (single["task"] == cell["task"])
-                   & (single["scheme"] == cell["scheme"])]
-        plot_ksweep(g, s, f"K-sweep — {cell['model']}, {cell['task']}, {cell['scheme']}:\nmerges of random "
-                    f"subsets of the {plan.cfg['runs']} runs vs the single runs", Path(out.figure("ksweep", cell)))
-    print(ksweep_markdown(t))
-
-
-def table3_family(plan: Plan, out: Plan) -> None:
-    """table3.csv/.md: each task's single-task model vs the multi-task merges, evaluated on that task."""
-    mt, single = plan.cfg["multitask"], load_single(plan)
-    ref = single[(single["scheme"] == plan.cfg["schemes"][0]) & (single["run"] == mt["run"])
-                 & single["task"].isin(mt["tasks"])]
-    t = table3(load_multitask(plan), ref, mt["methods"])
-    write_table(out.table("table3"), t, table3_markdown(t))
-    print(table3_markdown(t))

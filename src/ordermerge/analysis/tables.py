@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from scipy import stats
-
-from ordermerge.storage.atomic import atomic_path
 
 METRICS = ("val_loss", "exact_match", "task_score")
 # Accuracy metrics by kind of task: exact match of the numeric answer, or for multiple-choice tasks
@@ -123,12 +119,3 @@ def comparison_markdown(t: pd.DataFrame, title: str) -> str:
     for r in t.itertuples(index=False):
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_table(path: str, df: pd.DataFrame, markdown: str | None = None) -> None:
-    """``df`` as CSV at ``path`` and, when given, ``markdown`` beside it as .md (both atomically)."""
-    with atomic_path(Path(path)) as tmp:
-        df.to_csv(tmp, index=False)
-    if markdown is not None:
-        with atomic_path(Path(path).with_suffix(".md")) as tmp:
-            tmp.write_text(markdown)
