@@ -128,55 +128,6 @@ def analysis_targets():
     return [*tables, *(P.of("figure", name=f) for f in figure_names())]
 
 
-# Job resources. Each rule states its built-in needs (sized for the laptop default); the config's
-# `resources.default`, then `resources.<rule>`, override them (keys: workflow/schemas/config.schema.yaml).
-# runtime is minutes for the first attempt: with the profile's `retries`, attempt n asks for n times
-# as long, and a timed-out fine-tune restarts from its last complete epoch. The SLURM executor maps
-# gpu to --gpus, mem_mb to --mem, runtime to -t and threads to --cpus-per-task; a local run counts
-# gpu against `--resources gpu=N` (profiles/local). Cheap rules run on the submit host.
-localrules:
-    prepare_data,
-    orders,
-
-
-_RESOURCE_NAMES = {
-    "gpus": "gpu",
-    "gpu_model": "gpu_model",
-    "gres": "gres",
-    "mem_mb": "mem_mb",
-    "partition": "slurm_partition",
-    "account": "slurm_account",
-    "constraint": "constraint",
-    "slurm_extra": "slurm_extra",
-}
-
-
-def _resource_overrides(rule):
-    return {
-        **config["resources"].get("default", {}),
-        **config["resources"].get(rule, {}),
-    }
-
-
-def rule_resources(rule, mem_mb, runtime, gpus=0):
-    """A rule's `resources:` (use as `resources: **rule_resources("fine_tune", mem_mb=..., runtime=...)`)."""
-    spec = {
-        "gpus": gpus,
-        "mem_mb": mem_mb,
-        "runtime": runtime,
-        **_resource_overrides(rule),
-    }
-    out = {_RESOURCE_NAMES[k]: v for k, v in spec.items() if k in _RESOURCE_NAMES}
-    minutes = spec["runtime"]
-    out["runtime"] = lambda wildcards, attempt: minutes * attempt
-    return out
-
-
-def rule_threads(rule):
-    """A rule's `threads:`: resources.<rule>.cpus, else resources.default.cpus, else threads_per_job."""
-    return _resource_overrides(rule).get("cpus", THREADS)
-
-
 # --- helpers of the stage rules (rules and functions live apart: the rule files hold rules only) ---
 
 
@@ -338,3 +289,52 @@ def analysis_inputs(w):
         if MT["tasks"]:
             files += multitask_eval_files(m)
     return files
+
+
+# Job resources. Each rule states its built-in needs (sized for the laptop default); the config's
+# `resources.default`, then `resources.<rule>`, override them (keys: workflow/schemas/config.schema.yaml).
+# runtime is minutes for the first attempt: with the profile's `retries`, attempt n asks for n times
+# as long, and a timed-out fine-tune restarts from its last complete epoch. The SLURM executor maps
+# gpu to --gpus, mem_mb to --mem, runtime to -t and threads to --cpus-per-task; a local run counts
+# gpu against `--resources gpu=N` (profiles/local). Cheap rules run on the submit host.
+localrules:
+    prepare_data,
+    orders,
+
+
+_RESOURCE_NAMES = {
+    "gpus": "gpu",
+    "gpu_model": "gpu_model",
+    "gres": "gres",
+    "mem_mb": "mem_mb",
+    "partition": "slurm_partition",
+    "account": "slurm_account",
+    "constraint": "constraint",
+    "slurm_extra": "slurm_extra",
+}
+
+
+def _resource_overrides(rule):
+    return {
+        **config["resources"].get("default", {}),
+        **config["resources"].get(rule, {}),
+    }
+
+
+def rule_resources(rule, mem_mb, runtime, gpus=0):
+    """A rule's `resources:` (use as `resources: **rule_resources("fine_tune", mem_mb=..., runtime=...)`)."""
+    spec = {
+        "gpus": gpus,
+        "mem_mb": mem_mb,
+        "runtime": runtime,
+        **_resource_overrides(rule),
+    }
+    out = {_RESOURCE_NAMES[k]: v for k, v in spec.items() if k in _RESOURCE_NAMES}
+    minutes = spec["runtime"]
+    out["runtime"] = lambda wildcards, attempt: minutes * attempt
+    return out
+
+
+def rule_threads(rule):
+    """A rule's `threads:`: resources.<rule>.cpus, else resources.default.cpus, else threads_per_job."""
+    return _resource_overrides(rule).get("cpus", THREADS)
