@@ -26,10 +26,15 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# The clock starts when make does, so the wall time printed at the end includes the set-up.
+MAKE_START := $(shell date +%s)
+
 run: setup
-	$(BIN)/snakemake --cores $(CORES)
+	@start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) && end=$$(date +%s) && \
+	  echo && $(BIN)/ordermerge timing --since $$start --wall $$((end - start)) --cores $$([ "$(CORES)" = all ] && nproc || echo $(CORES)) | tee logs/timing.txt && \
+	  echo "make run: $$((end - $(MAKE_START))) s in all, set-up included ($$((start - $(MAKE_START))) s)" | tee -a logs/timing.txt
 	@echo
-	@echo "Done. Figures: results/figures/  Tables: results/tables/ (table1.md, imbalance.csv)  Logs: logs/"
+	@echo "Done. Figures: results/figures/  Tables: results/tables/ (table1.md, imbalance.csv)  Logs: logs/ (timing.txt)"
 
 dry-run: setup
 	$(BIN)/snakemake --cores $(CORES) -n

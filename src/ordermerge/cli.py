@@ -126,6 +126,12 @@ def cmd_analyze(a):
     analyze(a.config_json, a.results_dir, a.out_dir)
 
 
+def cmd_timing(a):
+    from ordermerge.timing import report
+
+    print(report(Path(a.results_dir), Path(a.logs), a.since, a.wall, a.cores), end="")
+
+
 def _refuse_overwriting_inputs(a) -> None:
     """Before anything is written: no output may be, contain or lie inside an input (whatever --force says).
 
@@ -222,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results-dir", required=True)
     s.add_argument("--out-dir", required=True)
     s.set_defaults(func=cmd_analyze, reads=("results_dir",), writes=("out_dir",))
+
+    s = sub.add_parser("timing", help="where a run's time went: stages, token budget, tokens/s (writes nothing)")
+    s.add_argument("--results-dir", default="results")
+    s.add_argument("--logs", default="logs")
+    s.add_argument("--since", type=float, default=0.0, help="only jobs that finished after this Unix time")
+    s.add_argument("--wall", type=float, help="the run's wall seconds, to compare with the summed job time")
+    s.add_argument("--cores", type=int)
+    s.set_defaults(func=cmd_timing, reads=("results_dir", "logs"), writes=())
 
     return p
 

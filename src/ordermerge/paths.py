@@ -31,6 +31,37 @@ TEMPLATES = {
 }
 EVAL_FILES = {"metrics": ".json", "generations": ".generations.jsonl", "val_losses": ".val_losses.csv"}
 
+# Per job: its log and its Snakemake benchmark (wall s, CPU s, peak RSS), under logs/<stage>/ — the
+# stage is what `ordermerge timing` splits the run's time by. Rules sharing a stage share a directory.
+JOBS = {
+    "base_model": ("base_model", "{model}"),
+    "prepare_data": ("prepare_data", "{model}_{task}"),
+    "orders": ("orders", "{model}_{task}_{scheme}_run{run}"),
+    "fine_tune": ("fine_tune", "{model}_{task}_{scheme}_run{run}"),
+    "sample_losses": ("sample_losses", "{model}_{task}_{scheme}_run{run}_epoch{epoch}"),
+    "sample_losses_merged": ("sample_losses", "{model}_{task}_{scheme}_{method}_seed{mseed}_epoch{epoch}"),
+    "merge": ("merge", "{model}_{task}_{scheme}_epoch{epoch}_{method}_seed{mseed}"),
+    "evaluate_single": ("evaluate", "{model}_{task}_{scheme}_single_run{run}"),
+    "evaluate_merged": ("evaluate", "{model}_{task}_{scheme}_{method}_seed{mseed}"),
+    "ksweep_merge": ("ksweep_merge", "{model}_{task}_{scheme}_size{size}_subset{subset}_{method}"),
+    "ksweep_evaluate": ("ksweep_evaluate", "{model}_{task}_{scheme}_size{size}_subset{subset}_{method}"),
+    "multitask_merge": ("multitask_merge", "{model}_{method}_seed{mseed}"),
+    "evaluate_multitask": ("evaluate_multitask", "{model}_{task}_{method}_seed{mseed}"),
+    "analyze": (".", "analyze"),
+}
+LOGS = "logs"
+BENCHMARK_SUFFIX = ".benchmark.tsv"
+
+
+def job_log(rule: str) -> str:
+    stage, name = JOBS[rule]
+    return f"{LOGS}/{stage}/{name}.log".replace("/./", "/")
+
+
+def job_benchmark(rule: str) -> str:
+    stage, name = JOBS[rule]
+    return f"{LOGS}/{stage}/{name}{BENCHMARK_SUFFIX}".replace("/./", "/")
+
 
 @dataclass(frozen=True)
 class Paths:

@@ -32,7 +32,9 @@ rule analyze:
             category="Multi-task merge",
         ),
     log:
-        "logs/analyze.log",
+        paths.job_log("analyze"),
+    benchmark:
+        paths.job_benchmark("analyze")
     conda:
         "../../envs/ordermerge.yaml"
     params:

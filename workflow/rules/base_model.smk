@@ -2,7 +2,9 @@ rule base_model:
     output:
         directory(P.base),
     log:
-        "logs/base_model/{model}.log",
+        paths.job_log("base_model"),
+    benchmark:
+        paths.job_benchmark("base_model")
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("base_model")

@@ -8,7 +8,9 @@ rule prepare_data:
         test=P.partial("split", split="test"),
         # the held-out split, when a configured method chooses on data (the config then requires n_heldout >= 1)
     log:
-        "logs/prepare_data/{model}_{task}.log",
+        paths.job_log("prepare_data"),
+    benchmark:
+        paths.job_benchmark("prepare_data")
     conda:
         "../../envs/ordermerge.yaml"
     params:
@@ -26,7 +28,9 @@ rule orders:
     output:
         P.order,
     log:
-        "logs/orders/{model}_{task}_{scheme}_run{run}.log",
+        paths.job_log("orders"),
+    benchmark:
+        paths.job_benchmark("orders")
     conda:
         "../../envs/ordermerge.yaml"
     params:

@@ -6,7 +6,9 @@ rule evaluate_single:
     output:
         **P.eval_outputs("eval_single"),
     log:
-        "logs/evaluate/{model}_{task}_{scheme}_single_run{run}.log",
+        paths.job_log("evaluate_single"),
+    benchmark:
+        paths.job_benchmark("evaluate_single")
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("evaluate_single")
@@ -39,7 +41,9 @@ use rule evaluate_single as evaluate_merged with:
     output:
         **P.eval_outputs("eval_merged"),
     log:
-        "logs/evaluate/{model}_{task}_{scheme}_{method}_seed{mseed}.log",
+        paths.job_log("evaluate_merged"),
+    benchmark:
+        paths.job_benchmark("evaluate_merged")
     threads: rule_threads("evaluate_merged")
     resources:
         **rule_resources("evaluate_merged", mem_mb=4000, runtime=60),

@@ -9,7 +9,9 @@ rule fine_tune:
         ],
         steps=P.steps,
     log:
-        "logs/fine_tune/{model}_{task}_{scheme}_run{run}.log",
+        paths.job_log("fine_tune"),
+    benchmark:
+        paths.job_benchmark("fine_tune")
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("fine_tune")
@@ -38,7 +40,9 @@ rule sample_losses:
     output:
         P.run_losses,
     log:
-        "logs/sample_losses/{model}_{task}_{scheme}_run{run}_epoch{epoch}.log",
+        paths.job_log("sample_losses"),
+    benchmark:
+        paths.job_benchmark("sample_losses")
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("sample_losses")
@@ -67,7 +71,9 @@ use rule sample_losses as sample_losses_merged with:
     output:
         P.merged_losses,
     log:
-        "logs/sample_losses/{model}_{task}_{scheme}_{method}_seed{mseed}_epoch{epoch}.log",
+        paths.job_log("sample_losses_merged"),
+    benchmark:
+        paths.job_benchmark("sample_losses_merged")
     threads: rule_threads("sample_losses_merged")
     resources:
         **rule_resources("sample_losses_merged", mem_mb=4000, runtime=30),

@@ -22,7 +22,9 @@ use rule merge as ksweep_merge with:
         # scale keeping them would add ~20 GB of disk
         temp(directory(P.ksweep_merged)),
     log:
-        "logs/ksweep_merge/{model}_{task}_{scheme}_size{size}_subset{subset}_{method}.log",
+        paths.job_log("ksweep_merge"),
+    benchmark:
+        paths.job_benchmark("ksweep_merge")
     threads: rule_threads("ksweep_merge")
     resources:
         **rule_resources("ksweep_merge", mem_mb=4000, runtime=30),
@@ -48,7 +50,9 @@ rule ksweep_evaluate:
         ),
         val_losses=P.eval_outputs("ksweep_merged")["val_losses"],
     log:
-        "logs/ksweep_evaluate/{model}_{task}_{scheme}_size{size}_subset{subset}_{method}.log",
+        paths.job_log("ksweep_evaluate"),
+    benchmark:
+        paths.job_benchmark("ksweep_evaluate")
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("ksweep_evaluate")

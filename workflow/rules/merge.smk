@@ -6,7 +6,9 @@ rule merge:
     output:
         directory(P.merged),
     log:
-        "logs/merge/{model}_{task}_{scheme}_epoch{epoch}_{method}_seed{mseed}.log",
+        paths.job_log("merge"),
+    benchmark:
+        paths.job_benchmark("merge")
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("merge")

@@ -19,7 +19,9 @@ use rule merge as multitask_merge with:
     output:
         directory(P.multitask_merged),
     log:
-        "logs/multitask_merge/{model}_{method}_seed{mseed}.log",
+        paths.job_log("multitask_merge"),
+    benchmark:
+        paths.job_benchmark("multitask_merge")
     threads: rule_threads("multitask_merge")
     resources:
         **rule_resources("multitask_merge", mem_mb=4000, runtime=30),
@@ -36,7 +38,9 @@ rule evaluate_multitask:
     output:
         **P.eval_outputs("eval_multitask"),
     log:
-        "logs/evaluate_multitask/{model}_{task}_{method}_seed{mseed}.log",
+        paths.job_log("evaluate_multitask"),
+    benchmark:
+        paths.job_benchmark("evaluate_multitask")
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("evaluate_multitask")

@@ -47,8 +47,9 @@ def plot_fig1(positions: np.ndarray, losses: np.ndarray, row: dict, anchor: int,
         ax_b.scatter(positions[k], losses[k], s=8, alpha=0.25, color=cmap(k % 10))
         label = f"run {k}: ρ = {spearman(positions[k], losses[k])[0]:+.2f}" if k < 10 else None
         ax_b.plot(c, m, "o-", color=cmap(k % 10), label=label)
-    ax_b.set_title(f"(b) all {positions.shape[0]} runs; paired ρ = {row['rho_paired']:+.2f} "
-                   f"(perm. p = {row['p_paired_permutation']:.2g})")
+    ax_b.set_title(f"(b) all {positions.shape[0]} runs; paired ρ = {row['rho_paired']:+.3f}, 95% CI "
+                   f"[{row['rho_paired_ci_low']:+.3f}, {row['rho_paired_ci_high']:+.3f}] (perm. p = "
+                   f"{row['p_paired_permutation']:.2g})\n{row['verdict_paired']}", fontsize=9)
     ax_b.set_xlabel(POSITION_LABEL)
     ax_b.legend(fontsize=8, ncol=2)
     fig.suptitle(title + "\n" + SIGN_NOTE, fontsize=10)

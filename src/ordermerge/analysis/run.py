@@ -17,7 +17,8 @@ from ordermerge.analysis.subsets import analyze_ksweep_and_multitask
 from ordermerge.storage.atomic import atomic_path
 from ordermerge.analysis.figures import plot_fig1, plot_fig3, plot_fig4
 from ordermerge.data.orders import first_epoch_positions, load_order
-from ordermerge.analysis.stats import paired_rho, permutation_p, spearman
+from ordermerge.analysis.stats import (paired_rho, paired_rho_ci, permutation_p, residual_rho_ci, spearman,
+                                       verdict)
 from ordermerge.analysis.tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
 from ordermerge.merging.registry import merge_variants
 from ordermerge.paths import EVAL_FILES, Paths
@@ -45,6 +46,9 @@ def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: 
     last = np.concatenate([losses[k][positions[k] >= n - tenth] for k in range(len(losses))])
     residual = losses - losses.mean(axis=0, keepdims=True)  # loss minus the sample's mean over runs
     pooled = spearman(positions.ravel(), residual.ravel())
+    paired = paired_rho(positions, losses)
+    paired_lo, paired_hi = paired_rho_ci(positions, losses, seed)
+    residual_lo, residual_hi = residual_rho_ci(positions, losses, seed)
     return {
         "n_samples": n,
         "runs": positions.shape[0],
@@ -53,7 +57,12 @@ def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: 
         "rho_mean_over_runs": float(np.mean([r for r, _ in per_run])),
         "rho_residual_pooled": pooled[0],
         "p_residual_pooled": pooled[1],
-        "rho_paired": paired_rho(positions, losses),
+        "rho_residual_ci_low": residual_lo,
+        "rho_residual_ci_high": residual_hi,
+        "rho_paired": paired,
+        "rho_paired_ci_low": paired_lo,
+        "rho_paired_ci_high": paired_hi,
+        "verdict_paired": verdict(paired_lo, paired_hi),
         "p_paired_permutation": permutation_p(positions, losses, n_perm=499, seed=seed),
         "loss_first_decile": float(first.mean()),
         "loss_last_decile": float(last.mean()),
@@ -84,6 +93,17 @@ def load_val_losses(cfg: dict, results: Path) -> dict:
     out: dict = {}
     for key, stem in evaluations(cfg, results):
         out.setdefault(key, []).append(pd.read_csv(f"{stem}{EVAL_FILES['val_losses']}"))
+    return out
+
+
+def load_test_scores(cfg: dict, results: Path) -> dict:
+    """Per-sample task metric of every evaluation (sample_id, correct as 0/1), for Table 1's intervals."""
+    out: dict = {}
+    for key, stem in evaluations(cfg, results):
+        rows = pd.read_json(f"{stem}{EVAL_FILES['generations']}", lines=True, dtype={"sample_id": str})
+        frame = rows[["sample_id", "correct"]].astype({"correct": float}) if len(rows) else \
+            pd.DataFrame({"sample_id": pd.Series(dtype=str), "correct": pd.Series(dtype=float)})
+        out.setdefault(key, []).append(frame)
     return out
 
 
@@ -145,7 +165,8 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     extra = analyze_ksweep_and_multitask(cfg, results, out, metrics, _write_table)  # K-sweep, Table 3 (when configured)
     _write_table(out, "metrics", pd.concat([tidy_metrics(metrics), extra], ignore_index=True) if len(extra)
                  else tidy_metrics(metrics), None)
-    t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(cfg, results))
+    t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(cfg, results), load_test_scores(cfg, results),
+                seed=cfg["seed"])
     _write_table(out, "table1", t1, table1_markdown(t1))
     best = cfg["merge"]["methods"][-1]
     if len(cfg["models"]) > 1:

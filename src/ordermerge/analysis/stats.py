@@ -51,3 +51,56 @@ def binned_means(x: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, n
         sem = float(np.std(y[chunk], ddof=1) / np.sqrt(len(chunk))) if len(chunk) > 1 else 0.0
         half.append(1.96 * sem)
     return np.array(centres), np.array(means), np.array(half)
+
+
+# Bootstrap resamples behind every 95 % interval: enough that the interval's ends move by < 0.005 between
+# seeds at the default's size, cheap (a paired ρ over 128 samples x 6 pairs costs ~0.4 ms).
+BOOTSTRAP = 2000
+
+
+def bootstrap_ci(statistic, n: int, seed: int, name: str, reps: int = BOOTSTRAP, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``statistic(idx)`` over ``reps`` resamples of the ``n`` samples with
+    replacement (a sample is resampled whole, with all of its runs, seeds or models). Deterministic
+    in (seed, name); NaN when n < 2."""
+    if n < 2:
+        return float("nan"), float("nan")
+    rng = numpy_rng(seed, f"bootstrap-{name}")
+    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(reps)], dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def paired_rho_ci(positions: np.ndarray, losses: np.ndarray, seed: int) -> tuple[float, float]:
+    """95 % bootstrap interval of the paired ρ, resampling samples (columns: a sample keeps its K runs)."""
+    return bootstrap_ci(lambda idx: paired_rho(positions[:, idx], losses[:, idx]), positions.shape[1], seed, "paired-rho")
+
+
+def residual_rho(positions: np.ndarray, losses: np.ndarray) -> float:
+    """Pooled ρ of position vs loss minus the sample's mean loss over runs (difficulty removed)."""
+    residual = losses - losses.mean(axis=0, keepdims=True)
+    return float(stats.spearmanr(positions.ravel(), residual.ravel()).statistic)
+
+
+def residual_rho_ci(positions: np.ndarray, losses: np.ndarray, seed: int) -> tuple[float, float]:
+    return bootstrap_ci(lambda idx: residual_rho(positions[:, idx], losses[:, idx]), positions.shape[1], seed,
+                        "residual-rho")
+
+
+# An interval narrower than this on each side of 0 rules out an effect worth reporting, whichever its sign.
+DECISIVE_HALF_WIDTH = 0.1
+
+
+def verdict(lo: float, hi: float) -> str:
+    """What a 95 % interval of a correlation says, in words that do not presume the paper's sign."""
+    if lo != lo or hi != hi:
+        return "undetermined (too few samples)"
+    if hi < 0:
+        return "negative: early samples end with higher loss (the paper's direction)"
+    if lo > 0:
+        return "positive: early samples end with lower loss (opposite to the paper)"
+    if -DECISIVE_HALF_WIDTH < lo and hi < DECISIVE_HALF_WIDTH:
+        return f"no effect: interval within ±{DECISIVE_HALF_WIDTH}"
+    return "undecided: interval includes 0 and is wider than ±0.1 (more samples or runs needed)"

@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ordermerge.analysis.stats import bootstrap_ci
+
 METRICS = ("val_loss", "exact_match", "task_score")
 # Accuracy metrics by kind of task: exact match of the numeric answer, or for multiple-choice tasks
 # accuracy by log-likelihood (raw and per character). A task's headline one is its `task_metric`.
@@ -47,15 +49,61 @@ def paired_p(single_losses: list[pd.DataFrame], merged_losses: list[pd.DataFrame
     return float(stats.wilcoxon(diff).pvalue)
 
 
-def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict) -> pd.DataFrame:
-    """Single SFT (mean ± std over runs) vs each merge (mean ± std over merge seeds).
+def _matrix(frames: list[pd.DataFrame], column: str, ids: pd.Index) -> np.ndarray:
+    """rows = frames (runs or merge seeds), columns = ``ids``: one per-sample column of each frame."""
+    return np.array([f.set_index("sample_id")[column].reindex(ids).to_numpy(dtype=float) for f in frames])
 
-    ``val_losses[(model, task, scheme, method)]`` lists per-sample val-loss frames (one per run/seed).
+
+def _weighted(values: np.ndarray, weights: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Per row: the ``weights``-weighted mean over the resampled columns ``idx`` (token-weighted val loss)."""
+    return (values[:, idx] * weights[:, idx]).sum(axis=1) / weights[:, idx].sum(axis=1)
+
+
+def delta_intervals(single: list[pd.DataFrame], merged: list[pd.DataFrame], column: str, weight: str | None,
+                    lower_is_better: bool, seed: int, name: str) -> dict:
+    """Δ of a merge (mean over seeds) against the mean single run and against the best single run, each with
+    a 95 % bootstrap interval over evaluation samples (a sample is resampled with all its runs and seeds;
+    runs and merge seeds stay as they are). The best run is re-chosen inside every resample, so
+    ``beats_best`` means better than every single run, not only than their mean."""
+    nan = {"delta_ci": (np.nan, np.nan), "delta_best": np.nan, "delta_best_ci": (np.nan, np.nan), "beats_best": None}
+    if not single or not merged:
+        return nan
+    ids = pd.Index(sorted(set.intersection(*(set(f["sample_id"]) for f in single + merged))))
+    if len(ids) < 2:
+        return nan
+    s, m = _matrix(single, column, ids), _matrix(merged, column, ids)
+    weighted = weight is not None and all(weight in f for f in single + merged)
+    ws = _matrix(single, weight, ids) if weighted else np.ones_like(s)
+    wm = _matrix(merged, weight, ids) if weighted else np.ones_like(m)
+    best = np.min if lower_is_better else np.max
+
+    def delta(idx):
+        return _weighted(m, wm, idx).mean() - _weighted(s, ws, idx).mean()
+
+    def delta_best(idx):
+        return _weighted(m, wm, idx).mean() - best(_weighted(s, ws, idx))
+
+    everything = np.arange(len(ids))
+    d_best = float(delta_best(everything))
+    return {"delta_ci": bootstrap_ci(delta, len(ids), seed, f"{name}-delta"), "delta_best": d_best,
+            "delta_best_ci": bootstrap_ci(delta_best, len(ids), seed, f"{name}-delta-best"),
+            "beats_best": bool(d_best < 0) if lower_is_better else bool(d_best > 0)}
+
+
+def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict, test_scores: dict | None = None,
+           seed: int = 0) -> pd.DataFrame:
+    """Single SFT (mean ± std over runs) vs each merge (mean ± std over merge seeds), with each Δ's 95 %
+    bootstrap interval and whether the merge beats the best single run.
+
+    ``val_losses[(model, task, scheme, method)]`` lists per-sample val-loss frames (sample_id, loss,
+    tokens; one per run/seed); ``test_scores`` the same with a per-sample ``correct`` column (the task
+    metric of each decoded or scored test sample).
     """
-    out = []
+    out, test_scores = [], test_scores or {}
     for (model, task, scheme), g in with_task_score(metrics).groupby(["model", "task", "scheme"], sort=True):
         single = g[g["kind"] == "single"]
         ref = {m: single[m].mean() for m in METRICS}
+        key = (model, task, scheme)
         for method in ["single", *methods]:
             rows = single if method == "single" else g[(g["kind"] == "merged") & (g["method"] == method)]
             if rows.empty:
@@ -67,8 +115,18 @@ def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict) -> pd.Da
                 rec[f"{metric}_mean"] = mean
                 rec[f"{metric}_std"] = rows[metric].std(ddof=1) if len(rows) > 1 else 0.0
                 rec[f"{metric}_delta"] = mean - ref[metric]
+            for metric, frames, column, weight, lower in (
+                    ("val_loss", val_losses, "loss", "tokens", True),
+                    ("task_score", test_scores, "correct", None, False)):
+                ci = delta_intervals(frames.get((*key, "single"), []), frames.get((*key, method), []), column, weight,
+                                     lower, seed, f"{model}-{task}-{scheme}-{method}-{metric}") \
+                    if method != "single" else delta_intervals([], [], column, weight, lower, seed, "")
+                rec[f"{metric}_delta_ci_low"], rec[f"{metric}_delta_ci_high"] = ci["delta_ci"]
+                rec[f"{metric}_delta_best"] = ci["delta_best"]
+                rec[f"{metric}_delta_best_ci_low"], rec[f"{metric}_delta_best_ci_high"] = ci["delta_best_ci"]
+                rec[f"{metric}_beats_best_single"] = ci["beats_best"]
             rec["p_paired_val_loss"] = float("nan") if method == "single" else paired_p(
-                val_losses.get((model, task, scheme, "single"), []), val_losses.get((model, task, scheme, method), []))
+                val_losses.get((*key, "single"), []), val_losses.get((*key, method), []))
             out.append(rec)
     return pd.DataFrame(out)
 
@@ -77,20 +135,40 @@ def _fmt_p(p: float) -> str:
     return "–" if p != p else f"{p:.2g}"
 
 
+def _ci(lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
+    return "" if lo != lo else f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+
+
+def _delta(value: float, lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
+    return "–" if value != value else f"{scale * value:+.{digits}f}{_ci(lo, hi, scale, digits)}"
+
+
+def _beats(value) -> str:
+    return "–" if value is None or value != value else ("**yes**" if value else "no")
+
+
 def table1_markdown(t: pd.DataFrame, title: str = "Table 1: single fine-tunes vs merges") -> str:
     lines = [f"# {title}", "",
              "Single: mean ± std over the K runs. Merges: mean ± std over merge seeds (average is deterministic).",
-             "Δ is against the single-run mean; lower val loss and higher task scores are better. p: Wilcoxon",
-             "signed-rank test of per-sample val losses, merge (mean over seeds) vs the mean single run.",
-             "Task metric: exact_match (final numeric answer) or mc_accuracy (multiple choice, by log-likelihood).", "",
-             "| model | task | scheme | method | n | val loss | Δ val loss | p | task metric | score % | Δ score (pts) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Δ is against the single-run mean, Δ best against the best single run (re-chosen in every resample);",
+             "[brackets]: 95 % bootstrap intervals over evaluation samples. Lower val loss and higher task scores",
+             "are better; 'beats best' = better than every single run. p: Wilcoxon signed-rank test of per-sample",
+             "val losses, merge (mean over seeds) vs the mean single run. Task metric: exact_match (final numeric",
+             "answer) or mc_accuracy (multiple choice, by log-likelihood).", "",
+             "| model | task | scheme | method | n | val loss | Δ val loss [95% CI] | p | Δ best [95% CI] | beats best |"
+             " task metric | score % | Δ score pts [95% CI] | Δ best pts [95% CI] | beats best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in t.itertuples():
         lines.append(
             f"| {r.model} | {r.task} | {r.scheme} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
-            f"{r.val_loss_delta:+.4f} | {_fmt_p(r.p_paired_val_loss)} | "
+            f"{_delta(r.val_loss_delta, r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)} | "
+            f"{_fmt_p(r.p_paired_val_loss)} | "
+            f"{_delta(r.val_loss_delta_best, r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)} | "
+            f"{_beats(r.val_loss_beats_best_single)} | "
             f"{r.task_metric} | {100 * r.task_score_mean:.1f} ± {100 * r.task_score_std:.1f} | "
-            f"{100 * r.task_score_delta:+.1f} |"
+            f"{_delta(r.task_score_delta, r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)} | "
+            f"{_delta(r.task_score_delta_best, r.task_score_delta_best_ci_low, r.task_score_delta_best_ci_high, 100, 1)} | "
+            f"{_beats(r.task_score_beats_best_single)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -2,17 +2,21 @@
 numeric answer, or for multiple-choice tasks accuracy by log-likelihood (``choices.py``).
 
 Greedy decoding (temperature 0), batched with left padding; the answer is the number after the
-last ``####`` (the training format) or else the last number in the generation.
+first complete ``#### <number>`` line (the training format), or else the last number in the generation.
+A sequence stops as soon as that line is complete (``AnswerStop``), and a batch once every sequence has
+stopped or reached ``max_new_tokens``: a model that has answered is not decoded further.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ordermerge.storage.atomic import atomic_path, write_json
 from ordermerge.scoring.choices import choice_logprobs, mc_rows
@@ -22,21 +26,51 @@ from ordermerge.data.sources import is_multiple_choice
 from ordermerge.scoring.losses import load_model, per_sample_losses
 
 
+# A complete answer line: '####', a token with a digit, then whitespace (the number cannot grow any more).
+ANSWER_LINE = re.compile(r"####[ \t]*[^\s]*\d[^\s]*(?=\s)")
+
+
+def cut_at_answer(text: str) -> str:
+    """The generation up to the end of its first complete answer line (unchanged when it has none)."""
+    found = ANSWER_LINE.search(text)
+    return text[: found.end()] if found else text
+
+
+class AnswerStop(StoppingCriteria):
+    """Per sequence: done once the generated text holds a complete ``#### <number>`` line."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor([ANSWER_LINE.search(t) is not None for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
 def greedy_answers(model, tokenizer, records: list[dict], system_prompt: str | None, batch_size: int,
-                   max_new_tokens: int) -> list[str]:
+                   max_new_tokens: int, stats: dict | None = None) -> list[str]:
+    """Greedy generations, cut after the answer line; ``stats`` (if given) gets the decoding steps run
+    and the tokens generated, to show what early stopping saved."""
     tokenizer.padding_side = "left"
     prompts = [prompt_text(tokenizer, r["prompt"], system_prompt) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
+    steps = tokens = 0
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
         idx = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(model.device)  # the GPU when load_model found one
+        width = enc["input_ids"].shape[1]
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             stopping_criteria=StoppingCriteriaList([AnswerStop(tokenizer, width)]))
+        steps += gen.shape[1] - width
+        tokens += int((gen[:, width:] != tokenizer.pad_token_id).sum())
         for j, i in enumerate(idx):
-            outputs[i] = tokenizer.decode(gen[j, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            outputs[i] = cut_at_answer(tokenizer.decode(gen[j, width:], skip_special_tokens=True))
+    if stats is not None:
+        stats.update(decode_steps=steps, generated_tokens=tokens)
     return outputs
 
 
@@ -48,12 +82,13 @@ def exact_match(prediction: str, answer: str) -> bool:
 
 def exact_match_scores(model, tokenizer, test: list[dict], task_spec: dict, eval_cfg: dict) -> tuple[dict, list[dict]]:
     """Numeric tasks: greedy generations, right when the final number matches the gold one."""
+    decoding: dict = {}
     generations = greedy_answers(model, tokenizer, test, task_spec.get("system_prompt"), eval_cfg["batch_size"],
-                                 eval_cfg["max_new_tokens"])
+                                 eval_cfg["max_new_tokens"], decoding)
     correct = [exact_match(g, r["answer"]) for g, r in zip(generations, test)]
     rows = [{"sample_id": r["sample_id"], "answer": r["answer"], "generation": g, "correct": c}
             for r, g, c in zip(test, generations, correct)]
-    return {"task_metric": "exact_match", "exact_match": sum(correct) / max(1, len(correct))}, rows
+    return {"task_metric": "exact_match", "exact_match": sum(correct) / max(1, len(correct)), **decoding}, rows
 
 
 def mc_scores(model, tokenizer, test: list[dict], task_spec: dict, eval_cfg: dict) -> tuple[dict, list[dict]]:
