@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test lint dry-run report clean
+.PHONY: setup run study test lint dry-run report clean
 
 $(STAMP): requirements.txt pyproject.toml
 	rm -f $(VENV)/.stamp-*
@@ -35,6 +35,18 @@ run: setup
 	  echo "make run: $$((end - $(MAKE_START))) s in all, set-up included ($$((start - $(MAKE_START))) s)" | tee -a logs/timing.txt
 	@echo
 	@echo "Done. Figures: results/figures/  Tables: results/tables/ (table1.md, imbalance.csv)  Logs: logs/ (timing.txt)"
+
+# The study (configs/study.yaml): the default plus fixbatch, every epoch's losses and the K-sweep, then
+# the constant-lr ablation; figures and tables gathered into docs/results/. ~45 min on 2 idle cores.
+# The results dirs below are the overlays' results_dir values.
+study: setup
+	@set -e; for run in linear constant; do \
+	  files="config.yaml configs/study.yaml"; if [ $$run = constant ]; then files="$$files configs/study-constant.yaml"; fi; \
+	  start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) --configfile $$files; end=$$(date +%s); \
+	  $(BIN)/ordermerge timing --results-dir results-study/$$run --since $$start --wall $$((end - start)) \
+	    --cores $$([ "$(CORES)" = all ] && nproc || echo $(CORES)) | tee results-study/$$run/timing.txt; \
+	done
+	$(BIN)/ordermerge study-report --run linear=results-study/linear --run constant=results-study/constant --out docs/results
 
 dry-run: setup
 	$(BIN)/snakemake --cores $(CORES) -n

@@ -20,7 +20,18 @@ from ordermerge.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# Full cluster configs; the study's files are overlays on config.yaml (tested below, as make study runs them).
+CONFIGS = sorted(c for c in (ROOT / "configs").glob("*.yaml") if not c.stem.startswith("study"))
+STUDY = {  # overlay chain -> jobs per rule, worked out as for EXPECTED (K=4, 3 methods x 2 seeds)
+    # 2 schemes, every epoch scored: per scheme 5 final merges + 3 methods x 2 earlier epochs; K-sweep 4 + 4
+    ("study",): {"base_model": 1, "prepare_data": 1, "orders": 8, "fine_tune": 8, "evaluate_single": 8,
+                 "sample_losses": 24, "merge": 22, "evaluate_merged": 10, "sample_losses_merged": 18,
+                 "ksweep_merge": 8, "ksweep_evaluate": 8, "analyze": 1, "all": 1, "total": 118},
+    # constant lr: shuffle only, final epoch only, no K-sweep: the default's DAG
+    ("study", "study-constant"): {"base_model": 1, "prepare_data": 1, "orders": 4, "fine_tune": 4,
+                                  "evaluate_single": 4, "sample_losses": 4, "merge": 5, "evaluate_merged": 5,
+                                  "sample_losses_merged": 3, "analyze": 1, "all": 1, "total": 33},
+}
 
 # Jobs per rule, worked out by hand from each config (per model x task x scheme):
 #   fine_tune / orders / evaluate_single: K; sample_losses: K x scored epochs;
@@ -67,6 +78,20 @@ def resources_of(text: str, rule: str) -> set[str]:
 
 def test_every_config_has_expected_counts():
     assert {c.stem for c in CONFIGS} == set(EXPECTED), "add the new config's job counts to EXPECTED"
+
+
+@pytest.mark.parametrize("overlays", STUDY, ids="+".join)
+def test_study_overlays_plan_their_dags(overlays, tmp_path):
+    files = [ROOT / "config.yaml", *(ROOT / "configs" / f"{o}.yaml" for o in overlays)]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--configfile",
+                           *map(str, files), "-n", "--cores", "2"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert job_stats(out) == STUDY[overlays]
+    results = "results-study/constant" if "study-constant" in overlays else "results-study/linear"
+    assert f"{results}/smollm2-135m/asdiv" in out  # each run in its own results_dir
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)

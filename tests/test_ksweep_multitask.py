@@ -283,12 +283,12 @@ def test_smoke_ksweep_reuses_the_runs_and_writes_its_figure_and_table(smoke_with
     assert "| average | 2 | 1 |" in (results / "tables" / "ksweep.md").read_text()
 
 
-def test_default_config_has_a_small_val_loss_only_ksweep(tmp_path):
+def test_study_config_has_a_small_val_loss_only_ksweep_and_the_default_none(tmp_path):
     from helpers import planned_jobs, snakemake
 
-    cfg = load_config(ROOT / "config.yaml")
-    assert cfg["ksweep"]["enabled"] and not cfg["ksweep"]["exact_match"] and not cfg["multitask"]["tasks"]
-    jobs = planned_jobs(snakemake(tmp_path, "-n", configfile=ROOT / "config.yaml"))
-    # K=4: sizes 2 (3 subsets) and 4 (the full set), average only: 4 merges, 4 val-loss evaluations
-    assert (jobs["ksweep_merge"], jobs["ksweep_evaluate"]) == (4, 4)
+    default = load_config(ROOT / "config.yaml")
+    assert not default["ksweep"]["enabled"] and not default["multitask"]["tasks"]
+    jobs = planned_jobs(snakemake(tmp_path, "-n", configfile=[ROOT / "config.yaml", ROOT / "configs" / "study.yaml"]))
+    # K=4, 2 schemes: sizes 2 (3 subsets) and 4 (the full set), average only: 4 merges + 4 val-loss evaluations each
+    assert (jobs["ksweep_merge"], jobs["ksweep_evaluate"]) == (8, 8)
     assert "multitask_merge" not in jobs

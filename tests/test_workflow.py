@@ -121,3 +121,43 @@ def test_methods_that_choose_on_data_get_the_heldout_split(tmp_path):
     soup = [line for line in text.splitlines() if "ordermerge merge" in line and "greedy_soup" in line]
     assert soup and all("--data results/smollm2-135m/gsm/data/heldout.jsonl" in line for line in soup)
     assert not [line for line in text.splitlines() if "--method tsv" in line and "--data" in line]
+
+
+def test_smoke_run_states_its_intervals_and_where_the_time_went(smoke_run):
+    results = smoke_run / "results"
+    imb = pd.read_csv(results / "tables" / "imbalance.csv").iloc[0]
+    assert imb.rho_paired_ci_low <= imb.rho_paired <= imb.rho_paired_ci_high
+    assert imb.verdict_paired.split(":")[0] in {"negative", "positive", "no effect", "undecided"}
+    t1 = pd.read_csv(results / "tables" / "table1.csv")
+    merged = t1[t1["method"] != "single"]
+    assert (merged.val_loss_delta_ci_low <= merged.val_loss_delta_ci_high).all()
+    assert merged.val_loss_beats_best_single.isin([True, False]).all()
+    assert "Δ best [95% CI]" in (results / "tables" / "table1.md").read_text()
+    # every job wrote a Snakemake benchmark beside its log; `ordermerge timing` splits them by stage
+    logs = sorted((smoke_run / "logs").rglob("*.log"))
+    assert logs and all(log.with_name(log.name[:-4] + ".benchmark.tsv").exists() for log in logs)
+    from ordermerge.timing import report, stage_table, training_tokens
+
+    stages = stage_table(smoke_run / "logs")
+    assert stages.set_index("stage")["jobs"].to_dict() == {
+        "base_model": 1, "prepare_data": 1, "orders": 2, "fine_tune": 2, "sample_losses": 10, "merge": 8,
+        "evaluate": 7, "analyze": 1}
+    tokens = training_tokens(results)
+    steps = [pd.read_csv(f) for f in sorted(results.rglob("steps.csv"))]
+    assert tokens["tokens"] == sum(int(s["tokens"].sum()) for s in steps) > 0
+    text = report(results, smoke_run / "logs", wall=100.0, cores=2)
+    assert "fine_tune" in text and f"{tokens['tokens']:,} tokens" in text
+
+
+def test_study_report_gathers_runs_without_recomputing(smoke_run, tmp_path):
+    from ordermerge.analysis.study import study_report
+
+    results = smoke_run / "results"
+    written = study_report({"a": results, "b": results}, tmp_path / "docs")
+    readme = (tmp_path / "docs" / "README.md").read_text()
+    imb = pd.read_csv(results / "tables" / "imbalance.csv").iloc[0]
+    assert f"{imb.rho_paired:+.3f} [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in readme
+    assert readme.count("| resample1 |") == 2  # one Table 1 row per run
+    assert (tmp_path / "docs" / "a" / "fig1_smollm2-135m_gsm_shuffle.png").read_bytes() == \
+        (results / "figures" / "fig1_smollm2-135m_gsm_shuffle.png").read_bytes()
+    assert all(p.exists() for p in written)

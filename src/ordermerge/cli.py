@@ -132,6 +132,14 @@ def cmd_timing(a):
     print(report(Path(a.results_dir), Path(a.logs), a.since, a.wall, a.cores), end="")
 
 
+def cmd_study_report(a):
+    from ordermerge.analysis.study import study_report
+
+    runs = dict(r.split("=", 1) for r in a.run)
+    for path in study_report({name: Path(results) for name, results in runs.items()}, Path(a.out)):
+        print(path)
+
+
 def _refuse_overwriting_inputs(a) -> None:
     """Before anything is written: no output may be, contain or lie inside an input (whatever --force says).
 
@@ -142,7 +150,7 @@ def _refuse_overwriting_inputs(a) -> None:
 
     def values(dest):
         v = getattr(a, dest, None)
-        if dest == "split" and v:  # NAME=PATH
+        if dest in ("split", "run") and v:  # NAME=PATH
             return [s.split("=", 1)[-1] for s in v]
         if dest == "source" and v and not Path(v).exists():
             return None  # a hub id, not a local directory
@@ -228,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results-dir", required=True)
     s.add_argument("--out-dir", required=True)
     s.set_defaults(func=cmd_analyze, reads=("results_dir",), writes=("out_dir",))
+
+    s = sub.add_parser("study-report", help="gather the study's runs into one folder (docs/results/)")
+    s.add_argument("--run", action="append", required=True, help="NAME=RESULTS_DIR, repeatable, in order")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_study_report, reads=("run",), writes=("out",))
 
     s = sub.add_parser("timing", help="where a run's time went: stages, token budget, tokens/s (writes nothing)")
     s.add_argument("--results-dir", default="results")

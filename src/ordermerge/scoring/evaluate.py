@@ -49,9 +49,10 @@ class AnswerStop(StoppingCriteria):
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, records: list[dict], system_prompt: str | None, batch_size: int,
-                   max_new_tokens: int, stats: dict | None = None) -> list[str]:
+                   max_new_tokens: int, stats: dict | None = None, stop_at_answer: bool = True) -> list[str]:
     """Greedy generations, cut after the answer line; ``stats`` (if given) gets the decoding steps run
-    and the tokens generated, to show what early stopping saved."""
+    and the tokens generated, to show what early stopping saved (``stop_at_answer=False``: the
+    benchmark's reference, decoding to max_new_tokens or EOS; the cut texts are the same)."""
     tokenizer.padding_side = "left"
     prompts = [prompt_text(tokenizer, r["prompt"], system_prompt) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -64,7 +65,7 @@ def greedy_answers(model, tokenizer, records: list[dict], system_prompt: str | N
         width = enc["input_ids"].shape[1]
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                             stopping_criteria=StoppingCriteriaList([AnswerStop(tokenizer, width)]))
+                             stopping_criteria=StoppingCriteriaList([AnswerStop(tokenizer, width)] if stop_at_answer else []))
         steps += gen.shape[1] - width
         tokens += int((gen[:, width:] != tokenizer.pad_token_id).sum())
         for j, i in enumerate(idx):

