@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run study test lint dry-run report clean
+.PHONY: setup run study test lint dry-run report gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml
 	rm -f $(VENV)/.stamp-*
@@ -47,6 +47,11 @@ study: setup
 	    --cores $$([ "$(CORES)" = all ] && nproc || echo $(CORES)) | tee results-study/$$run/timing.txt; \
 	done
 	$(BIN)/ordermerge study-report --run linear=results-study/linear --run constant=results-study/constant --out docs/results
+
+# On a machine with a GPU: fine-tuning tokens/s and MFU (bf16, sdpa), packed vs padded, and merge
+# --device cuda bytes against the CPU's (benchmarks/gpu_check.py; ~10 min). Needs a CUDA build of torch.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 dry-run: setup
 	$(BIN)/snakemake --cores $(CORES) -n

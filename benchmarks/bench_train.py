@@ -1,11 +1,12 @@
 """Training throughput of ordermerge's loop vs a plain transformers.Trainer, and the batched
 per-sample loss pass vs a batch-1 loop, measured in the same process on the same model and data.
 
-    python benchmarks/bench_train.py [--model DIR] [--data train.jsonl] [--steps 4] [--batch-size 4]
+    python benchmarks/bench_train.py [--model DIR] [--data train.jsonl] [--steps 6] [--batch-size 8]
 
-Default model: the SmolLM2 base at results/smollm2-135m/base with its task's train split, else a
-tiny offline Llama with synthetic records. Both trainers see the same batches in the same order
-(fp32, AdamW, linear decay, clip 1.0); tokens/s = non-pad tokens / optimizer-step seconds,
+Default model: the SmolLM2 base at results/smollm2-135m/base with the default task's train split
+(config.yaml's first task, its spec and batch size), else a tiny offline Llama with synthetic
+records. Both trainers see the same batches in the same order (fp32, fused AdamW, linear decay,
+clip 1.0); tokens/s = non-pad tokens / optimizer-step seconds,
 skipping the first (warm-up) step. Prints each figure and the ratios.
 """
 
@@ -23,7 +24,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = ROOT / "results" / "smollm2-135m"
-DEFAULT_SPEC = {"max_length": 120, "system_prompt": "Solve the math problem. End with '#### <answer>'."}
+
+def default_task() -> tuple[str, dict, int]:
+    """The default run's first task (name, spec) and batch size: config.yaml is the one place they live."""
+    from ordermerge.config import load_config
+
+    cfg = load_config(ROOT / "config.yaml")
+    task, spec = next(iter(cfg["tasks"].items()))
+    return task, spec, cfg["train"]["batch_size"]
 
 
 def tiny_setup(tmp: Path, n: int) -> tuple[Path, Path]:
@@ -126,9 +134,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, help="HF model dir or 'tiny' (default: SmolLM2 base if built, else tiny)")
     p.add_argument("--data", type=Path, help="train.jsonl (default: the model's task split or synthetic)")
-    p.add_argument("--task-spec", type=json.loads, default=DEFAULT_SPEC)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=4)
+    task, spec, batch = default_task()
+    p.add_argument("--task-spec", type=json.loads, default=spec, help="default: config.yaml's first task")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=batch, help="default: config.yaml's train.batch_size")
     p.add_argument("--loss-batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="loss-pass timings: best of N")
     p.add_argument("--threads", type=int, default=1)
@@ -145,7 +154,8 @@ def main() -> None:
     need = a.steps * a.batch_size
     if a.model is None and (SMOLLM / "base" / "model.safetensors").exists():
         a.model = SMOLLM / "base"
-        a.data = a.data or next(SMOLLM.glob("*/data/train.jsonl"), None)
+        split = SMOLLM / task / "data" / "train.jsonl"
+        a.data = a.data or (split if split.exists() else None)
     if a.model in (None, Path("tiny")):
         a.model, data = tiny_setup(tmp, need)
         a.data, a.task_spec = a.data or data, {"max_length": 96, "system_prompt": None}
