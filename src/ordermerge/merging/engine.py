@@ -12,7 +12,6 @@ tokenizer, a model card) plus ``merge.json`` provenance, written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import threading
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from ordermerge import __version__
 from ordermerge.merging import registry
 from ordermerge.merging.bits import CHUNK, INT_VIEW, normalized_weights
+from ordermerge.merging.digests import Budget, StreamingDigest, sha256_of_dir  # noqa: F401  (sha256_of_dir: re-exported)
 from ordermerge.merging.methods import MergeMethod, load
 from ordermerge.storage.atomic import atomic_path
 from ordermerge.storage.guards import refuse_duplicates
@@ -58,19 +58,6 @@ def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                          "use --device cpu, which gives the same bytes")
-
-
-def sha256_of_dir(directory: Path) -> str:
-    """Digest of a model's weight files (names and bytes), for provenance."""
-    h = hashlib.sha256()
-    buf = bytearray(1 << 20)  # reused and cache-sized: hashing is most of a merge's CPU time
-    view = memoryview(buf)
-    for path in sorted(directory.glob("*.safetensors")):
-        h.update(path.name.encode())
-        with open(path, "rb", buffering=0) as fh:
-            while n := fh.readinto(buf):
-                h.update(view[:n])
-    return h.hexdigest()
 
 
 def _check_compatible(base: LazyCheckpoint, models: list[LazyCheckpoint]) -> None:
@@ -148,23 +135,54 @@ class _ChunkMerger:
         return stats
 
 
-def _run_parallel(tasks: list[tuple], hash_dirs: list[Path], merger: _ChunkMerger, progress: bool, desc: str):
-    """Chunks and input digests on torch.get_num_threads() worker threads (numpy and torch release the GIL)."""
+def _run_parallel(tasks: list[tuple], digests: list[StreamingDigest], merger: _ChunkMerger, progress: bool, desc: str):
+    """Chunks and input digests on torch.get_num_threads() worker threads (numpy, torch and hashlib
+    release the GIL). The digests are fed by the chunks' reads; what is left of them runs last,
+    overlapping the output's sync."""
     workers = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over chunks instead: intra-op threads would oversubscribe
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         merger.prepare(pool, tasks, progress)
         chunks = [pool.submit(merger, *t) for t in tasks]
-        digests = [pool.submit(sha256_of_dir, d) for d in hash_dirs]  # last: they overlap the output's sync
         for f in tqdm(as_completed(chunks), total=len(chunks), desc=desc, unit="chunk", disable=not progress):
             f.result()
+        rest = [pool.submit(d.finish) for d in digests]
         merger.writer.close()
-        return [f.result() for f in chunks], [f.result() for f in digests]
+        return [f.result() for f in chunks], [f.result() for f in rest]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         merger.writer.close(sync=False)  # on failure: closes the files before the temporary directory goes
         torch.set_num_threads(workers)
+
+
+def _file_order(checkpoint: LazyCheckpoint):
+    """Sort key of (name, start, count) tasks: where the chunk lies in ``checkpoint``'s files, so
+    that reads (and the digests fed by them) go through each file front to back."""
+    files = {f: i for i, f in enumerate(sorted({checkpoint.info(n).file for n in checkpoint.keys()}))}
+
+    def key(task):
+        info = checkpoint.info(task[0])
+        return files[info.file], info.offset, task[1]
+    return key
+
+
+def _digests(ctx: MergeContext, tasks: list[tuple]) -> list[StreamingDigest]:
+    """One streaming digest per checkpoint (base first), fed by every read of the merge: planned
+    pieces are the float chunks of every checkpoint and the copied (non-float) chunks of the first
+    input; the rest each digest reads itself."""
+    budget = Budget(64 << 20)  # early pieces held at once, all digests together: memory flat in K
+    out = []
+    for i, checkpoint in enumerate([ctx.base, *ctx.models]):
+        planned: dict[str, list[tuple[int, int]]] = {}
+        for name, start, count in tasks:
+            info = checkpoint.info(name)
+            if info.torch_dtype.is_floating_point or i == 1:
+                planned.setdefault(info.file, []).append((info.offset + start * info.itemsize, count * info.itemsize))
+        digest = StreamingDigest(checkpoint.directory, planned, budget)
+        checkpoint.observer = digest.deliver
+        out.append(digest)
+    return out
 
 
 def merge_models(
@@ -240,12 +258,12 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
         info = base.info(name)
         size = impl.chunk_size(info) if info.torch_dtype.is_floating_point else CHUNK
         tasks += [(name, lo, min(size, info.numel - lo)) for lo in range(0, info.numel, size)]
+    tasks.sort(key=_file_order(base))  # chunks of a tensor stay in order: per-tensor sums keep their order
     key = method_key(method, ctx.resample)
     with atomic_path(out_dir, directory=True) as tmp:
         ctx.writer = ShardedWriter(tmp, parse_size(shard_size), [(n, *base.meta(n)) for n in names])
         weights = list(ctx.probs)
-        results, digests = _run_parallel(tasks, [Path(base_dir), *map(Path, model_dirs)], _ChunkMerger(ctx, impl),
-                                         progress, f"merge {key}")
+        results, digests = _run_parallel(tasks, _digests(ctx, tasks), _ChunkMerger(ctx, impl), progress, f"merge {key}")
         refuse_duplicates("ordermerge merge", model_dirs, digests[1:])  # nothing is renamed into place
         copy_sidecars(Path(base_dir), tmp)
         stats, per_tensor, extra = impl.summary(ctx, tasks, results)

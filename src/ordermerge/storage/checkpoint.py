@@ -119,6 +119,8 @@ class LazyCheckpoint:
         self.directory = Path(directory)
         self._fds: dict[str, int] = {}  # opened on first read, shared by reader threads
         self._lock = threading.Lock()
+        # Called as observer(file, byte offset, buffer) after each read: the merge hashes what it reads.
+        self.observer = None
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a directory; pass a Hugging Face model directory")
         index = self.directory / INDEX_NAME
@@ -173,7 +175,10 @@ class LazyCheckpoint:
                 fd = self._fds.get(info.file)
                 if fd is None:
                     fd = self._fds[info.file] = os.open(self.directory / info.file, os.O_RDONLY)
-        _pread_into(fd, memoryview(out).cast("B"), info.offset + start * info.itemsize, self.directory / info.file)
+        offset = info.offset + start * info.itemsize
+        _pread_into(fd, memoryview(out).cast("B"), offset, self.directory / info.file)
+        if self.observer is not None:
+            self.observer(info.file, offset, out)
 
     def get(self, name: str) -> torch.Tensor:
         info = self.info(name)

@@ -1,0 +1,87 @@
+"""The input digests merge.json records are computed from the bytes the merge reads (no second
+pass), and equal hashlib's sha256 of each directory's weight files, whatever the order, budget or
+repeats of the pieces."""
+
+import hashlib
+import json
+import random
+
+import numpy as np
+
+import pytest
+from helpers import merge_zoo
+
+from ordermerge.merging.digests import Budget, StreamingDigest, sha256_of_dir
+from ordermerge.merging.engine import merge_models
+from ordermerge.storage.checkpoint import LazyCheckpoint
+
+
+def _reference(directory) -> str:
+    """sha256 over the *.safetensors files in name order: each file's name, then its bytes."""
+    h = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    # input 1 in 2 shards whose tensors alternate between the files (reads jump between them)
+    return merge_zoo(tmp_path_factory.mktemp("digests"), 3, model_shards=lambda i: 2 if i == 1 else 1)
+
+
+@pytest.mark.parametrize("method,kw", [("average", {}), ("select", {"resample": 2}), ("ties", {}),
+                                       ("tsv", {}), ("model_stock", {})])
+def test_recorded_digests_are_the_sha256_of_the_input_files(zoo, tmp_path, method, kw):
+    merge_models(zoo["base"], zoo["models"], tmp_path / "m", method=method, progress=False, **kw)
+    p = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert p["base"]["sha256"] == _reference(zoo["base"])
+    assert [i["sha256"] for i in p["inputs"]] == [_reference(d) for d in zoo["models"]]
+
+
+def test_the_inputs_are_hashed_while_read_not_in_a_second_pass(zoo, tmp_path, monkeypatch):
+    """Of an input's tensor data the digest reads nothing itself: only headers (and the base, for
+    ``average``, which never reads it)."""
+    import ordermerge.merging.digests as digests
+
+    read = {}
+    original = digests.StreamingDigest._read_and_hash
+
+    def spy(self, file, offset, length):
+        read[self.directory.name] = read.get(self.directory.name, 0) + length
+        return original(self, file, offset, length)
+
+    monkeypatch.setattr(digests.StreamingDigest, "_read_and_hash", spy)
+    merge_models(zoo["base"], zoo["models"], tmp_path / "m", method="average", progress=False)
+    for d in zoo["models"]:
+        size = sum(p.stat().st_size for p in d.glob("*.safetensors"))
+        assert read.get(d.name, 0) < 0.01 * size, (d.name, read.get(d.name), size)
+    base_size = sum(p.stat().st_size for p in zoo["base"].glob("*.safetensors"))
+    assert read["base"] > 0.9 * base_size
+
+
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streaming_digest_equals_sha256_for_any_delivery_order(zoo, budget, seed):
+    for directory in [zoo["base"], zoo["models"][1]]:
+        ckpt = LazyCheckpoint(directory)
+        pieces = []
+        for name in ckpt.keys():
+            info = ckpt.info(name)
+            n = info.numel
+            step = max(1, n // 3)
+            for lo in range(0, n, step):
+                count = min(step, n - lo)
+                pieces.append((name, info.file, info.offset + lo * info.itemsize, lo, count, info.itemsize))
+        planned = {}
+        for _, file, offset, _, count, size in pieces[: len(pieces) - 1]:  # the last one is never delivered
+            planned.setdefault(file, []).append((offset, count * size))
+        digest = StreamingDigest(directory, planned, Budget(budget))
+        ckpt.observer = digest.deliver
+        order = pieces * 2  # every piece twice: repeats are ignored
+        random.Random(seed).shuffle(order)
+        for name, _, _, lo, count, size in order:
+            ckpt.read_into(name, lo, np.empty(count * size, np.uint8))
+        assert digest.finish() == _reference(directory) == sha256_of_dir(directory)
+        ckpt.close()
