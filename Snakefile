@@ -23,6 +23,14 @@ include: "workflow/rules/multitask.smk"
 include: "workflow/rules/analysis.smk"
 
 
+# `snakemake --report` opens on the run's answer, written by analyze (src/ordermerge/analysis/answer.py),
+# once there is one; before that, on what the workflow does.
+report:
+    str(Path(P.answer).resolve())
+    if Path(P.answer).exists()
+    else "workflow/report/workflow.rst"
+
+
 rule all:
     default_target: True
     input:

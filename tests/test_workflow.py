@@ -161,3 +161,15 @@ def test_study_report_gathers_runs_without_recomputing(smoke_run, tmp_path):
     assert (tmp_path / "docs" / "a" / "fig1_smollm2-135m_gsm_shuffle.png").read_bytes() == \
         (results / "figures" / "fig1_smollm2-135m_gsm_shuffle.png").read_bytes()
     assert all(p.exists() for p in written)
+
+
+def test_the_report_opens_on_the_runs_answer(smoke_run, tmp_path):
+    answer = (smoke_run / "results" / "answer.rst").read_text()
+    imb = pd.read_csv(smoke_run / "results" / "tables" / "imbalance.csv").iloc[0]
+    assert f"paired ρ = **{imb.rho_paired:+.3f}** [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in answer
+    assert answer.count("| smollm2-135m / gsm / shuffle |") == 4  # single + 3 merges
+    assert "Better than every single run" in answer or "No merge has a lower val loss" in answer
+    snakemake(smoke_run, "--report", str(tmp_path / "report.html"))
+    html = (tmp_path / "report.html").read_text()
+    assert "Does the data order matter, and does merging help?" in html
+    assert "Position effect" in html and "Where to look next" in html

@@ -28,6 +28,7 @@ TEMPLATES = {
     "eval_multitask": "{results}/{model}/multitask/eval/{task}/{method}/seed{mseed}",
     "table": "{results}/tables/{name}.{ext}",
     "figure": "{results}/figures/{name}.png",
+    "answer": "{results}/answer.rst",  # the report's landing page: the run's answer (analysis/answer.py)
 }
 EVAL_FILES = {"metrics": ".json", "generations": ".generations.jsonl", "val_losses": ".val_losses.csv"}
 

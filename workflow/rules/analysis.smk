@@ -26,6 +26,7 @@ rule analyze:
             caption="../report/ksweep.rst",
             category="K-sweep",
         ),
+        answer=P.answer,
         table3=report(
             multitask_targets(),
             caption="../report/table3.rst",

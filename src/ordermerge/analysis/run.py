@@ -175,5 +175,9 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     if set(cfg["schemes"]) == {"shuffle", "fixbatch"}:
         t4 = comparison(t1, "scheme", best)
         _write_table(out, "table4", t4, comparison_markdown(t4, f"Table 4: shuffle vs fixbatch orders ({best})"))
+    from ordermerge.analysis.answer import answer_rst
+
+    with atomic_path(Path(Paths(str(out)).answer)) as tmp:
+        tmp.write_text(answer_rst(pd.DataFrame(imbalance), t1, cfg))
     print(table1_markdown(t1))
     print(pd.DataFrame(imbalance).to_string())
