@@ -32,15 +32,16 @@ def load_test_module(name: str):
 
 
 def counts() -> dict:
-    test_bad_artefacts, test_config, test_faults, test_merge_cli, test_path_security, test_guards = map(
+    test_bad_artefacts, test_config, test_faults, test_merge_cli, test_path_security, test_guards, test_workflow = map(
         load_test_module, ["test_bad_artefacts", "test_config", "test_faults", "test_merge_cli", "test_path_security",
-                           "test_guards"])
+                           "test_guards", "test_workflow"])
 
     stages: dict[str, int] = {}
     for stage, _ in test_faults.FAULT_TRIALS:
         stages[stage] = stages.get(stage, 0) + 1
     return {
         "configs": len(test_config.CATALOGUE),
+        "data_at_start": len(test_workflow.IMPOSSIBLE_DATA),
         "path_escapes": len(test_path_security.PATH_ESCAPE_CASES),
         "kills": len(test_faults.FAULT_TRIALS),
         "kill_stages": stages,
@@ -58,11 +59,14 @@ def counts() -> dict:
 def render(c: dict) -> str:
     kill_stages = ", ".join(f"{s} {n}" for s, n in c["kill_stages"].items())
     ck, dk = len(c["checkpoint_consumers"]), len(c["dataset_consumers"])
-    refused = c["checkpoints"] * ck + c["datasets"] * dk + c["merge_inputs"] + c["overwrites"] + 1
+    refused = c["checkpoints"] * ck + c["datasets"] * dk + c["merge_inputs"] + c["overwrites"] + 1 + c["data_at_start"]
     rows = [
         ("Broken configs rejected before any job runs, naming key, value and fix",
          f"{c['configs'] + c['path_escapes']}", f"`test_config.py` ({c['configs']}), "
          f"`test_path_security.py` ({c['path_escapes']} names escaping the results dir)"),
+        ("Configs valid in form but impossible as data (too few samples within `max_length` for the splits) "
+         "refused before the first job, with the counts and the fix (the tokenizer alone, not the base model)",
+         f"{c['data_at_start']}", "`test_workflow.py`"),
         (f"Kill -9 at seeded random points ({kill_stages}): no partial output looks complete, "
          "the rerun is bit-identical", f"{c['kills']}", "`test_faults.py`"),
         ("Full disk during a checkpoint write: previous checkpoint intact, error names path and fix, "

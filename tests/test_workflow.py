@@ -39,6 +39,30 @@ def test_bad_config_is_rejected_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+# Valid as a config, impossible as data: (task spec change, what the error must say).
+IMPOSSIBLE_DATA = {
+    "max_length too short for the splits": ({"max_length": 40}, "fit in max_length 40 tokens"),
+    "splits larger than the fitting pool": ({"n_train": 60}, "but train+val+test = 68 are needed"),
+}
+
+
+@pytest.mark.parametrize("case", IMPOSSIBLE_DATA)
+def test_impossible_data_fails_before_the_first_job(tmp_path, case):
+    """Found with the tokenizer alone before any job, not in prepare_data after the base model is built."""
+    change, says = IMPOSSIBLE_DATA[case]
+    cfg = yaml.safe_load(SMOKE.read_text())
+    task = next(iter(cfg["tasks"]))
+    cfg["tasks"][task].update(change)
+    bad = tmp_path / "short.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, configfile=bad, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"tasks.{task}: ordermerge check-data: error: task {task}: only " in out
+    assert says in out and f"raise tasks.{task}.max_length" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()  # no job ran
+
+
 # smoke_run: the session fixture in conftest.py (one real run, shared with test_determinism.py).
 
 

@@ -29,6 +29,13 @@ def cmd_base_model(a):
     build_base_model(a.source, a.out, dtype=a.dtype, trust_remote_code=a.trust_remote_code, revision=a.revision)
 
 
+def cmd_check_data(a):
+    from ordermerge.base.build import load_tokenizer
+    from ordermerge.data.prepare import check_task
+
+    print(json.dumps(check_task(a.task, a.spec, load_tokenizer(a.source, a.trust_remote_code, a.revision), a.seed)))
+
+
 def cmd_prepare_data(a):
     from transformers import AutoTokenizer
 
@@ -179,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_base_model, reads=("source",), writes=("out",))
+
+    s = sub.add_parser("check-data", help="enough samples within max_length for the splits? (tokenizer only; "
+                                          "the workflow runs it before its first job)")
+    s.add_argument("--source", required=True, help="the model source, as for base-model")
+    s.add_argument("--revision")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.add_argument("--task", required=True)
+    s.add_argument("--spec", type=_json_arg, required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.set_defaults(func=cmd_check_data, reads=("source",), writes=())
 
     s = sub.add_parser("prepare-data", help="write train/val/test JSONL with stable sample ids")
     s.add_argument("--task", required=True)

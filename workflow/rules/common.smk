@@ -302,6 +302,46 @@ localrules:
     orders,
 
 
+def check_data_before_any_job():
+    """Before the first job: does every task whose splits are not prepared yet have enough samples within
+    max_length? (`ordermerge check-data`, the model source's tokenizer alone: seconds.) Otherwise the run
+    would build the base model and only then fail in prepare_data."""
+    import subprocess
+
+    for model, spec in config["models"].items():
+        built = Path(P.of("base", model=model))
+        source = (
+            ["--source", str(built)]
+            if built.exists()
+            else ["--source", spec["source"], *shlex.split(remote_code_args(spec))]
+        )
+        for task, tspec in config["tasks"].items():
+            if Path(P.of("split", model=model, task=task, split="train")).exists():
+                continue
+            cmd = [
+                sys.executable,
+                "-m",
+                "ordermerge.cli",
+                "check-data",
+                *source,
+                "--task",
+                task,
+                "--spec",
+                as_json(tspec),
+                "--seed",
+                str(config["seed"]),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise WorkflowError(
+                    f"models.{model} / tasks.{task}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+                )
+
+
+onstart:
+    check_data_before_any_job()
+
+
 _RESOURCE_NAMES = {
     "gpus": "gpu",
     "gpu_model": "gpu_model",

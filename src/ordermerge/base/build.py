@@ -33,19 +33,32 @@ def shipped_gguf_path(source: str) -> Path:
     raise FileNotFoundError(f"{file_name} not found in the installed {dist_name}; reinstall it")
 
 
+def _location(source: str, trust_remote_code: bool, revision: str | None) -> tuple[str, dict]:
+    if source in SHIPPED_SOURCES:
+        gguf = shipped_gguf_path(source)
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    return source, {"trust_remote_code": trust_remote_code, "revision": revision}
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer the base directory will hold, without its weights (seconds, not a model build): the
+    workflow's start-up check of each task's usable samples reads it (``data/prepare.check_task``)."""
+    from transformers import AutoTokenizer
+
+    location, kwargs = _location(source, trust_remote_code, revision)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def build_base_model(source: str, out_dir: str | Path, dtype: str = "bfloat16", trust_remote_code: bool = False,
                      revision: str | None = None) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if source in SHIPPED_SOURCES:
-        gguf = shipped_gguf_path(source)
-        kwargs = {"gguf_file": gguf.name}
-        location = str(gguf.parent)
-    else:
-        kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
-        location = source
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    location, kwargs = _location(source, trust_remote_code, revision)
+    tokenizer = load_tokenizer(source, trust_remote_code, revision)
     loaded = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
     config = AutoConfig.from_pretrained(location, **kwargs) if source not in SHIPPED_SOURCES else loaded.config
     # A fresh module from the config drops any quantisation/GGUF bookkeeping: a plain model.
@@ -57,8 +70,6 @@ def build_base_model(source: str, out_dir: str | Path, dtype: str = "bfloat16", 
     from ordermerge.storage.dtypes import torch_dtype
 
     model.to(torch_dtype(dtype))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     with atomic_path(out_dir, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -35,11 +35,8 @@ def split_records(records: list[dict], sizes: dict[str, int], seed: int, task: s
     return out
 
 
-def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Path) -> dict:
-    """Load, filter by token length, split and write ``{train,val,test}.jsonl``, and ``heldout.jsonl``
-    when ``n_heldout`` > 0 (data for choices such as greedy soup's, scored on no table); returns a summary.
-
-    The default pool (4x train+val+test) leaves out heldout, so adding it keeps the other files' bytes."""
+def _fitting_pool(task: str, spec: dict, tokenizer, seed: int) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """The task's pool, the samples of it within ``max_length`` tokens, and the split sizes asked for."""
     sizes = {k: spec[f"n_{k}"] for k in ("train", "val", "test")}
     pool = load_records(task, spec, spec.get("pool_size", 4 * sum(sizes.values())), seed)
     if spec.get("n_heldout", 0) > 0:
@@ -51,6 +48,29 @@ def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Pat
         enc = encode_example(tokenizer, r["prompt"], response, spec.get("system_prompt"), 10**9)
         if enc["length"] <= spec["max_length"]:
             fitting.append(r)
+    return pool, fitting, sizes
+
+
+def check_task(task: str, spec: dict, tokenizer, seed: int) -> dict:
+    """Does the task have enough samples within max_length for its splits? The workflow asks before its
+    first job (``onstart`` in common.smk, with the source's tokenizer alone), so that a config that would
+    only fail in prepare-data, after the base model is built, fails at once with the counts and the fix."""
+    pool, fitting, sizes = _fitting_pool(task, spec, tokenizer, seed)
+    need = sum(sizes.values())
+    if len(fitting) < need:
+        raise DataError(
+            f"task {task}: only {len(fitting)} of the {len(pool)} samples in the pool fit in max_length "
+            f"{spec['max_length']} tokens, but {'+'.join(sizes)} = {need} are needed; raise tasks.{task}.max_length, "
+            f"raise tasks.{task}.pool_size (where the source generates its samples), or lower the split sizes")
+    return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), "needed": need}
+
+
+def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Path) -> dict:
+    """Load, filter by token length, split and write ``{train,val,test}.jsonl``, and ``heldout.jsonl``
+    when ``n_heldout`` > 0 (data for choices such as greedy soup's, scored on no table); returns a summary.
+
+    The default pool (4x train+val+test) leaves out heldout, so adding it keeps the other files' bytes."""
+    pool, fitting, sizes = _fitting_pool(task, spec, tokenizer, seed)
     splits = split_records(fitting, sizes, seed, task)
     out_dir = Path(out_dir)
     for name, rows in splits.items():
