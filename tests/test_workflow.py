@@ -191,7 +191,10 @@ def test_the_report_opens_on_the_runs_answer(smoke_run, tmp_path):
     answer = (smoke_run / "results" / "answer.rst").read_text()
     imb = pd.read_csv(smoke_run / "results" / "tables" / "imbalance.csv").iloc[0]
     assert f"paired ρ = **{imb.rho_paired:+.3f}** [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in answer
-    assert answer.count("| smollm2-135m / gsm / shuffle |") == 4  # single + 3 merges
+    t1 = pd.read_csv(smoke_run / "results" / "tables" / "table1.csv")
+    assert answer.count("**smollm2-135m / gsm / shuffle (exact_match)**") == 1  # one group per model/task/scheme
+    rows = [line.split("|")[1].strip() for line in answer.splitlines() if line.startswith("| ")]
+    assert rows == ["method", *t1["method"]]  # Table 1's rows in its order: single, then every merge
     assert "Better than every single run" in answer or "No merge has a lower val loss" in answer
     snakemake(smoke_run, "--report", str(tmp_path / "report.html"))
     html = (tmp_path / "report.html").read_text()

@@ -38,24 +38,34 @@ def answer_rst(imbalance: pd.DataFrame, t1: pd.DataFrame, cfg: dict) -> str:
                    f"paired ρ = **{r.rho_paired:+.3f}**{_ci(r.rho_paired_ci_low, r.rho_paired_ci_high, digits=3)}, "
                    f"permutation p = {r.p_paired_permutation:.2g}. **{r.verdict_paired}.**")
     out += ["", "Merges vs single runs (Table 1)", "-------------------------------", ""]
-    header = ["model / task / scheme", "method", "val loss", "Δ vs mean single", "Δ vs best single", "beats every run",
+    header = ["method", "n", "val loss", "Δ vs mean single", "Δ vs best single", "beats every run",
               "task score %", "Δ score (pts)"]
-    rows, winners = [], []
-    for r in t1.itertuples():
-        merged = r.method != "single"
-        beats = bool(r.val_loss_beats_best_single) if merged and r.val_loss_beats_best_single == r.val_loss_beats_best_single \
-            and r.val_loss_beats_best_single is not None else None
-        if beats:
-            winners.append(f"{r.method} ({r.task}, {r.scheme})")
-        rows.append([f"{r.model} / {r.task} / {r.scheme}", r.method, f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f}",
-                     f"{r.val_loss_delta:+.4f}{_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)}" if merged else "–",
-                     f"{r.val_loss_delta_best:+.4f}{_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)}"
-                     if merged else "–",
-                     ("yes" if beats else "no") if merged else "–",
-                     f"{100 * r.task_score_mean:.1f} ± {100 * r.task_score_std:.1f}",
-                     f"{100 * r.task_score_delta:+.1f}"
-                     f"{_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}" if merged else "–"])
-    out += [_rst_table(header, rows), ""]
+    winners = []
+
+    def spread(mean: float, std: float, n: int, fmt: str) -> str:  # ± only where there is a spread to show
+        return f"{mean:{fmt}} ± {std:{fmt}}" if n > 1 else f"{mean:{fmt}}"
+
+    for (model, task, scheme), group in t1.groupby(["model", "task", "scheme"], sort=False):
+        title = f"{model} / {task} / {scheme} ({group['task_metric'].iloc[0]})"
+        rows = []
+        for r in group.itertuples():
+            merged = r.method != "single"
+            flag = r.val_loss_beats_best_single
+            beats = bool(flag) if merged and flag is not None and flag == flag else None
+            if beats:
+                winners.append(f"{r.method} ({model} / {task} / {scheme})")
+            rows.append([r.method, str(r.n), spread(r.val_loss_mean, r.val_loss_std, r.n, ".4f"),
+                         f"{r.val_loss_delta:+.4f}{_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)}"
+                         if merged else "–",
+                         f"{r.val_loss_delta_best:+.4f}{_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)}"
+                         if merged else "–",
+                         ("yes" if beats else "no") if merged else "–",
+                         spread(100 * r.task_score_mean, 100 * r.task_score_std, r.n, ".1f"),
+                         f"{100 * r.task_score_delta:+.1f}"
+                         f"{_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}" if merged else "–"])
+        out += [f"**{title}**", "", _rst_table(header, rows), ""]
+    out.append("n: runs (single) or merge seeds; ± is the standard deviation over them.")
+    out.append("")
     out.append(("**Better than every single run on val loss:** " + ", ".join(winners) + ".") if winners else
                "**No merge has a lower val loss than every single run.**")
     out += ["", "Where to look next", "------------------", "",
