@@ -1,5 +1,6 @@
 # Paths, targets and config validation. No torch here: every job re-parses this file.
 import json
+import os
 import shlex
 import re
 import sys
@@ -140,8 +141,75 @@ def remote_code_args(model):
     return " ".join(map(shlex.quote, args))
 
 
+# --- GPU slots: several GPUs on one machine, each GPU job on its own (src/ordermerge/gpu_slots.py) ---
+# A job holding g >= 1 GPUs (resources.<rule>.gpus) runs behind `python -m ordermerge.gpu_slots --gpus g --`
+# when Snakemake runs it on this machine: the launcher claims g free GPUs (flock, freed by the kernel
+# when the job ends, kill -9 included) and sets CUDA_VISIBLE_DEVICES, so `--resources gpu=N`
+# (profiles/local) runs N GPU jobs at once on N different cards. A cluster executor (SLURM gives each
+# job its own GPUs) and CPU-only jobs keep their commands unchanged.
+
+
+def _jobs_run_here():
+    """Whether Snakemake runs the jobs on this machine (the local executor), not a cluster executor. The
+    running executor says so, except while the Snakefile is parsed (no executor yet) and in a dry run
+    (Snakemake's 'dryrun' executor stands in): then the executor asked for on the command line, profiles
+    applied, is the CLI's parsed `args` in args_to_api up the call stack. Snakemake driven through its
+    Python API, with no CLI: assumed local."""
+    plugin = workflow.executor_plugin
+    if plugin is not None and not workflow.dryrun:
+        return plugin.common_settings.local_exec
+    frame = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "args_to_api" and "args" in frame.f_locals:
+            executor = getattr(frame.f_locals["args"], "executor", None)
+            return executor in (None, "local")
+        frame = frame.f_back
+    return True
+
+
+def gpu_slots_here():
+    """Whether GPU jobs go through the slot launcher: Snakemake runs them on this machine, not through a
+    cluster executor nor inside a SLURM job (whose GPUs the scheduler already chose)."""
+    if os.environ.get("SLURM_JOB_ID") or workflow.remote_exec:
+        return False
+    return _jobs_run_here()
+
+
+def gpu_slots_prefix(gpus):
+    """`python -m ordermerge.gpu_slots --gpus <g> -- ` for a job holding g >= 1 GPUs on this machine, else ''."""
+    gpus = int(gpus or 0)
+    if gpus < 1 or not gpu_slots_here():
+        return ""
+    return f"python -m ordermerge.gpu_slots --gpus {gpus} -- "
+
+
+class _GpuSlotsField:
+    """`{GPU_SLOTS:{resources.gpu}u}` in a shell command formats as the job's gpu_slots_prefix (the
+    nested field is the job's GPU count; 'u': never shell-quoted)."""
+
+    def __format__(self, spec):
+        return gpu_slots_prefix(spec.rstrip("u") or 0)
+
+
+GPU_SLOTS = _GpuSlotsField()
+GPU_SLOTS_FIELD = "{GPU_SLOTS:{resources.gpu}u}"
+# Only a config that gives some rule a GPU puts the launcher field into the shared shell strings below, and
+# only for a run on this machine: every other run keeps their exact text, since Snakemake reruns a job
+# whose shell text changed.
+GPU_CONFIG = any(
+    int(spec.get("gpus", 0) or 0) >= 1 for spec in config["resources"].values()
+)
+
+
+def gpu_slots_shell(cmd):
+    """A rule's shell command, behind the slot launcher when the job holds GPUs (decided per job)."""
+    if GPU_CONFIG and gpu_slots_here():
+        return f"{GPU_SLOTS_FIELD}{cmd}"
+    return cmd
+
+
 def eval_shell(model_dir):
-    return (
+    return gpu_slots_shell(
         f"ordermerge evaluate --model-dir {model_dir} --val {{input.val}} --test {{input.test}} "
         "--task-spec {params.task_spec:q} --eval-cfg {params.eval_cfg:q} --identity {params.identity:q} "
         "--threads {threads} --out {output.metrics} --generations {output.generations} "
@@ -150,13 +218,15 @@ def eval_shell(model_dir):
 
 
 def fine_tune_launcher(resources, threads):
-    """One process, or one per GPU under torchrun when the job holds several (train.parallel: ddp or fsdp)."""
+    """One process, or one per GPU under torchrun when the job holds several (train.parallel: ddp or fsdp),
+    behind the GPU slot launcher on this machine (gpu_slots_prefix)."""
     gpus = int(resources.get("gpu", 0) or 0)
+    slots = gpu_slots_prefix(gpus)
     if gpus <= 1:
-        return f"ordermerge fine-tune --threads {threads}"
+        return f"{slots}ordermerge fine-tune --threads {threads}"
     # --standalone: a private rendezvous on a free local port, so jobs sharing a node do not collide
     return (
-        f"torchrun --standalone --nproc-per-node {gpus} -m ordermerge fine-tune "
+        f"{slots}torchrun --standalone --nproc-per-node {gpus} -m ordermerge fine-tune "
         f"--threads {max(1, threads // gpus)}"
     )
 
@@ -244,7 +314,7 @@ def ksweep_targets():
 
 # Validation loss only (per-sample, token-weighted in the analysis) unless ksweep.exact_match: then the
 # full evaluation, greedy decoding included (~1 min per model on 2 CPU cores at the default size).
-KSWEEP_LOSS_SHELL = (
+KSWEEP_LOSS_SHELL = gpu_slots_shell(
     "ordermerge sample-losses --model-dir {input.model} --split val={input.val} --task-spec {params.task_spec:q} "
     "--batch-size {params.batch} --threads {threads} --out {output.val_losses} > {log} 2>&1"
 )
@@ -296,7 +366,8 @@ def analysis_inputs(w):
 # runtime is minutes for the first attempt: with the profile's `retries`, attempt n asks for n times
 # as long, and a timed-out fine-tune restarts from its last complete epoch. The SLURM executor maps
 # gpu to --gpus, mem_mb to --mem, runtime to -t and threads to --cpus-per-task; a local run counts
-# gpu against `--resources gpu=N` (profiles/local). Cheap rules run on the submit host.
+# gpu against `--resources gpu=N` (profiles/local) and gives each GPU job its own card (GPU slots,
+# above). Cheap rules run on the submit host.
 localrules:
     prepare_data,
     orders,
