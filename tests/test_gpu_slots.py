@@ -217,9 +217,11 @@ def shell_commands(proc: subprocess.CompletedProcess) -> dict[str, list[str]]:
 def test_gpu_jobs_run_behind_the_launcher_on_this_machine(tmp_path, monkeypatch):
     gpu = ROOT / "configs" / "gpu.yaml"
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    local = shell_commands(snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", configfile=gpu))
+    local = shell_commands(snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", "sample_losses",
+                                     configfile=gpu))
     for rule, launcher in [("fine_tune", "ordermerge fine-tune --threads "),
-                           ("evaluate_single", "ordermerge evaluate ")]:
+                           ("evaluate_single", "ordermerge evaluate "),
+                           ("sample_losses", "ordermerge sample-losses ")]:
         assert local[rule] and all(c.startswith(f"python -m ordermerge.gpu_slots --gpus 1 -- {launcher}")
                                    for c in local[rule]), local.get(rule, [])[:1]
     assert local["orders"] and not any("gpu_slots" in c for c in local["orders"] + local["prepare_data"])

@@ -56,9 +56,11 @@ rule sample_losses:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         batch=config["losses"]["batch_size"],
     shell:
-        "ordermerge sample-losses --model-dir {input.checkpoint} {params.splits} "
-        "--task-spec {params.task_spec:q} --batch-size {params.batch} --threads {threads} "
-        "--out {output} > {log} 2>&1"
+        gpu_slots_shell(
+            "ordermerge sample-losses --model-dir {input.checkpoint} {params.splits} "
+            "--task-spec {params.task_spec:q} --batch-size {params.batch} --threads {threads} "
+            "--out {output} > {log} 2>&1"
+        )
 
 
 use rule sample_losses as sample_losses_merged with:
