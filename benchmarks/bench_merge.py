@@ -1,14 +1,20 @@
-"""Merge speed and memory against the cost of reading the inputs once.
+"""Merge speed and memory against the physical floor of a merge.
 
 K synthetic fine-tunes of a bf16 base (a real SmolLM2 directory via --base, else a random base with
-SmolLM2-135M's tensor shapes) are built once under --cache: base + small relative noise rounded to
-bf16, so most elements are stored unchanged, as in real bf16 fine-tunes. Then, page cache warm:
-the read floor (cat of the K inputs, best of 3), the unavoidable extras (sha256 of the inputs for
-merge.json; writing + fsync of one output), each ordermerge method (wall time in a fresh process
-after imports, ratio to the floor, CPU time, peak RSS), mergekit linear if /tmp/mk has it, and a K
-sweep. On a shared machine wall times follow the load; CPU times much less so.
+SmolLM2-135M's tensor shapes, or --scale times as many layers and vocabulary) are built once under
+--cache: base + small relative noise rounded to bf16, so most elements are stored unchanged, as in
+real bf16 fine-tunes. Then, page cache warm:
 
-    python benchmarks/bench_merge.py [--base DIR] [--k 8] [--quick]
+- the floor: reading the K inputs once (cat, best of 3) plus writing and fsyncing one model-sized
+  output (best of 3), both measured in this run;
+- the sha256 of base + inputs that merge.json records (the merge computes it from its own reads);
+- each ordermerge method in a fresh process: wall time after imports, ratio to the floor, CPU time,
+  peak RSS; mergekit linear if /tmp/mk has it;
+- a K sweep (--sweep) of the methods in --sweep-methods: time, ratio to that K's floor, peak RSS.
+
+On a shared machine wall times follow the load; CPU times much less so.
+
+    python benchmarks/bench_merge.py [--base DIR] [--k 8] [--quick] [--scale 4] [--sweep 2,4,8,16]
 """
 
 from __future__ import annotations
@@ -71,10 +77,12 @@ print(json.dumps({{"rss": {PEAK_RSS}}}))
 """
 
 
-def synthetic_base(directory: Path) -> Path:
+def synthetic_base(directory: Path, scale: int = 1) -> Path:
+    """SmolLM2-135M's shapes; ``scale`` times its layers and vocabulary (about ``scale`` times its bytes)."""
     if directory.exists():
         return directory
-    c = SMOLLM2_135M
+    c = dict(SMOLLM2_135M, num_hidden_layers=SMOLLM2_135M["num_hidden_layers"] * scale,
+             vocab_size=SMOLLM2_135M["vocab_size"] * scale)
     h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
     for i in range(c["num_hidden_layers"]):
@@ -148,15 +156,19 @@ def hash_floor(dirs: list[Path], threads: int) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def write_floor(nbytes: int, where: Path) -> float:
+def write_floor(nbytes: int, where: Path, repeats: int = 3) -> float:
+    """Writing ``nbytes`` to a new file beside the outputs and fsyncing it: best of ``repeats``."""
     data = os.urandom(1 << 24)
-    t = time.perf_counter()
-    with tempfile.NamedTemporaryFile(dir=where) as fh:
-        for _ in range(0, nbytes, len(data)):
-            fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with tempfile.NamedTemporaryFile(dir=where) as fh:
+            for lo in range(0, nbytes, len(data)):
+                fh.write(data[: nbytes - lo])
+            fh.flush()
+            os.fsync(fh.fileno())
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
@@ -217,6 +229,18 @@ def max_ulps(a_dir: Path, b_dir: Path) -> int:
     return worst
 
 
+METHODS = {  # label: (method, resample, parameters)
+    "average": ("average", 0, {}),
+    "select": ("select", 0, {}),
+    "resample1": ("select", 1, {}),
+    "resample4": ("select", 4, {}),
+    "task_arithmetic": ("task_arithmetic", 0, {}),
+    "ties": ("ties", 0, {"density": 0.2}),
+    "dare": ("dare", 0, {"drop_rate": 0.9}),
+    "model_stock": ("model_stock", 0, {}),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", type=Path, help="a bf16 HF safetensors directory; default: synthetic SmolLM2-135M")
@@ -224,37 +248,47 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="one repeat, K sweep 2 and 4 only, no mergekit")
     p.add_argument("--cache", type=Path, default=Path("/tmp/ordermerge-bench"))
     p.add_argument("--threads", type=int, help="torch threads for the merges (default: torch's own)")
+    p.add_argument("--scale", type=int, default=1, help="synthetic base with this many times the layers and vocabulary")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--sweep", help="comma-separated K values (default 2,4,8,16; --quick 2,4; empty: none)")
+    p.add_argument("--sweep-methods", default="average,select,resample4,ties,dare")
     a = p.parse_args()
-    sweep = (2, 4) if a.quick else (2, 4, 8, 16)
+    sweep = [int(x) for x in (a.sweep if a.sweep is not None else "2,4" if a.quick else "2,4,8,16").split(",") if x]
+    methods = [m for m in a.methods.split(",") if m]
     repeats = 1 if a.quick else 2
     threads = a.threads or torch.get_num_threads()
-    base = a.base or synthetic_base(a.cache / "base-synthetic")
+    base = a.base or synthetic_base(a.cache / ("base-synthetic" + (f"-x{a.scale}" if a.scale > 1 else "")), a.scale)
     key = hashlib.sha256(f"{base.resolve()} {NOISE}".encode()).hexdigest()[:8]
     models = fine_tunes(base, a.cache / f"fine-tunes-of-{base.name}-{key}", max(a.k, *sweep))
     out = a.cache / "out"
+    out.mkdir(parents=True, exist_ok=True)
     size = sum(p.stat().st_size for p in weight_files([base]))
 
     print(f"\nK={a.k} bf16 fine-tunes of {base} ({size / 1e6:.0f} MB each), {threads} threads, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    floor = read_floor(models[: a.k])
-    print(f"read floor (cat, warm cache)      {floor:6.2f} s  ({a.k * size / floor / 1e9:.1f} GB/s, best of 3)")
-    print("sha256 of base + inputs          {:6.2f} s  ({:.2f} s CPU; merge.json records them)".format(
+    read = read_floor(models[: a.k])
+    write = write_floor(size, out)
+    floor = read + write
+    print(f"read of the K inputs (cat, warm cache)  {read:6.2f} s  ({a.k * size / read / 1e9:.1f} GB/s, best of 3)")
+    print(f"write + fsync of one output             {write:6.2f} s  (best of 3)")
+    print(f"floor = read + write + fsync            {floor:6.2f} s")
+    print("sha256 of base + inputs (for reference) {:6.2f} s  ({:.2f} s CPU; the merge hashes what it reads)".format(
         *hash_floor([base, *models[: a.k]], threads)))
-    print(f"write + fsync of one output       {write_floor(size, a.cache):6.2f} s")
     idle_rss = run_measured([sys.executable, "-c", f"import json, ordermerge.merging.engine; print(json.dumps({PEAK_RSS}))"])[0]
     print(f"peak RSS of python + torch + ordermerge imported: {idle_rss} MB\n")
-    print(f"{'method':30s} {'time':>7s} {'x floor':>8s} {'CPU':>7s} {'peak RSS':>9s}")
+    print(f"{'method':36s} {'time':>7s} {'x floor':>8s} {'CPU':>7s} {'peak RSS':>9s}")
 
     def row(label, sec, cpu, rss, note=""):
-        print(f"{label:30s} {sec:6.2f}s {sec / floor:7.1f}x {cpu:6.2f}s {rss:6d} MB{note}", flush=True)
+        print(f"{label:36s} {sec:6.2f}s {sec / floor:7.2f}x {cpu:6.2f}s {rss:6d} MB{note}", flush=True)
 
-    for method, resample in (("average", 0), ("select", 0), ("select", 4)):
-        label = f"ordermerge {method}" + (f" --resample {resample}" if resample else "")
-        row(label, *ordermerge(base, models[: a.k], out / "om", method, resample, a.threads, repeats))
-    # Baselines: ties reads the inputs three times (two radix-select passes for its thresholds).
-    for method, params in (("ties", {"density": 0.2}), ("dare", {"drop_rate": 0.9})):
-        label = f"ordermerge {method} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in params.items())
-        row(label, *ordermerge(base, models[: a.k], out / "om", method, 0, a.threads, repeats, params))
+    def label(name):
+        method, resample, params = METHODS[name]
+        return " ".join([f"ordermerge {method}", *([f"--resample {resample}"] if resample else []),
+                         *(f"--{k.replace('_', '-')} {v}" for k, v in params.items())])
+
+    for name in methods:
+        method, resample, params = METHODS[name]
+        row(label(name), *ordermerge(base, models[: a.k], out / "om", method, resample, a.threads, repeats, params))
     if a.quick:
         print("whole-command runs and mergekit: skipped (--quick)")
     else:
@@ -267,14 +301,18 @@ def main() -> None:
         else:
             print("mergekit: not installed, skipped")
 
-    print(f"\n{'K sweep':8s} {'floor':>7s} {'average: time, x floor, CPU, RSS':>34s} {'select: the same':>34s}")
-    for k in sweep:
-        f = read_floor(models[:k])
-        cells = []
-        for method in ("average", "select"):
-            sec, cpu, rss = ordermerge(base, models[:k], out / "om", method, 0, a.threads, 1)
-            cells.append(f"{sec:5.2f}s {sec / f:5.1f}x {cpu:5.2f}s {rss:4d} MB")
-        print(f"K={k:<6d} {f:6.2f}s {cells[0]:>34s} {cells[1]:>34s}", flush=True)
+    if sweep:
+        names = [m for m in a.sweep_methods.split(",") if m]
+        print("\nK sweep: time, x that K's floor (read + write + fsync), peak RSS")
+        print(f"{'K':4s} {'floor':>6s} " + " ".join(f"{n:>25s}" for n in names))
+        for k in sweep:
+            f = read_floor(models[:k]) + write
+            cells = []
+            for name in names:
+                method, resample, params = METHODS[name]
+                sec, cpu, rss = ordermerge(base, models[:k], out / "om", method, resample, a.threads, 1, params)
+                cells.append(f"{sec:6.2f}s {sec / f:5.2f}x {rss:5d} MB")
+            print(f"{k:<4d} {f:5.2f}s " + " ".join(f"{c:>25s}" for c in cells), flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
 
