@@ -115,8 +115,23 @@ def test_default_config_validates(monkeypatch):
     assert all(m["trust_remote_code"] is False for m in cfg["models"].values())
 
 
+def layered(path: Path) -> dict:
+    """The config a shipped file stands for: itself, or for the study's overlays (configs/study*.yaml,
+    used as `--configfile config.yaml configs/study.yaml [configs/study-constant.yaml]`) the default
+    with the overlays merged over it, as Snakemake merges configfiles."""
+    from snakemake.utils import update_config
+
+    if not path.stem.startswith("study"):
+        return yaml.safe_load(path.read_text())
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    study = ROOT / "configs" / "study.yaml"
+    for layer in [study] if path == study else [study, path]:
+        update_config(cfg, yaml.safe_load(layer.read_text()))
+    return cfg
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_shipped_config_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # results_dir and local model paths are relative to the workflow root
-    cfg = validate_config(yaml.safe_load(path.read_text()))
+    cfg = validate_config(layered(path))
     assert all(m["trust_remote_code"] is False or m.get("revision") for m in cfg["models"].values())
