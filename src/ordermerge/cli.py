@@ -56,8 +56,14 @@ def cmd_orders(a):
 def cmd_fine_tune(a):
     _set_threads(a.threads)
     from ordermerge.train.loop import fine_tune
+    from ordermerge.train.tracking import RunIdentity
 
-    fine_tune(a.base, a.train, a.order, a.out_dir, a.task_spec, a.train_cfg, a.seed, a.run_name)
+    identity = None
+    if a.tracker_group or a.tracker_run or a.tracker_dir:
+        identity = RunIdentity(a.tracker_group or a.run_name, a.tracker_run or a.run_name,
+                               Path(a.tracker_dir) if a.tracker_dir else None)
+    fine_tune(a.base, a.train, a.order, a.out_dir, a.task_spec, a.train_cfg, a.seed, a.run_name,
+              tracker_identity=identity)
 
 
 def cmd_sample_losses(a):
@@ -224,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--train-cfg", type=_json_arg, required=True)
     s.add_argument("--seed", type=int, required=True)
     s.add_argument("--threads", type=int)
-    s.set_defaults(func=cmd_fine_tune, reads=("base", "train", "order"), writes=("out_dir",))
+    s.add_argument("--tracker-group", help="train.report_to: the K runs' group, <model>/<task>/<scheme>")
+    s.add_argument("--tracker-run", help="train.report_to: this run's name in its group, run<k>")
+    s.add_argument("--tracker-dir", help="train.report_to tensorboard: this run's event-file directory")
+    s.set_defaults(func=cmd_fine_tune, reads=("base", "train", "order"), writes=("out_dir", "tracker_dir"))
 
     s = sub.add_parser("sample-losses", help="per-sample response loss of one checkpoint")
     s.add_argument("--model-dir", required=True)

@@ -68,6 +68,16 @@ def _rule_parallel(cfg):
                "adapters fit one GPU); set parallel: ddp, or method: full")
 
 
+def _rule_report_to(cfg):
+    """A tracker named in train.report_to must be importable here (the schema refuses unknown names)."""
+    from ordermerge.train.tracking import BACKENDS, problems  # torch-free
+
+    for i, name in enumerate(cfg["train"]["report_to"]):
+        if name in BACKENDS:
+            for text in problems([name]):
+                yield f"train.report_to[{i}]", text
+
+
 def _rule_merge_epoch(cfg):
     epochs, epoch = _int(cfg["train"]["epochs"]), cfg["merge"]["epoch"]
     if epoch is not None and _int(epoch) > epochs:
@@ -238,7 +248,7 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
 
 RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
          _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate,
-         _rule_multitask_data)
+         _rule_multitask_data, _rule_report_to)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

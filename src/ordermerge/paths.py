@@ -17,6 +17,8 @@ TEMPLATES = {
     "order": RUN + "/orders/run{run}.npy",
     "checkpoint": RUN + "/runs/run{run}/epoch{epoch}",
     "steps": RUN + "/runs/run{run}/steps.csv",
+    # train.report_to: tensorboard (a side output, never declared): --logdir its scheme dir overlays the K runs
+    "tensorboard": "{results}/tensorboard/{model}/{task}/{scheme}/run{run}",
     "run_losses": RUN + "/losses/run{run}/epoch{epoch}.csv",
     "merged": RUN + "/merged/epoch{epoch}/{method}/seed{mseed}",
     "merged_losses": RUN + "/losses/merged/{method}/seed{mseed}/epoch{epoch}.csv",

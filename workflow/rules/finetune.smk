@@ -23,11 +23,26 @@ rule fine_tune:
         seed=config["seed"],
         out_dir=lambda w, output: str(Path(output.steps).parent),
         launcher=lambda w, resources, threads: fine_tune_launcher(resources, threads),
+        # train.report_to: the run's identity; tracker files are side outputs, like the log
+        tracker=lambda w: (
+            f" --tracker-group {w.model}/{w.task}/{w.scheme} --tracker-run run{w.run} --tracker-dir "
+            + shlex.quote(
+                P.of(
+                    "tensorboard",
+                    model=w.model,
+                    task=w.task,
+                    scheme=w.scheme,
+                    run=w.run,
+                )
+            )
+            if config["train"]["report_to"]
+            else ""
+        ),
     shell:
         "{params.launcher} --base {input.base} --train {input.train} --order {input.order} "
         "--out-dir {params.out_dir} --run-name {wildcards.task}-{wildcards.scheme}-run{wildcards.run} "
-        "--task-spec {params.task_spec:q} --train-cfg {params.train_cfg:q} --seed {params.seed} "
-        "> {log} 2>&1"
+        "--task-spec {params.task_spec:q} --train-cfg {params.train_cfg:q} --seed {params.seed}"
+        "{params.tracker} > {log} 2>&1"
 
 
 rule sample_losses:

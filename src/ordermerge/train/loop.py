@@ -6,8 +6,9 @@ distributed.py). AdamW on fp32 master weights, an optional bf16 autocast for the
 linear/cosine/constant schedule with warmup, loss averaged over the response tokens of each
 optimizer batch. Each epoch ends in a checkpoint in ``save_dtype`` (atomic safetensors HF dir,
 ``checkpoint.json`` with the zero-task-vector fraction; LoRA adds ``adapter/``), and ``steps.csv``
-records the exact sample indices of every step. ``train.parallel: fsdp`` shards the model over the
-ranks instead of copying it (fsdp.py); everything else is the same.
+records the exact sample indices of every step (``train.report_to`` trackers get the same rows live,
+tracking.py). ``train.parallel: fsdp`` shards the model over the ranks instead of copying it
+(fsdp.py); everything else is the same.
 
 Resume. Everything lives in ``<out_dir>/.resume/``, a directory the workflow does not declare as
 an output (Snakemake deletes a failed job's declared outputs, so epoch dirs may vanish between
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from ordermerge.batching import collate_for, token_losses
 from ordermerge.data.orders import batches_of
 from ordermerge.seeding import derive_seed
-from ordermerge.train import checkpointing, distributed, fsdp, resume
+from ordermerge.train import checkpointing, distributed, fsdp, resume, tracking
 from ordermerge.train.setup import Job, Trainable, build, checked_inputs, total_steps, use_bf16
 
 TIMING_COLUMNS = ("seconds", "tokens_per_s")
@@ -98,7 +99,7 @@ def _optimizer_step(job: Job, tr: Trainable, examples: list[dict], batch_indices
 
 
 def _train_epoch(job: Job, tr: Trainable, examples: list[dict], epoch_order, epoch: int, step: int,
-                 log_rows: list[dict], bar) -> tuple[int, float]:
+                 log_rows: list[dict], bar, tracker: tracking.Tracker | None = None) -> tuple[int, float]:
     """Epoch ``epoch`` (0-based) in consecutive batches of its order; returns the step count after it and
     its train loss per scored token. The RNG (LoRA dropout) is reseeded from (seed, run, epoch, rank)."""
     torch.manual_seed(derive_seed(job.seed, "train", job.run_name, epoch, job.ranks.rank))
@@ -106,6 +107,8 @@ def _train_epoch(job: Job, tr: Trainable, examples: list[dict], epoch_order, epo
     for batch_indices in batches_of(epoch_order, job.batch_size):
         row, n_scored = _optimizer_step(job, tr, examples, batch_indices, epoch, step)
         log_rows.append(row)
+        if tracker is not None:
+            tracker.log_step(row)
         epoch_loss += row["loss"] * n_scored
         epoch_tokens += n_scored
         step += 1
@@ -124,10 +127,14 @@ def fine_tune(
     seed: int,
     run_name: str,
     progress: bool = True,
+    tracker_identity: tracking.RunIdentity | None = None,
 ) -> None:
     """Fine-tune ``base_dir`` on ``train_path`` in the order ``order_path``, one checkpoint per epoch
-    under ``out_dir`` (resuming saved state of this run, if any)."""
+    under ``out_dir`` (resuming saved state of this run, if any). ``train.report_to`` trackers
+    (tracking.py) log under ``tracker_identity``; they are checked before anything else."""
     base_dir, out_dir, train_path = Path(base_dir), Path(out_dir), Path(train_path)
+    report_to = train_cfg.get("report_to") or []
+    tracking.check(report_to, tracker_identity)
     ranks = distributed.setup()
     order, examples, tokenizer = checked_inputs(base_dir, train_path, order_path, task_spec, train_cfg["epochs"])
     fp = resume.fingerprint(base_dir=base_dir, train_path=train_path, order=order, task_spec=task_spec,
@@ -146,11 +153,19 @@ def fine_tune(
         print(f"[{run_name}] resuming after epoch {start_epoch} (step {step}/{job.total_steps})", flush=True)
     bar = tqdm(total=job.total_steps, initial=step, desc=f"fine-tune {run_name}", unit="step",
                disable=not (progress and ranks.main))
-    for epoch in range(start_epoch, job.epochs):
-        t_epoch = time.perf_counter()
-        step, train_loss = _train_epoch(job, tr, examples, order[epoch], epoch, step, log_rows, bar)
-        checkpointing.save_epoch(job, tr, epoch, step, log_rows, train_loss, t_epoch)
-        distributed.barrier(ranks)
+    tracker = tracking.open_trackers(report_to, tracker_identity, step,
+                                     {**train_cfg, "seed": seed, "run_name": run_name, "fingerprint": fp}, ranks.main)
+    try:
+        for epoch in range(start_epoch, job.epochs):
+            t_epoch = time.perf_counter()
+            step, train_loss = _train_epoch(job, tr, examples, order[epoch], epoch, step, log_rows, bar, tracker)
+            # Flushed before the state is saved: a rerun never re-logs steps up to the saved one.
+            tracker.log_epoch(step, tracking.epoch_summary([r for r in log_rows if r["epoch"] == epoch + 1],
+                                                           train_loss))
+            checkpointing.save_epoch(job, tr, epoch, step, log_rows, train_loss, t_epoch)
+            distributed.barrier(ranks)
+    finally:
+        tracker.close()
     bar.close()
     if ranks.main:
         resume.write_steps(out_dir / "steps.csv", log_rows)

@@ -24,8 +24,10 @@ from ordermerge.train import distributed, fsdp
 def fingerprint(*, base_dir: Path, train_path: Path, order, task_spec: dict, train_cfg: dict, seed: int,
                 run_name: str) -> str:
     h = hashlib.sha256()
-    # How the work is split over processes changes no result beyond rounding, nor the state's format.
-    train_cfg = {k: v for k, v in train_cfg.items() if k != "parallel" and not (k == "packing" and not v)}
+    # How the work is split over processes changes no result beyond rounding, nor the state's format;
+    # where the numbers are also reported (report_to) changes nothing.
+    train_cfg = {k: v for k, v in train_cfg.items()
+                 if k not in ("parallel", "report_to") and not (k == "packing" and not v)}
     h.update(json.dumps([task_spec, train_cfg, seed, run_name], sort_keys=True).encode())
     h.update(order.tobytes())
     h.update(train_path.read_bytes())
