@@ -7,9 +7,12 @@ real bf16 fine-tunes. Then, page cache warm:
 
 - the floor: reading the K inputs once (cat, best of 3) plus writing and fsyncing one model-sized
   output (best of 3), both measured in this run;
-- the sha256 of base + inputs that merge.json records (the merge computes it from its own reads);
-- each ordermerge method in a fresh process: wall time after imports, ratio to the floor, CPU time,
-  peak RSS; mergekit linear if /tmp/mk has it;
+- the sha256 of base + inputs that merge.json records (a merge computes it from its own reads the
+  first time it sees a checkpoint, and takes it from the digest cache later: digest_cache.py);
+- average and select with the inputs hashed (digest cache off), as the first merge of new runs is;
+- each ordermerge method in a fresh process with the digests cached, as every later merge of the
+  same runs is: wall time after imports, ratio to the floor, CPU time, peak RSS; mergekit linear if
+  /tmp/mk has it;
 - a K sweep (--sweep) of the methods in --sweep-methods: time, ratio to that K's floor, peak RSS.
 
 On a shared machine wall times follow the load; CPU times much less so.
@@ -276,7 +279,7 @@ def main() -> None:
         *hash_floor([base, *models[: a.k]], threads)))
     idle_rss = run_measured([sys.executable, "-c", f"import json, ordermerge.merging.engine; print(json.dumps({PEAK_RSS}))"])[0]
     print(f"peak RSS of python + torch + ordermerge imported: {idle_rss} MB\n")
-    print(f"{'method':36s} {'time':>7s} {'x floor':>8s} {'CPU':>7s} {'peak RSS':>9s}")
+    print(f"{'method (digests cached, unless hashing)':36s} {'time':>7s} {'x floor':>8s} {'CPU':>7s} {'peak RSS':>9s}")
 
     def row(label, sec, cpu, rss, note=""):
         print(f"{label:36s} {sec:6.2f}s {sec / floor:7.2f}x {cpu:6.2f}s {rss:6d} MB{note}", flush=True)
@@ -286,6 +289,15 @@ def main() -> None:
         return " ".join([f"ordermerge {method}", *([f"--resample {resample}"] if resample else []),
                          *(f"--{k.replace('_', '-')} {v}" for k, v in params.items())])
 
+    digests = a.cache / "digest-cache"  # this run's own digest cache (digest_cache.py), emptied first
+    shutil.rmtree(digests, ignore_errors=True)
+    os.environ["ORDERMERGE_CACHE_DIR"] = "off"
+    for name in [m for m in ("average", "select") if m in methods]:
+        method, resample, params = METHODS[name]
+        row(label(name) + ", hashing", *ordermerge(base, models[: a.k], out / "om", method, resample, a.threads,
+                                                   repeats, params))
+    os.environ["ORDERMERGE_CACHE_DIR"] = str(digests)
+    ordermerge(base, models[: a.k], out / "om", "average", 0, a.threads, 1)  # the first merge fills the cache
     for name in methods:
         method, resample, params = METHODS[name]
         row(label(name), *ordermerge(base, models[: a.k], out / "om", method, resample, a.threads, repeats, params))
@@ -307,6 +319,7 @@ def main() -> None:
         print(f"{'K':4s} {'floor':>6s} " + " ".join(f"{n:>25s}" for n in names))
         for k in sweep:
             f = read_floor(models[:k]) + write
+            ordermerge(base, models[:k], out / "om", "average", 0, a.threads, 1)  # digests of the new inputs cached
             cells = []
             for name in names:
                 method, resample, params = METHODS[name]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ordermerge import __version__
-from ordermerge.merging import registry
+from ordermerge.merging import digest_cache, registry
 from ordermerge.merging.bits import CHUNK, INT_VIEW, normalized_weights
 from ordermerge.merging.digests import Budget, StreamingDigest, sha256_of_dir  # noqa: F401  (sha256_of_dir: re-exported)
 from ordermerge.merging.methods import MergeMethod, load
@@ -167,13 +168,29 @@ def _file_order(checkpoint: LazyCheckpoint):
     return key
 
 
-def _digests(ctx: MergeContext, tasks: list[tuple]) -> list[StreamingDigest]:
-    """One streaming digest per checkpoint (base first), fed by every read of the merge: planned
-    pieces are the float chunks of every checkpoint and the copied (non-float) chunks of the first
-    input; the rest each digest reads itself."""
+class _KnownDigest:
+    """A checkpoint's digest taken from the digest cache (digest_cache.py): nothing to hash."""
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def finish(self) -> str:
+        return self.value
+
+
+def _digests(ctx: MergeContext, tasks: list[tuple], keys: list[str]) -> list[StreamingDigest | _KnownDigest]:
+    """One digest per checkpoint (base first): from the digest cache when its files are unchanged
+    (``keys``: their stat keys), else streaming, fed by every read of the merge: planned pieces are
+    the float chunks of every checkpoint and the copied (non-float) chunks of the first input; the
+    rest each digest reads itself."""
     budget = Budget(64 << 20)  # early pieces held at once, all digests together: memory flat in K
+    root = digest_cache.cache_dir()
     out = []
     for i, checkpoint in enumerate([ctx.base, *ctx.models]):
+        known = digest_cache.lookup(keys[i], root)
+        if known is not None:
+            out.append(_KnownDigest(known))
+            continue
         planned: dict[str, list[tuple[int, int]]] = {}
         for name, start, count in tasks:
             info = checkpoint.info(name)
@@ -263,7 +280,17 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
     with atomic_path(out_dir, directory=True) as tmp:
         ctx.writer = ShardedWriter(tmp, parse_size(shard_size), [(n, *base.meta(n)) for n in names])
         weights = list(ctx.probs)
-        results, digests = _run_parallel(tasks, _digests(ctx, tasks), _ChunkMerger(ctx, impl), progress, f"merge {key}")
+        dirs = [base.directory, *(m.directory for m in ctx.models)]
+        keys = [digest_cache.stat_key(d) for d in dirs]
+        streams = _digests(ctx, tasks, keys)
+        results, digests = _run_parallel(tasks, streams, _ChunkMerger(ctx, impl), progress, f"merge {key}")
+        hashed = [i for i, d in enumerate(streams) if isinstance(d, StreamingDigest)]
+        for i in hashed:  # only when the files did not change while they were read
+            if digest_cache.stat_key(dirs[i]) == keys[i]:
+                digest_cache.store(keys[i], digests[i], digest_cache.cache_dir())
+        if progress:
+            print(f"inputs' sha256 (merge.json): {len(streams) - len(hashed)} of {len(streams)} from the digest cache, "
+                  f"{len(hashed)} hashed while read", file=sys.stderr)
         refuse_duplicates("ordermerge merge", model_dirs, digests[1:])  # nothing is renamed into place
         copy_sidecars(Path(base_dir), tmp)
         stats, per_tensor, extra = impl.summary(ctx, tasks, results)
