@@ -11,15 +11,29 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from helpers import build_tiny_base, snakemake  # noqa: E402
+from helpers import build_tiny_base  # noqa: E402
+from smoke_runs import run_smoke  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache_of_this_session(tmp_path_factory):
+    """Merges (in-process and in the workflows the tests run) keep their digest cache
+    (src/ordermerge/merging/digest_cache.py) in the session's temporary directory, not in ~/.cache."""
+    os.environ["ORDERMERGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("ordermerge-cache"))
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """One real run of tests/configs/smoke.yaml (minutes), shared by every test module that needs one."""
-    workdir = tmp_path_factory.mktemp("smoke")
-    snakemake(workdir)
-    return workdir
+def smoke_runs(request, tmp_path_factory):
+    """The session's runs of tests/configs/smoke.yaml (tests/smoke_runs.py): a local one, and the SLURM
+    one beside it when the session selected a SLURM cluster test (marked ``slurm``)."""
+    with_slurm = any(item.get_closest_marker("slurm") for item in request.session.items)
+    return run_smoke(tmp_path_factory, with_slurm)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_runs):
+    """The local run of tests/configs/smoke.yaml (minutes), shared by every test module that reads one."""
+    return smoke_runs.local
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,20 @@ BIN = Path(sys.executable).parent
 
 # The workflow ---------------------------------------------------------------------------------------
 
-def snakemake(workdir: Path, *args: str, configfile: Path | list[Path] = SMOKE, check: bool = True
-              ) -> subprocess.CompletedProcess:
-    """``configfile``: one file, or a list of overlays (later ones update earlier ones, as Snakemake merges them)."""
+def snakemake_cmd(workdir: Path, *args: str, configfile: Path | list[Path] = SMOKE) -> tuple[list[str], dict]:
+    """The command line and environment of a workflow run in ``workdir``. ``configfile``: one file,
+    or a list of overlays (later ones update earlier ones, as Snakemake merges them)."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     files = configfile if isinstance(configfile, (list, tuple)) else [configfile]
     cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
            "--configfile", *map(str, files), "--cores", "2", *args]
+    return cmd, env
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | list[Path] = SMOKE, check: bool = True
+              ) -> subprocess.CompletedProcess:
+    """Run the workflow in ``workdir`` (see ``snakemake_cmd``); a failure raises with the output's tail."""
+    cmd, env = snakemake_cmd(workdir, *args, configfile=configfile)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

@@ -145,3 +145,17 @@ def test_a_config_run_from_the_repository_root_plans_only_its_own_model(tmp_path
     out = dry_run(tmp_path, ROOT / "configs" / "gpu-1b.yaml")
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "smollm2-135m" not in out.stdout + out.stderr
+
+
+def test_the_slurm_profile_lets_every_ready_job_of_a_rule_through_at_once():
+    """With job arrays, snakemake-executor-plugin-slurm 2.8.0 never submits the part of a rule's ready
+    jobs that `jobs` or `max-jobs-per-timespan` holds back, and the run hangs (its issue #473). So both
+    must be at least every shipped config's job count of any one rule (as planned above)."""
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile.get("slurm-array-jobs"), "profiles/slurm submits no job arrays"
+    count, span = profile["max-jobs-per-timespan"].split("/")
+    assert span == "1s", "a longer timespan would hold back more"
+    widest = {name: max(n for rule, n in jobs.items() if rule != "total")
+              for name, jobs in [*EXPECTED.items(), *((" + ".join(k), v) for k, v in STUDY.items())]}
+    too_wide = {name: n for name, n in widest.items() if n > min(profile["jobs"], int(count))}
+    assert not too_wide, f"rules with more jobs than profiles/slurm lets through at once: {too_wide}"

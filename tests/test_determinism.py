@@ -7,7 +7,10 @@ because they measure the machine, not the result:
 - the ``seconds`` and ``tokens_per_s`` columns of ``steps.csv`` (per-step timing).
 Nothing else is excluded; a new non-deterministic field makes this test fail until it is named here.
 
-The first run is the session's shared smoke run (tests/conftest.py), so this costs one extra run.
+The first run is the session's local smoke run; the second is the session's SLURM run of the same
+config where the session has one (tests/smoke_runs.py: job arrays, a merge re-run alone, a cancelled
+and resumed fine-tune; only the wrapper's ``summary.txt`` is not the workflow's and is left out),
+else one more local run here.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 from pathlib import Path
 
 from helpers import snakemake
+from smoke_runs import SUMMARY
 
 TIMING_JSON_KEYS = {"seconds"}
 TIMING_CSV_COLUMNS = {"seconds", "tokens_per_s"}  # = ordermerge.train.loop.TIMING_COLUMNS
@@ -42,10 +46,10 @@ def normalised(path: Path) -> bytes:
     return data
 
 
-def digests(workdir: Path) -> dict[str, str]:
+def digests(workdir: Path, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
     results = workdir / "results"
     return {str(p.relative_to(results)): hashlib.sha256(normalised(p)).hexdigest()
-            for p in sorted(results.rglob("*")) if p.is_file()}
+            for p in sorted(results.rglob("*")) if p.is_file() and str(p.relative_to(workdir)) not in leave_out}
 
 
 def test_normalisation_drops_only_timing(tmp_path):
@@ -63,18 +67,23 @@ def test_normalisation_drops_only_timing(tmp_path):
     assert normalised(a / "steps.csv") != normalised(b / "steps.csv")
 
 
-def test_two_runs_of_the_smoke_config_are_bit_identical(smoke_run, tmp_path_factory):
-    first = digests(smoke_run)  # before anything else can touch the shared run
-    again = tmp_path_factory.mktemp("smoke-again")
-    snakemake(again)
-    second = digests(again)
+def test_two_runs_of_the_smoke_config_are_bit_identical(smoke_runs, tmp_path_factory):
+    first = digests(smoke_runs.local)  # before anything else can touch the shared run
+    if smoke_runs.slurm is not None:
+        second, how = digests(smoke_runs.slurm.wf, leave_out=(SUMMARY,)), "a local and a SLURM run"
+    else:
+        again = tmp_path_factory.mktemp("smoke-again")
+        snakemake(again)
+        second, how = digests(again), "two local runs"
     for part in REQUIRED:
         assert any(part in name for name in first), f"no compared file matches {part!r}"
-    assert sorted(first) == sorted(second), "the two runs wrote different files"
+    assert sorted(first) == sorted(second), (f"{how} wrote different files: only the first "
+                                             f"{sorted(set(first) - set(second))}, only the second {sorted(set(second) - set(first))}")
     differing = [name for name in first if first[name] != second[name]]
-    assert not differing, f"{len(differing)} of {len(first)} files differ between two runs:\n  " + "\n  ".join(differing)
-    print(f"determinism: {len(first)} files identical across two runs")
+    assert not differing, f"{len(differing)} of {len(first)} files differ between {how}:\n  " + "\n  ".join(differing)
+    print(f"determinism: {len(first)} files identical across {how}")
     # Paths from the config stay inside the workflow's directories (results_dir, logs, Snakemake's own).
-    outside = [str(p.relative_to(again)) for p in again.rglob("*")
-               if p.is_file() and p.relative_to(again).parts[0] not in ("results", "logs", ".snakemake")]
+    local = smoke_runs.local
+    outside = [str(p.relative_to(local)) for p in local.rglob("*")
+               if p.is_file() and p.relative_to(local).parts[0] not in ("results", "logs", ".snakemake")]
     assert not outside, f"the run wrote outside results/, logs/ and .snakemake/: {outside[:10]}"

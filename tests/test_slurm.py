@@ -1,45 +1,40 @@
 """The workflow on a real SLURM cluster, and what profiles/slurm asks SLURM for.
 
-The cluster tests (marked ``slurm``, deselect with ``-m "not slurm"``) start a throw-away single-node
-cluster with ../shared/reference/slurm-local-cluster.sh (munged + slurmctld + slurmd, installed with
-apt-get when root and missing), run tests/configs/smoke.yaml through profiles/slurm in a copy of the
-repository, and in the same cluster session re-run one merge alone (--forcerun + --until), then force
-run 0's fine-tune again, cancel its SLURM job (scancel) once epoch 1 is published, and let the
-profile's retry finish it. They check that the jobs ran as SLURM jobs (the plugin's per-job logs,
-SLURM's job-completion records with the requested memory and time limit), that the retry resumed
-from epoch 1, and that orders, checkpoints, a merged model and table1.csv equal those of a local run
-of the same config (profiles/local) done here. When this machine cannot run SLURM (not root, no
-apt-get, the script missing) they skip and say why. Total: ~10-15 min on 2 CPU cores.
+The cluster tests (marked ``slurm``, deselect with ``-m "not slurm"``) read the session's SLURM run
+(tests/smoke_runs.py): a throw-away single-node cluster with accounting
+(../shared/reference/slurm-local-cluster.sh with ACCOUNTING=1, installed with apt-get when root and
+missing) runs tests/configs/smoke.yaml through profiles/slurm, job arrays on, in a copy of the
+repository, and in the same cluster session re-runs one merge alone (--forcerun + --until), then
+forces run 0's fine-tune again, cancels its SLURM job (scancel) once epoch 1 is published, and lets
+the profile's retry finish it. They check that the jobs ran as SLURM jobs, the many-job rules as
+array tasks (the plugin's logs, SLURM's job-completion records with the requested memory and time
+limit), that the plugin wrote its efficiency report, that the retry resumed from epoch 1, and that
+orders, checkpoints, a merged model and table1.csv equal those of the session's local run of the
+same config (test_determinism compares every file). When this machine cannot run SLURM (not root,
+no apt-get, the script missing) they skip and say why. Total: ~8-12 min on 2 CPU cores, the local
+run included.
 
-The other tests are cheap: the sbatch flags the plugin builds from the rules' resources.
+The other tests are cheap: the sbatch flags the plugin builds from the rules' resources, and the
+profile's array rules.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from smoke_runs import CANCELLED_RUN, MERGED, RESULTS, job_mem_mb
+
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = (ROOT / ".." / "shared" / "reference" / "slurm-local-cluster.sh").resolve()
 SMOKE = ROOT / "tests" / "configs" / "smoke.yaml"
 BIN = Path(sys.executable).parent
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-COMMANDS = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "srun", "munged", "mungekey")
-RESULTS = "results/smollm2-135m/gsm/shuffle"
-MERGED = f"{RESULTS}/merged/epoch2/select/seed0"  # the merge re-run alone in the same session
-CANCELLED_RUN = f"{RESULTS}/runs/run0"  # the fine-tune cancelled mid-run and resumed in the same session
 # Rules that run on the submit host (localrules); every other job must be a SLURM job.
 LOCAL_RULES = {"prepare_data", "orders", "analyze", "all"}
 
@@ -122,197 +117,81 @@ def test_profiles_parse_and_name_real_options():
 
 
 # --------------------------------------------------------------------------------------------------
-# a real cluster
+# a real cluster: the session's SLURM run of the smoke config (tests/smoke_runs.py)
 # --------------------------------------------------------------------------------------------------
-
-def _installed(pkg: str) -> bool:
-    proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
-    return proc.returncode == 0 and "install ok installed" in proc.stdout
-
-
-def why_no_slurm() -> str | None:
-    """None when this machine can run the throw-away cluster (installing it if need be), else why not."""
-    if not sys.platform.startswith("linux"):
-        return f"SLURM test cluster needs Linux, this is {sys.platform}"
-    if not SCRIPT.is_file():
-        return f"{SCRIPT} is missing (CI keeps ../shared beside the clone)"
-    if os.geteuid() != 0:
-        return "slurm-local-cluster.sh must run as root (it starts munged, slurmctld and slurmd)"
-    if all(shutil.which(c) for c in COMMANDS):
-        return None
-    if not shutil.which("apt-get") or not shutil.which("dpkg-query"):
-        return f"SLURM is not installed ({', '.join(c for c in COMMANDS if not shutil.which(c))}) and there is no apt-get"
-    missing = [p for p in PACKAGES if not _installed(p)]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            return f"`{' '.join(cmd)}` failed ({proc.returncode}): {(proc.stdout + proc.stderr)[-600:]}"
-    gone = [c for c in COMMANDS if not shutil.which(c)]
-    return f"installed {' '.join(missing)} but still missing: {' '.join(gone)}" if gone else None
-
-
-def copy_repo(dest: Path) -> Path:
-    """The repository's files (tracked, plus untracked ones git does not ignore) in dest."""
-    proc = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                          capture_output=True)
-    if proc.returncode == 0:
-        files = [f for f in proc.stdout.decode().split("\0") if f]
-    else:  # not a git checkout: everything but outputs and environments
-        skip = {".git", ".venv", "results", "logs", ".snakemake", "__pycache__", ".pytest_cache"}
-        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
-                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    return dest
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def smoke_config_for_node(path: Path, node_mem_mb: int) -> Path:
-    """The smoke config plus the resources this one small node can grant: two jobs side by side."""
-    cfg = yaml.safe_load(SMOKE.read_text())
-    cfg["resources"] = {"default": {"partition": "debug", "mem_mb": max(200, node_mem_mb // 2 - 100)}}
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-WRAPPER = """#!/usr/bin/env bash
-# Called by slurm-local-cluster.sh as $SMK_VENV/bin/snakemake, inside the cluster session, in the
-# workflow copy: the whole smoke workflow; one merge forced again and nothing after it; then run 0's
-# fine-tune forced again, its SLURM job cancelled (scancel) once epoch 1 is published, and the
-# profile's retry left to finish it from that epoch.
-set -uo pipefail
-export PATH={bin}:$PATH
-{bin}/snakemake "$@" > {logs}/full.log 2>&1 || {{ tail -n 60 {logs}/full.log; exit 3; }}
-{bin}/snakemake "$@" --forcerun {target} --until merge > {logs}/rerun.log 2>&1 \\
-    || {{ tail -n 60 {logs}/rerun.log; exit 4; }}
-{bin}/snakemake "$@" --forcerun {fine_tune} --until fine_tune > {logs}/cancel.log 2>&1 &
-smk=$!
-for _ in $(seq 1 600); do  # Snakemake deletes the forced job's outputs before submitting it ...
-    [ -d {fine_tune_dir}/epoch1 ] || break
-    sleep 0.2
-done
-for _ in $(seq 1 3000); do  # ... so epoch1 reappearing means epoch 1 is done and epoch 2 under way
-    [ -d {fine_tune_dir}/epoch1 ] && break
-    kill -0 $smk 2>/dev/null || break
-    sleep 0.2
-done
-jobs_running=$(squeue -h -o %i)
-echo "$jobs_running" > {logs}/cancelled_jobs.txt
-[ -n "$jobs_running" ] && scancel $jobs_running
-wait $smk || {{ tail -n 60 {logs}/cancel.log; exit 5; }}
-mkdir -p results && echo "smoke workflow ran on SLURM; one merge re-ran alone; a cancelled fine-tune resumed" \\
-    > results/summary.txt
-"""
-
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def start_local_run(tmp: Path, config: Path) -> tuple[Path, subprocess.Popen]:
-    """The same config run locally (profiles/local) in another copy: the reference the SLURM outputs
-    must equal. It runs beside the SLURM run, on the CPU time the SLURM run spends waiting between
-    status checks."""
-    wd = copy_repo(tmp / "local")  # beside the same config.yaml as the SLURM copy
-    shutil.copy2(config, wd / config.name)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(BIN / "snakemake"), "--profile", "profiles/local", "--configfile", config.name, "--cores", "2"]
-    log = open(tmp / "logs" / "local.log", "w")
-    return wd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=wd)
+@pytest.fixture(scope="module")
+def cluster(smoke_runs):
+    if smoke_runs.slurm_error:
+        raise AssertionError(smoke_runs.slurm_error)
+    if smoke_runs.slurm is None:
+        pytest.skip(f"cannot run a SLURM cluster here: {smoke_runs.slurm_missing}")
+    return smoke_runs.slurm
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    reason = why_no_slurm()
-    if reason:
-        pytest.skip(f"cannot run a SLURM cluster here: {reason}")
-    tmp = tmp_path_factory.mktemp("slurm")
-    base = Path(tempfile.mkdtemp(prefix="omslurm-", dir="/tmp"))  # short: munge's socket path is limited
-    base.chmod(0o755)  # munged wants its socket's directories a+x
-    wf = copy_repo(tmp / "wf")
-    logs = tmp / "logs"
-    logs.mkdir()
-    node_mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 // 2
-    config = smoke_config_for_node(wf / "slurm-smoke.yaml", node_mem)
-    fake_venv = tmp / "smkvenv"
-    (fake_venv / "bin").mkdir(parents=True)
-    wrapper = fake_venv / "bin" / "snakemake"
-    wrapper.write_text(WRAPPER.format(bin=BIN, logs=logs, target=MERGED, fine_tune=f"{CANCELLED_RUN}/steps.csv",
-                                      fine_tune_dir=CANCELLED_RUN))
-    wrapper.chmod(0o755)
-    ctld, slurmd = free_ports(2)
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "SLURMTEST_BASE": str(base),
-           "SMK_VENV": str(fake_venv), "SMK_WORKDIR": str(wf), "SMK_TIMEOUT": "1500",
-           "SLURMCTLD_PORT": str(ctld), "SLURMD_PORT": str(slurmd)}
-    args = ["--profile", "profiles/slurm", "--configfile", config.name, "--jobs", "4",
-            "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",
-            "--slurm-status-command", "squeue"]
-    t0 = time.monotonic()
-    local_dir, local = start_local_run(tmp, config)
-    try:
-        proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=1800)
-        slurm_seconds = time.monotonic() - t0
-        out = proc.stdout + proc.stderr
-        if proc.returncode != 0:
-            raise AssertionError(f"SLURM run failed ({proc.returncode}) after {slurm_seconds:.0f} s:\n{out[-6000:]}")
-        local_rc = local.wait(timeout=1200)
-    finally:
-        if local.poll() is None:
-            local.kill()
-            local.wait()
-        jobcomp = base / "cluster" / "log" / "jobcomp.txt"
-        jobcomp_text = jobcomp.read_text() if jobcomp.exists() else ""
-        shutil.rmtree(base, ignore_errors=True)
-    assert local_rc == 0, f"local run failed:\n{(logs / 'local.log').read_text()[-4000:]}"
-    print(f"\nSLURM smoke run + one merge re-run: {slurm_seconds:.0f} s (cluster up and down included); "
-          f"with the local run beside it: {time.monotonic() - t0:.0f} s")
-    return SimpleNamespace(wf=wf, local=local_dir, config=config, out=out, full=(logs / "full.log").read_text(),
-                           rerun=(logs / "rerun.log").read_text(), cancel=(logs / "cancel.log").read_text(),
-                           cancelled=(logs / "cancelled_jobs.txt").read_text().split(), jobcomp=jobcomp_text,
-                           node_mem=node_mem)
+def local_run(smoke_runs):
+    """The session's local run of the same config, made beside the SLURM run: the bytes to equal."""
+    return smoke_runs.local
 
 
-@pytest.fixture(scope="module")
-def cluster(runs):
-    return runs
-
-
-@pytest.fixture(scope="module")
-def local_run(runs):
-    return runs.local
+def job_rules(log: str) -> dict[str, str]:
+    """Snakemake job id -> rule, from the job blocks Snakemake prints ('rule X:' ... 'jobid: N')."""
+    return {m.group(2): m.group(1) for m in re.finditer(r"^(?:local)?rule (\w+):\n(?:[ \t]+.*\n)*?[ \t]+jobid: (\d+)$",
+                                                        log, re.M)}
 
 
 def submitted(log: str) -> dict[str, str]:
-    """SLURM job id -> rule, from the plugin's 'submitted with SLURM jobid N (log: .../rule_X/...)'."""
-    return {m.group(1): m.group(2) for m in
+    """SLURM job id -> rule: plain jobs ('submitted with SLURM jobid N (log: .../rule_X/...)') as 'N',
+    array tasks ('Submitted array job with Snakemake IDs a,b and SLURM job ID N. The individual task
+    IDs are s-e.') as 'N_i'."""
+    jobs = {m.group(1): m.group(2) for m in
             re.finditer(r"submitted with SLURM jobid (\d+) \(log: \S*?/slurm_logs/rule_(\w+)/", log)}
+    rules = job_rules(log)
+    for m in re.finditer(r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)\. "
+                         r"The individual task IDs are (\d+)-(\d+)", log):
+        ids, first = m.group(1).split(","), int(m.group(3))
+        assert len(ids) == int(m.group(4)) - first + 1, m.group(0)
+        for k, sid in enumerate(ids):
+            jobs[f"{m.group(2)}_{first + k}"] = rules[sid]
+    return jobs
 
 
 def jobcomp_records(text: str) -> dict[str, dict[str, str]]:
+    """SLURM's job-completion records by job id; an array task's also as 'ArrayJobId_ArrayTaskId'."""
     recs = {}
     for line in text.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
         if "JobId" in fields:
             recs[fields["JobId"]] = fields
+            if fields.get("ArrayJobId", "0") not in ("", "0") and fields.get("ArrayTaskId", "") not in ("", "4294967294"):
+                recs[f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"] = fields
     return recs
 
 
 def planned(log: str) -> dict[str, int]:
     block = log.split("Job stats:", 1)[1] if "Job stats:" in log else ""
     return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", block, re.M)}
+
+
+def array_rules() -> set[str]:
+    """The rules profiles/slurm submits as job arrays."""
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    return {r.strip() for r in str(profile.get("slurm-array-jobs", "")).replace(";", ",").split(",") if r.strip()}
+
+
+def test_the_profiles_array_rules_are_the_workflows_many_job_rules():
+    """Every name in slurm-array-jobs is a rule (a typo would silently submit that rule plainly), and
+    every rule the default run has several jobs of is among them, local rules aside."""
+    text = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+    rules = set(re.findall(r"^(?:use )?rule (\w+)(?=:| as )", text, re.M)) | set(re.findall(r" as (\w+) with:", text))
+    assert array_rules() and array_rules() <= rules, array_rules() - rules
+    assert {"fine_tune", "sample_losses", "merge", "evaluate_single", "evaluate_merged"} <= array_rules()
+    assert not array_rules() & LOCAL_RULES
 
 
 @pytest.mark.slurm
@@ -325,17 +204,44 @@ def test_every_job_but_the_local_rules_ran_as_a_completed_slurm_job(cluster):
     assert not LOCAL_RULES & set(jobs.values())  # prepare_data, orders, analyze ran on the submit host
     records = jobcomp_records(cluster.jobcomp)
     assert set(jobs) <= set(records), f"jobs SLURM has no completion record of: {set(jobs) - set(records)}"
-    mem = max(200, cluster.node_mem // 2 - 100)
+    mem = job_mem_mb(cluster.node_mem)
     for jid, rule in jobs.items():
         rec = records[jid]
         assert rec["JobState"] == "COMPLETED", (rule, rec)
         assert rec["Partition"] == "debug"
-        assert f"mem={mem}M" in rec.get("Tres", ""), (rule, rec.get("Tres"))  # resources.default.mem_mb
+        asked = int(re.search(r"mem=(\d+)M", rec.get("Tres", "")).group(1))
+        # resources.default.mem_mb; an array asks for a few MB more, for the payload of its tasks' commands
+        assert asked == mem or ("_" in jid and mem < asked <= mem + 64), (rule, rec.get("Tres"))
     limits = {rule: {records[j]["TimeLimit"] for j, r in jobs.items() if r == rule} for rule in remote}
     assert limits["fine_tune"] == {"120"} and limits["merge"] == {"30"}  # built-in runtimes, attempt 1
     # the plugin kept one log per SLURM job, named by its id
     logs = {p.stem for p in (cluster.wf / ".snakemake" / "slurm_logs").rglob("*.log")}
     assert set(jobs) <= logs
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_the_many_job_rules_ran_as_job_arrays_and_the_efficiency_report_was_written(cluster):
+    import pandas as pd
+
+    jobs = submitted(cluster.full)
+    arrays: dict[str, list[str]] = {}  # SLURM array id -> the rules of its tasks
+    for jid, rule in jobs.items():
+        if "_" in jid:
+            arrays.setdefault(jid.split("_")[0], []).append(rule)
+    print("\njob arrays:", {a: f"{rules[0]} x {len(rules)}" for a, rules in arrays.items()})
+    assert arrays, "no job array was submitted"
+    assert all(len(set(rules)) == 1 for rules in arrays.values()), arrays  # one rule per array
+    assert {rules[0] for rules in arrays.values()} <= array_rules()
+    # jobs that become ready together go in together: the smoke run's 4 merges, its per-sample losses
+    assert max(len(rules) for rules in arrays.values()) >= 4, arrays
+    reports = sorted((cluster.wf / "logs" / "slurm").glob("efficiency_report_*.csv"))
+    assert reports, "the plugin wrote no efficiency report (profile: slurm-efficiency-report)"
+    report = pd.concat([pd.read_csv(r) for r in reports])  # one per Snakemake invocation in the session
+    assert {"JobID", "Elapsed_sec", "CPU Efficiency (%)", "Memory Usage (%)", "RequestedMem_MB"} <= set(report.columns)
+    main_ids = {str(i) for i in report["MainJobID"]}
+    assert {j.split("_")[0] for j in jobs} <= main_ids, "jobs of the run missing from its efficiency report"
+    assert (report["Elapsed_sec"] > 0).all() and (report["RequestedMem_MB"] >= job_mem_mb(cluster.node_mem)).all()
 
 
 @pytest.mark.slurm
