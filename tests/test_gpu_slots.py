@@ -1,4 +1,4 @@
-"""GPU slots (src/ordermerge/gpu_slots.py) without a GPU: fake device ids, a private lock directory per
+"""GPU slots (src/ordermerge/gpu_slots/) without a GPU: fake device ids, a private lock directory per
 test and tiny child commands, then the workflow wiring through dry runs. ~20 s.
 
 The launcher gives each GPU job its own device: concurrent jobs never share a slot, a killed job's slot

@@ -141,7 +141,7 @@ def remote_code_args(model):
     return " ".join(map(shlex.quote, args))
 
 
-# --- GPU slots: several GPUs on one machine, each GPU job on its own (src/ordermerge/gpu_slots.py) ---
+# --- GPU slots: several GPUs on one machine, each GPU job on its own (src/ordermerge/gpu_slots/) ---
 # A job holding g >= 1 GPUs (resources.<rule>.gpus) runs behind `python -m ordermerge.gpu_slots --gpus g --`
 # when Snakemake runs it on this machine: the launcher claims g free GPUs (flock, freed by the kernel
 # when the job ends, kill -9 included) and sets CUDA_VISIBLE_DEVICES, so `--resources gpu=N`
