@@ -31,6 +31,7 @@ import random
 import resource
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -68,12 +69,35 @@ def one_thread():
 _CTX = multiprocessing.get_context("fork")
 
 
-def _start(argv: list[str]) -> multiprocessing.Process:
+def _no_helper_threads() -> None:
+    """Stop tqdm's monitor thread (an earlier test's progress bar starts one, which holds tqdm's lock
+    while it looks at the bars: a fork at that moment leaves the child's copy locked, and the child
+    hangs at its first progress bar) and check that no other Python thread is left to copy."""
+    tqdm.monitor_interval = 0  # no new one
+    if tqdm.monitor is not None:
+        tqdm.monitor.exit()
+        tqdm.monitor = None
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    assert not others, f"threads a fork would copy mid-work (stop them before the kill trials): {others}"
+
+
+def _child(argv: list[str]) -> None:
+    """The forked child: the command line, with a lock of its own for tqdm. tqdm's default lock holds
+    a multiprocessing semaphore shared with every child forked from here; a child killed while it
+    held it (writing a progress bar) would leave it taken, and every later child would hang at its
+    first bar (seen in CI: the trials after such a kill all timed out)."""
     from ordermerge.cli import main
 
-    tqdm.monitor_interval = 0  # no monitor thread in this process (a fork would copy it mid-lock)
+    tqdm.set_lock(threading.RLock())
+    main(argv)
+
+
+def _start(argv: list[str]) -> multiprocessing.Process:
+    import ordermerge.cli  # noqa: F401  (imported here, before the fork: the child starts at once)
+
+    _no_helper_threads()
     torch.set_num_threads(1)
-    proc = _CTX.Process(target=main, args=(argv,), daemon=True)
+    proc = _CTX.Process(target=_child, args=(argv,), daemon=True)
     proc.start()
     return proc
 
