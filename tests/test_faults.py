@@ -73,10 +73,12 @@ def _no_helper_threads() -> None:
     """Stop tqdm's monitor thread (an earlier test's progress bar starts one, which holds tqdm's lock
     while it looks at the bars: a fork at that moment leaves the child's copy locked, and the child
     hangs at its first progress bar) and check that no other Python thread is left to copy."""
-    tqdm.monitor_interval = 0  # no new one
-    if tqdm.monitor is not None:
-        tqdm.monitor.exit()
-        tqdm.monitor = None
+    from tqdm._monitor import TMonitor
+
+    tqdm.monitor_interval = 0  # no new one (subclasses such as tqdm.auto's inherit it)
+    for thread in threading.enumerate():
+        if isinstance(thread, TMonitor):  # started by tqdm or a subclass (transformers uses tqdm.auto)
+            thread.exit()
     others = [t.name for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
     assert not others, f"threads a fork would copy mid-work (stop them before the kill trials): {others}"
 
