@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ordermerge.cli import main
-from ordermerge.data.formatting import extract_number
+from ordermerge.data.formatting import extract_number, prompt_text
 from ordermerge.scoring import harness
 from ordermerge.scoring.choices import choice_logprobs, mc_rows
-from ordermerge.scoring.evaluate import exact_match, greedy_answers
+from ordermerge.scoring.evaluate import cut_at_answer, exact_match, greedy_answers
 from ordermerge.scoring.losses import load_model
 
 SPEC = {"max_length": 96, "system_prompt": "Solve."}
@@ -73,7 +73,7 @@ def test_mirror_task_loads_in_lm_eval(peaky, tmp_path):
     assert name in manager.all_tasks
     task = manager.load([name])["tasks"][name]
     docs = list(task.test_docs())
-    assert [task.doc_to_text(d) for d in docs] == [harness.prompt_text(tokenizer, r["prompt"], "Solve.") for r in records]
+    assert [task.doc_to_text(d) for d in docs] == [prompt_text(tokenizer, r["prompt"], "Solve.") for r in records]
     assert [task.doc_to_target(d) for d in docs] == ["1000"] * 3
 
 
@@ -91,8 +91,8 @@ def test_lm_eval_exact_match_equals_ours_per_sample(peaky, tmp_path, no_network)
     samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "s.jsonl")}
     for r, g, ok in zip(records, ours, right):
         s = samples[r["sample_id"]]
-        assert harness.cut_at_answer(s["generation"]) == g  # same prompt, same greedy text
-        assert s["answer"] == (extract_number(harness.cut_at_answer(s["generation"])) or harness.NO_ANSWER)
+        assert cut_at_answer(s["generation"]) == s["cut"] == g  # same prompt, same greedy text
+        assert s["answer"] == (extract_number(s["cut"]) or harness.NO_ANSWER)
         assert bool(s["exact_match"]) == ok
     [row] = out["rows"]
     assert (row["harness"], row["metric"], row["n"]) == ("ordermerge_gsm", "exact_match", 8)
@@ -149,3 +149,30 @@ def test_cli_refuses_an_output_inside_its_input(peaky, tmp_path, capsys):
         main(["harness", "--model-dir", str(peaky), "--eval-cfg", json.dumps(EVAL), "--out", str(peaky / "m.json")])
     assert exc.value.code == 2 and "--model-dir" in capsys.readouterr().err
     assert not (peaky / "m.json").exists()
+
+
+def test_agreement_table_counts_and_lists_the_samples_scored_differently(tmp_path):
+    from ordermerge.analysis.harness import agreement_markdown, agreement_table, tidy_harness
+
+    ident = {"model": "m", "task": "gsm", "scheme": "shuffle", "kind": "single", "method": "single", "seed": None,
+             "run": 0, "epoch": 2}
+    ours = [{"sample_id": "a", "generation": "#### 5", "correct": True},
+            {"sample_id": "b", "generation": "7", "correct": False}]
+    theirs = [{"harness": "ordermerge_gsm", "sample_id": "a", "cut": "#### 5", "answer": "5", "exact_match": 1.0},
+              {"harness": "ordermerge_gsm", "sample_id": "b", "cut": "8", "answer": "8", "exact_match": 1.0}]
+    (tmp_path / "e.json").write_text(json.dumps({**ident, "task_metric": "exact_match", "exact_match": 0.5}))
+    write_jsonl(tmp_path / "e.generations.jsonl", ours)
+    rows = [{**ident, "harness": "ordermerge_gsm", "metric": "exact_match", "filter": "ordermerge", "value": 1.0, "n": 2},
+            {**ident, "harness": "gsm8k", "metric": "exact_match", "filter": "strict-match", "value": 0.0, "n": 9}]
+    (tmp_path / "h.json").write_text(json.dumps({**ident, "rows": rows}))
+    write_jsonl(tmp_path / "h.samples.jsonl", theirs)
+    table, differ = agreement_table([(tmp_path / "e", tmp_path / "h")])
+    [row] = table.to_dict("records")
+    assert (row["ordermerge"], row["lm_eval"], row["n_ordermerge"], row["n_lm_eval"]) == (0.5, 1.0, 2, 2)
+    assert (row["disagree"], row["other_text"]) == (1, 1)
+    text = agreement_markdown(table, differ)
+    assert "| m / gsm / shuffle / run0 | exact_match | 0.500 | 1.000 | 2 / 2 | 1 | 1 |" in text
+    assert "`b`: ours False, lm-eval True" in text and "generations differ: ours '7', lm-eval's '8'" in text
+    tidy = tidy_harness([tmp_path / "h"])
+    assert tidy[["harness", "metric"]].values.tolist() == [["ordermerge_gsm", "exact_match"],
+                                                          ["gsm8k", "exact_match,strict-match"]]

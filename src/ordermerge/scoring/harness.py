@@ -16,6 +16,7 @@ JSONL (``dataset_path: json``) and a YAML that scores it the way ``evaluate.py``
   ``choices.py`` scores (the choice and the end-of-turn marker), acc and acc_norm.
 
 Standard task names (gsm8k, arc_easy, ...) go to lm-eval unchanged; they need the network.
+Torch-free at import: the config rules and the workflow read its names.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import yaml
 
 from ordermerge.data.formatting import IGNORE_INDEX, encode_example, extract_number, prompt_text
 from ordermerge.data.sources import is_multiple_choice
-from ordermerge.scoring.evaluate import cut_at_answer
 from ordermerge.storage.atomic import atomic_path, write_json
 
 MIRROR = "mirror"  # in eval.harness: every configured task, mirrored
@@ -44,6 +44,8 @@ def mirror_name(task: str) -> str:
 
 def filter_answers(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
     """lm-eval's custom filter (``utils.py`` in the task dir calls it): our answer in canonical spelling."""
+    from ordermerge.scoring.evaluate import cut_at_answer
+
     return [[extract_number(cut_at_answer(r)) or NO_ANSWER for r in doc_resps] for doc_resps in resps]
 
 
@@ -160,7 +162,10 @@ def tidy_rows(results: dict, identity: dict) -> list[dict]:
 
 
 def sample_rows(results: dict) -> list[dict]:
-    """Per sample: lm-eval's raw generation (or log-likelihoods), its filtered answer and its score."""
+    """Per sample: lm-eval's raw generation (or log-likelihoods), the generation cut where ours stops,
+    its filtered answer and its score."""
+    from ordermerge.scoring.evaluate import cut_at_answer
+
     rows = []
     for name, samples in results.get("samples", {}).items():
         for s in samples:
@@ -171,6 +176,7 @@ def sample_rows(results: dict) -> list[dict]:
                 row["logprobs"] = [float(r[0][0]) for r in s["resps"]]
             else:
                 row["generation"] = s["resps"][0][0] if s["resps"] and s["resps"][0] else None
+                row["cut"] = None if row["generation"] is None else cut_at_answer(row["generation"])  # as ours
                 row["answer"] = s["filtered_resps"][0] if s["filtered_resps"] else None
             row.update({m: s[m] for m in ("exact_match", "acc", "acc_norm") if m in s})
             rows.append(row)
