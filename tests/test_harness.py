@@ -88,14 +88,15 @@ def test_lm_eval_exact_match_equals_ours_per_sample(peaky, tmp_path, no_network)
     assert 0 < sum(right) < len(right)
     out = harness.harness_stage(peaky, write_jsonl(tmp_path / "test.jsonl", records), SPEC, EVAL,
                                 {"model": "tiny", "task": "gsm"}, tmp_path / "m.json", tmp_path / "s.jsonl")
-    samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "s.jsonl")}
+    samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "s.jsonl") if s["filter"] == harness.FILTER}
     for r, g, ok in zip(records, ours, right):
         s = samples[r["sample_id"]]
         assert cut_at_answer(s["generation"]) == s["cut"] == g  # same prompt, same greedy text
         assert s["answer"] == (extract_number(s["cut"]) or harness.NO_ANSWER)
         assert bool(s["exact_match"]) == ok
-    [row] = out["rows"]
-    assert (row["harness"], row["metric"], row["n"]) == ("ordermerge_gsm", "exact_match", 8)
+    row, *stock = out["rows"]  # ours, then lm-eval's GSM8K filters on the same generations
+    assert (row["harness"], row["metric"], row["filter"], row["n"]) == ("ordermerge_gsm", "exact_match", "ordermerge", 8)
+    assert [r["filter"] for r in stock] == ["strict-match", "flexible-extract"]
     assert row["value"] == pytest.approx(sum(right) / len(right))
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == out["rows"]
 
@@ -164,15 +165,22 @@ def test_agreement_table_counts_and_lists_the_samples_scored_differently(tmp_pat
     write_jsonl(tmp_path / "e.generations.jsonl", ours)
     rows = [{**ident, "harness": "ordermerge_gsm", "metric": "exact_match", "filter": "ordermerge", "value": 1.0, "n": 2},
             {**ident, "harness": "gsm8k", "metric": "exact_match", "filter": "strict-match", "value": 0.0, "n": 9}]
+    stock = [{**t, "filter": "strict-match", "answer": "[invalid]", "exact_match": 0.0} for t in theirs]
+    rows.append({**ident, "harness": "ordermerge_gsm", "metric": "exact_match", "filter": "strict-match", "value": 0.0,
+                 "n": 2})
     (tmp_path / "h.json").write_text(json.dumps({**ident, "rows": rows}))
-    write_jsonl(tmp_path / "h.samples.jsonl", theirs)
+    write_jsonl(tmp_path / "h.samples.jsonl", [{**t, "filter": "ordermerge"} for t in theirs] + stock)
     table, differ = agreement_table([(tmp_path / "e", tmp_path / "h")])
     [row] = table.to_dict("records")
     assert (row["ordermerge"], row["lm_eval"], row["n_ordermerge"], row["n_lm_eval"]) == (0.5, 1.0, 2, 2)
     assert (row["disagree"], row["other_text"]) == (1, 1)
+    assert (row["lm_eval_strict-match"], row["disagree_strict-match"]) == (0.0, 1)
     text = agreement_markdown(table, differ)
     assert "| m / gsm / shuffle / run0 | exact_match | 0.500 | 1.000 | 2 / 2 | 1 | 1 |" in text
-    assert "`b`: ours False, lm-eval True" in text and "generations differ: ours '7', lm-eval's '8'" in text
+    assert "| m / gsm / shuffle / run0 | 0.000 | 1 |" in text
+    assert "`b` (ordermerge): gold None; ours '7' (wrong), lm-eval '8' (right); generations differ" in text
+    assert "`a` (strict-match): gold None; ours '5' (right), lm-eval '[invalid]' (wrong); the same generation" in text
     tidy = tidy_harness([tmp_path / "h"])
     assert tidy[["harness", "metric"]].values.tolist() == [["ordermerge_gsm", "exact_match"],
-                                                          ["gsm8k", "exact_match,strict-match"]]
+                                                          ["gsm8k", "exact_match,strict-match"],
+                                                          ["ordermerge_gsm", "exact_match,strict-match"]]

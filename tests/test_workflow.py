@@ -84,8 +84,9 @@ def test_smoke_run_produces_figures_and_tables(smoke_run):
     tidy = pd.read_csv(results / "tables" / "metrics.csv", keep_default_na=False)
     ours, lm_eval = tidy[tidy["harness"] == ""], tidy[tidy["harness"] != ""]
     assert set(ours["metric"]) == {"val_loss", "exact_match"} and len(ours) == 2 * (2 + 5)
-    assert set(lm_eval["harness"]) == {"ordermerge_gsm"} and set(lm_eval["metric"]) == {"exact_match"}
-    assert len(lm_eval) == 2 + 5
+    assert set(lm_eval["harness"]) == {"ordermerge_gsm"}  # ours, and lm-eval's GSM8K extraction beside it
+    assert set(lm_eval["metric"]) == {"exact_match", "exact_match,strict-match", "exact_match,flexible-extract"}
+    assert len(lm_eval) == 3 * (2 + 5)
     agree = pd.read_csv(results / "tables" / "harness_agreement.csv")
     assert len(agree) == 2 + 5 and (agree["n_ordermerge"] == agree["n_lm_eval"]).all()
     assert (agree["disagree"] == 0).all(), (results / "tables" / "harness_agreement.md").read_text()

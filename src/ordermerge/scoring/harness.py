@@ -38,6 +38,18 @@ NO_ANSWER = "[invalid]"  # a generation without a number: never equal to a targe
 NO_GOLD = "[no gold]"  # a gold answer without a number: ours scores it wrong, so must lm-eval
 
 
+# lm-eval's own answer extraction for GSM8K (lm_eval/tasks/gsm8k/gsm8k.yaml), run beside ours on the same
+# generations: where they score a sample differently, tables/harness_agreement.md lists it.
+STOCK_FILTERS = [
+    {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                                        {"function": "take_first"}]},
+    {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
+                                             "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                                            {"function": "take_first"}]},
+]
+STOCK_MATCH = {"ignore_case": True, "ignore_punctuation": False, "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}
+
+
 def mirror_name(task: str) -> str:
     return f"{TASK_PREFIX}{task}"
 
@@ -106,8 +118,10 @@ def task_config(name: str, data_file: Path, multiple_choice: bool, eos: str | No
         "generation_kwargs": {"until": [eos] if eos else [], "max_gen_toks": max_new_tokens, "do_sample": False,
                               "temperature": 0.0},
         "filter_list": [{"name": FILTER, "filter": [{"function": "custom", "filter_fn": _Function("utils.filter_answers")},
-                                                       {"function": "take_first"}]}],
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+                                                       {"function": "take_first"}]},
+                        *STOCK_FILTERS],
+        # gsm8k's exact_match settings: they leave our canonical answers as they are.
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, **STOCK_MATCH}],
     }
 
 
