@@ -13,7 +13,10 @@ JSONL (``dataset_path: json``) and a YAML that scores it the way ``evaluate.py``
   ``exact_match`` then compares it with the gold answer in the same canonical spelling ("1,000" = "1000",
   "5.0" = "5"), precomputed into the doc as ``target``.
 - Multiple-choice tasks: ``multiple_choice`` over ``continuations``, each the answer turn that
-  ``choices.py`` scores (the choice and the end-of-turn marker), acc and acc_norm.
+  ``choices.py`` scores (the choice and the end-of-turn marker), acc and acc_norm. acc is our
+  mc_accuracy; acc_norm is lm-eval's own: lm-eval moves the prompt's final newline into every
+  continuation (the same log-probability added to each choice, so acc is unchanged) and divides by
+  the continuation's characters, end-of-turn marker included, so it can differ from mc_accuracy_norm.
 
 Standard task names (gsm8k, arc_easy, ...) go to lm-eval unchanged; they need the network.
 Torch-free at import: the config rules and the workflow read its names.
