@@ -179,6 +179,12 @@ CATALOGUE = [
      ["train.warmup_steps: 12", "12 optimizer steps", "never reach train.lr", "warmup_steps < 12"]),
     ("n-generate-beyond-the-test-split", put("eval.n_generate", 17),
      ["eval.n_generate: 17", "more than any task's n_test", "at most 16 would be evaluated", "n_generate <= 16"]),
+    # eval.harness: mirror or a standard lm-eval task name
+    ("harness-near-mirror", put("eval.harness", ["mirrors"]),
+     ["eval.harness[0]: 'mirrors'", "did you mean 'mirror'", "write mirror"]),
+    ("harness-mirrored-task-name", put("eval.harness", ["ordermerge_gsm"]),
+     ["eval.harness[0]: 'ordermerge_gsm'", "names the mirrored tasks", "write mirror"]),
+    ("harness-not-a-task-name", put("eval.harness", ["gsm 8k"]), ["eval.harness[0]: 'gsm 8k'", "does not match"]),
     ("merge-parameter-no-method-reads", put("merge.density", 0.5),
      ["merge.density: 0.5", "no configured method reads it", "ties", "drop merge.density"]),
     ("multitask-method-that-chooses-on-one-task", lambda cfg, tmp: {**cfg, "tasks": {**cfg["tasks"], "asdiv": {

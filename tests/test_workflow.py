@@ -14,10 +14,11 @@ from helpers import ROOT, SMOKE, planned_jobs, snakemake
 def test_dry_run_plans_every_stage(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n"))
     # K=2 runs, 2 epochs, merges: average once + select and resample1 for 2 seeds at the final epoch,
-    # plus each method's first seed at epoch 1 (Fig. 4), whose per-sample losses are scored (Fig. 3, 4)
+    # plus each method's first seed at epoch 1 (Fig. 4), whose per-sample losses are scored (Fig. 3, 4);
+    # eval.harness [mirror]: lm-eval on every evaluated model
     assert jobs == {"all": 1, "analyze": 1, "base_model": 1, "evaluate_merged": 5, "evaluate_single": 2,
                     "fine_tune": 2, "merge": 8, "orders": 2, "prepare_data": 1, "sample_losses": 4,
-                    "sample_losses_merged": 6, "total": 33}
+                    "sample_losses_merged": 6, "harness_single": 2, "harness_merged": 5, "total": 40}
 
 
 def test_default_config_dry_run(tmp_path):
@@ -80,8 +81,16 @@ def test_smoke_run_produces_figures_and_tables(smoke_run):
     assert imb["rho_anchor"].between(-1, 1).all() and imb["p_paired_permutation"].between(0, 1).all()
     assert "| single |" in (results / "tables" / "table1.md").read_text()
     assert t1.loc[t1["method"] != "single", "p_paired_val_loss"].between(0, 1).all()
-    tidy = pd.read_csv(results / "tables" / "metrics.csv")
-    assert set(tidy["metric"]) == {"val_loss", "exact_match"} and len(tidy) == 2 * (2 + 5)
+    tidy = pd.read_csv(results / "tables" / "metrics.csv", keep_default_na=False)
+    ours, lm_eval = tidy[tidy["harness"] == ""], tidy[tidy["harness"] != ""]
+    assert set(ours["metric"]) == {"val_loss", "exact_match"} and len(ours) == 2 * (2 + 5)
+    assert set(lm_eval["harness"]) == {"ordermerge_gsm"}  # ours, and lm-eval's GSM8K extraction beside it
+    assert set(lm_eval["metric"]) == {"exact_match", "exact_match,strict-match", "exact_match,flexible-extract"}
+    assert len(lm_eval) == 3 * (2 + 5)
+    agree = pd.read_csv(results / "tables" / "harness_agreement.csv")
+    assert len(agree) == 2 + 5 and (agree["n_ordermerge"] == agree["n_lm_eval"]).all()
+    assert (agree["disagree"] == 0).all(), (results / "tables" / "harness_agreement.md").read_text()
+    assert (agree["ordermerge"] == agree["lm_eval"]).all()
 
 
 def test_smoke_run_checkpoints_and_merge_provenance(smoke_run):
@@ -115,9 +124,11 @@ def test_new_merge_seed_reruns_only_merges_and_what_depends_on_them(smoke_run):
     changed = smoke_run / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(smoke_run, "-n", configfile=changed))
-    assert set(jobs) == {"all", "analyze", "merge", "evaluate_merged", "sample_losses_merged", "total"}
+    assert set(jobs) == {"all", "analyze", "merge", "evaluate_merged", "sample_losses_merged", "harness_merged",
+                         "total"}
     # select and resample1 get seed 2; resample2 gets seeds 0, 1, 2 (+ seed 0 at epoch 1 for Fig. 4)
-    assert jobs["merge"] == 6 and jobs["evaluate_merged"] == 5 and jobs["sample_losses_merged"] == 2
+    assert jobs["merge"] == 6 and jobs["evaluate_merged"] == jobs["harness_merged"] == 5
+    assert jobs["sample_losses_merged"] == 2
 
 
 def test_merge_reruns_alone_without_retraining(smoke_run):
@@ -165,7 +176,7 @@ def test_smoke_run_states_its_intervals_and_where_the_time_went(smoke_run):
     stages = stage_table(smoke_run / "logs")
     assert stages.set_index("stage")["jobs"].to_dict() == {
         "base_model": 1, "prepare_data": 1, "orders": 2, "fine_tune": 2, "sample_losses": 10, "merge": 8,
-        "evaluate": 7, "analyze": 1}
+        "evaluate": 7, "harness": 7, "analyze": 1}
     tokens = training_tokens(results)
     steps = [pd.read_csv(f) for f in sorted(results.rglob("steps.csv"))]
     assert tokens["tokens"] == sum(int(s["tokens"].sum()) for s in steps) > 0

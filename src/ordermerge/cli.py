@@ -133,6 +133,14 @@ def cmd_evaluate(a):
     print(json.dumps(m))
 
 
+def cmd_harness(a):
+    _set_threads(a.threads)
+    from ordermerge.scoring.harness import harness_stage
+
+    m = harness_stage(a.model_dir, a.test, a.task_spec, a.eval_cfg, a.identity, a.out, a.samples)
+    print(json.dumps(m))
+
+
 def cmd_analyze(a):
     from ordermerge.analysis.run import analyze
 
@@ -256,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-losses", help="also write per-sample validation losses (CSV) here")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_evaluate, reads=("model_dir", "val", "test"), writes=("out", "generations", "val_losses"))
+
+    s = sub.add_parser("harness", help="lm-eval-harness on one model: the task mirrored and/or standard "
+                                       "lm-eval tasks (eval.harness in --eval-cfg; default: mirror)")
+    s.add_argument("--model-dir", required=True)
+    s.add_argument("--test", help="the task's test split (needed by mirror)")
+    s.add_argument("--task-spec", type=_json_arg, default={})
+    s.add_argument("--eval-cfg", type=_json_arg, required=True)
+    s.add_argument("--identity", type=_json_arg, default={}, help="fields copied into every row (model, task, run...)")
+    s.add_argument("--out", required=True, help="metrics JSON: tidy rows, one per harness task, metric and filter")
+    s.add_argument("--samples", help="also write lm-eval's per-sample results (JSONL) here")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_harness, reads=("model_dir", "test"), writes=("out", "samples"))
 
     s = sub.add_parser("analyze", help="figures and tables from the results tree")
     s.add_argument("--config-json", type=_json_arg, required=True)

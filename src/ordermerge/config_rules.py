@@ -217,6 +217,21 @@ def _rule_n_generate(cfg):
                f"evaluated; set n_generate <= {largest}, or null for all")
 
 
+def _rule_harness(cfg):
+    """eval.harness: ``mirror`` or a standard lm-eval task name; the mirrored tasks' names are ours."""
+    from ordermerge.scoring.harness import MIRROR, TASK_PREFIX
+
+    for i, name in enumerate(cfg["eval"]["harness"]):
+        if not isinstance(name, str) or name == MIRROR:
+            continue
+        if name.startswith(TASK_PREFIX):
+            yield (f"eval.harness[{i}]", f"{name!r} — {TASK_PREFIX}<task> names the mirrored tasks, written per "
+                   f"run; write {MIRROR} to score every configured task with lm-eval")
+        elif name.lower() == MIRROR or _did_you_mean(name, [MIRROR], 0.8):
+            yield (f"eval.harness[{i}]", f"{name!r} — not a standard lm-eval task (did you mean '{MIRROR}'?); "
+                   f"write {MIRROR} to score every configured task with lm-eval")
+
+
 def _configured_methods(cfg) -> list[str]:
     listed = list(cfg["merge"]["methods"])
     listed += cfg["ksweep"]["methods"] if cfg["ksweep"].get("enabled") else []
@@ -248,7 +263,7 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
 
 RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
          _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate,
-         _rule_multitask_data, _rule_report_to)
+         _rule_multitask_data, _rule_report_to, _rule_harness)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

@@ -25,6 +25,9 @@ TEMPLATES = {
     # evaluation stems: + .json (metrics), .generations.jsonl, .val_losses.csv
     "eval_single": RUN + "/eval/single/run{run}",
     "eval_merged": RUN + "/eval/merged/{method}/seed{mseed}",
+    # lm-eval-harness stems (eval.harness): + .json (tidy rows), .samples.jsonl (lm-eval's per-sample results)
+    "harness_single": RUN + "/harness/single/run{run}",
+    "harness_merged": RUN + "/harness/merged/{method}/seed{mseed}",
     "ksweep_merged": RUN + "/ksweep/size{size}/subset{subset}/{method}",
     "multitask_merged": "{results}/{model}/multitask/merged/{method}/seed{mseed}",
     "eval_multitask": "{results}/{model}/multitask/eval/{task}/{method}/seed{mseed}",
@@ -33,6 +36,7 @@ TEMPLATES = {
     "answer": "{results}/answer.rst",  # the report's landing page: the run's answer (analysis/answer.py)
 }
 EVAL_FILES = {"metrics": ".json", "generations": ".generations.jsonl", "val_losses": ".val_losses.csv"}
+HARNESS_FILES = {"metrics": ".json", "samples": ".samples.jsonl"}
 
 # Per job: its log and its Snakemake benchmark (wall s, CPU s, peak RSS), under logs/<stage>/ — the
 # stage is what `ordermerge timing` splits the run's time by. Rules sharing a stage share a directory.
@@ -46,6 +50,8 @@ JOBS = {
     "merge": ("merge", "{model}_{task}_{scheme}_epoch{epoch}_{method}_seed{mseed}"),
     "evaluate_single": ("evaluate", "{model}_{task}_{scheme}_single_run{run}"),
     "evaluate_merged": ("evaluate", "{model}_{task}_{scheme}_{method}_seed{mseed}"),
+    "harness_single": ("harness", "{model}_{task}_{scheme}_single_run{run}"),
+    "harness_merged": ("harness", "{model}_{task}_{scheme}_{method}_seed{mseed}"),
     "ksweep_merge": ("ksweep_merge", "{model}_{task}_{scheme}_size{size}_subset{subset}_{method}"),
     "ksweep_evaluate": ("ksweep_evaluate", "{model}_{task}_{scheme}_size{size}_subset{subset}_{method}"),
     "multitask_merge": ("multitask_merge", "{model}_{method}_seed{mseed}"),
@@ -88,6 +94,7 @@ class Paths:
             out = out.replace("{" + key + "}", str(value))
         return out
 
-    def eval_outputs(self, stem: str) -> dict[str, str]:
-        """The three files an evaluation writes, from its stem (a pattern or a concrete path)."""
-        return {kind: getattr(self, stem) + ext for kind, ext in EVAL_FILES.items()}
+    def eval_outputs(self, stem: str, files: dict[str, str] = EVAL_FILES) -> dict[str, str]:
+        """The files an evaluation writes (``EVAL_FILES``; ``HARNESS_FILES`` for a harness stem), from its
+        stem (a pattern or a concrete path)."""
+        return {kind: getattr(self, stem) + ext for kind, ext in files.items()}

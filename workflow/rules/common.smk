@@ -13,6 +13,7 @@ from ordermerge.merging import (
     registry,
 )  # noqa: E402  (no torch: names, parameters, flags)
 from ordermerge.merging.subsets import sweep_plan  # noqa: E402
+from ordermerge.scoring.harness import MIRROR  # noqa: E402  (no torch)
 
 try:
     config.update(validate_config(config))
@@ -28,6 +29,7 @@ MODELS = list(config["models"])
 TASKS = list(config["tasks"])
 SCHEMES = config["schemes"]
 P = paths.Paths(R)  # every artefact path: src/ordermerge/paths.py
+HARNESS = config["eval"]["harness"]  # lm-eval on every evaluated model; [] = off
 
 
 wildcard_constraints:
@@ -81,6 +83,52 @@ def merged_eval_files(model, task, scheme):
     ]
 
 
+def single_identity(w):
+    """What an evaluation of single run w.run records about its model (evaluate and harness rules)."""
+    return as_json(
+        {
+            "model": w.model,
+            "task": w.task,
+            "scheme": w.scheme,
+            "kind": "single",
+            "method": "single",
+            "run": int(w.run),
+            "seed": None,
+            "epoch": EPOCHS,
+        }
+    )
+
+
+def merged_identity(w):
+    return as_json(
+        {
+            "model": w.model,
+            "task": w.task,
+            "scheme": w.scheme,
+            "kind": "merged",
+            "method": w.method,
+            "run": None,
+            "seed": int(w.mseed),
+            "epoch": MERGE_EPOCH,
+        }
+    )
+
+
+def harness_files(model, task, scheme):
+    """lm-eval's metrics of every single and merged model (eval.harness; none when it is [])."""
+    if not HARNESS:
+        return []
+    w = {"model": model, "task": task, "scheme": scheme}
+    stems = [("harness_single", {"run": k}) for k in range(K)]
+    stems += [
+        ("harness_merged", {"method": m, "mseed": s}) for m, s in merge_variants()
+    ]
+    return [
+        P.eval_outputs(stem, paths.HARNESS_FILES)["metrics"].format(**w, **more)
+        for stem, more in stems
+    ]
+
+
 def loss_epochs():
     return range(1, EPOCHS + 1) if config["losses"]["epochs"] == "all" else [EPOCHS]
 
@@ -121,6 +169,8 @@ def table_names():
         names.append("table2")
     if set(SCHEMES) == {"shuffle", "fixbatch"}:
         names.append("table4")
+    if MIRROR in HARNESS:
+        names.append("harness_agreement")
     return names
 
 
@@ -214,6 +264,14 @@ def eval_shell(model_dir):
         "--task-spec {params.task_spec:q} --eval-cfg {params.eval_cfg:q} --identity {params.identity:q} "
         "--threads {threads} --out {output.metrics} --generations {output.generations} "
         "--val-losses {output.val_losses} > {log} 2>&1"
+    )
+
+
+def harness_shell(model_dir):
+    return gpu_slots_shell(
+        f"ordermerge harness --model-dir {model_dir} --test {{input.test}} "
+        "--task-spec {params.task_spec:q} --eval-cfg {params.eval_cfg:q} --identity {params.identity:q} "
+        "--threads {threads} --out {output.metrics} --samples {output.samples} > {log} 2>&1"
     )
 
 
@@ -350,6 +408,7 @@ def analysis_inputs(w):
             for s in SCHEMES:
                 files += single_eval_files(m, t, s)
                 files += merged_eval_files(m, t, s)
+                files += harness_files(m, t, s)
                 files += loss_files(m, t, s)
                 files += merged_loss_files(m, t, s)
                 files += [

@@ -17,18 +17,7 @@ rule evaluate_single:
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         eval_cfg=as_json(config["eval"]),
-        identity=lambda w: as_json(
-            {
-                "model": w.model,
-                "task": w.task,
-                "scheme": w.scheme,
-                "kind": "single",
-                "method": "single",
-                "run": int(w.run),
-                "seed": None,
-                "epoch": EPOCHS,
-            }
-        ),
+        identity=single_identity,
     shell:
         eval_shell("{input.model}")
 
@@ -50,15 +39,47 @@ use rule evaluate_single as evaluate_merged with:
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         eval_cfg=as_json(config["eval"]),
-        identity=lambda w: as_json(
-            {
-                "model": w.model,
-                "task": w.task,
-                "scheme": w.scheme,
-                "kind": "merged",
-                "method": w.method,
-                "run": None,
-                "seed": int(w.mseed),
-                "epoch": MERGE_EPOCH,
-            }
-        ),
+        identity=merged_identity,
+
+
+# lm-eval-harness on the same models (eval.harness): mirrored tasks and/or standard lm-eval tasks.
+rule harness_single:
+    input:
+        model=P.partial("checkpoint", epoch=EPOCHS),
+        test=P.partial("split", split="test"),
+    output:
+        **P.eval_outputs("harness_single", paths.HARNESS_FILES),
+    log:
+        paths.job_log("harness_single"),
+    benchmark:
+        paths.job_benchmark("harness_single")
+    conda:
+        "../../envs/ordermerge.yaml"
+    threads: rule_threads("harness_single")
+    resources:
+        **rule_resources("harness_single", mem_mb=4000, runtime=60),
+    params:
+        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        eval_cfg=as_json(config["eval"]),
+        identity=single_identity,
+    shell:
+        harness_shell("{input.model}")
+
+
+use rule harness_single as harness_merged with:
+    input:
+        model=P.partial("merged", epoch=MERGE_EPOCH),
+        test=P.partial("split", split="test"),
+    output:
+        **P.eval_outputs("harness_merged", paths.HARNESS_FILES),
+    log:
+        paths.job_log("harness_merged"),
+    benchmark:
+        paths.job_benchmark("harness_merged")
+    threads: rule_threads("harness_merged")
+    resources:
+        **rule_resources("harness_merged", mem_mb=4000, runtime=60),
+    params:
+        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        eval_cfg=as_json(config["eval"]),
+        identity=merged_identity,

@@ -1,8 +1,9 @@
 """The analysis stage: reads the results tree, writes every figure and table.
 
 Fig. 1 and the imbalance statistics, Fig. 3 (anchor segments with merges), Fig. 4 (loss per
-epoch, when every epoch is scored), Table 1, Table 2 (≥ 2 models), Table 4 (both schemes) and one
-tidy metrics table that the tables are computed from.
+epoch, when every epoch is scored), Table 1, Table 2 (≥ 2 models), Table 4 (both schemes), one
+tidy metrics table that the tables are computed from (lm-eval's scores too, under eval.harness) and
+the harness agreement table (eval.harness: mirror).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ordermerge.analysis.harness import agreement_markdown, agreement_table, tidy_harness
 from ordermerge.analysis.subsets import analyze_ksweep_and_multitask
 from ordermerge.storage.atomic import atomic_path
 from ordermerge.analysis.figures import plot_fig1, plot_fig3, plot_fig4
@@ -22,6 +24,7 @@ from ordermerge.analysis.stats import (paired_rho, paired_rho_ci, permutation_p,
 from ordermerge.analysis.tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
 from ordermerge.merging.registry import merge_variants
 from ordermerge.paths import EVAL_FILES, Paths
+from ordermerge.scoring.harness import MIRROR
 
 
 def _split_losses(csv: Path, split: str) -> pd.DataFrame:
@@ -69,19 +72,25 @@ def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: 
     }
 
 
-def evaluations(cfg: dict, results: Path) -> list[tuple[tuple[str, str, str, str], Path]]:
+def evaluations(cfg: dict, results: Path, stems: tuple[str, str] = ("eval_single", "eval_merged")
+                ) -> list[tuple[tuple[str, str, str, str], Path]]:
     """(model, task, scheme, method) and the stem of every single-run and merged evaluation the config
-    plans (paths.py spells them; registry.merge_variants says which seeds), in results-tree order."""
+    plans (paths.py spells them; registry.merge_variants says which seeds), in results-tree order;
+    ``stems=HARNESS_STEMS``: their lm-eval evaluations, in the same order."""
     p = Paths(str(results))
+    single, merged = stems
     out = []
     for model in cfg["models"]:
         for task in cfg["tasks"]:
             for scheme in cfg["schemes"]:
                 w = {"model": model, "task": task, "scheme": scheme}
-                out += [((model, task, scheme, "single"), p.of("eval_single", **w, run=k)) for k in range(cfg["runs"])]
-                out += [((model, task, scheme, m), p.of("eval_merged", **w, method=m, mseed=s))
+                out += [((model, task, scheme, "single"), p.of(single, **w, run=k)) for k in range(cfg["runs"])]
+                out += [((model, task, scheme, m), p.of(merged, **w, method=m, mseed=s))
                         for m, s in merge_variants(cfg["merge"]["methods"], cfg["merge"]["seeds"])]
     return sorted(((key, Path(stem)) for key, stem in out), key=lambda item: item[1])
+
+
+HARNESS_STEMS = ("harness_single", "harness_merged")
 
 
 def load_metrics(cfg: dict, results: Path) -> pd.DataFrame:
@@ -131,6 +140,21 @@ def _loss_curves(base: Path, cfg: dict, split: str) -> dict[str, dict[int, list[
     return curves
 
 
+def _with_harness(cfg: dict, results: Path, out: Path, tidy: pd.DataFrame) -> pd.DataFrame:
+    """eval.harness: lm-eval's rows appended to the tidy metrics (column ``harness``: the lm-eval task,
+    empty for ordermerge's own), and for ``mirror`` the agreement table."""
+    harness = cfg.get("eval", {}).get("harness") or []
+    tidy = tidy.assign(harness="")
+    if not harness:
+        return tidy
+    ours, theirs = evaluations(cfg, results), evaluations(cfg, results, HARNESS_STEMS)
+    tidy = pd.concat([tidy, tidy_harness([stem for _, stem in theirs])], ignore_index=True)
+    if MIRROR in harness:
+        table, differ = agreement_table([(a, b) for (_, a), (_, b) in zip(ours, theirs)])
+        _write_table(out, "harness_agreement", table, agreement_markdown(table, differ))
+    return tidy
+
+
 def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     results, out = Path(results_dir), Path(out_dir)
     epochs, runs, anchor = cfg["train"]["epochs"], cfg["runs"], cfg["analysis"]["anchor_run"]
@@ -163,8 +187,8 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     _write_table(out, "fig3_rho", pd.DataFrame(fig3_rows), None)
     metrics = load_metrics(cfg, results)
     extra = analyze_ksweep_and_multitask(cfg, results, out, metrics, _write_table)  # K-sweep, Table 3 (when configured)
-    _write_table(out, "metrics", pd.concat([tidy_metrics(metrics), extra], ignore_index=True) if len(extra)
-                 else tidy_metrics(metrics), None)
+    tidy = pd.concat([tidy_metrics(metrics), extra], ignore_index=True) if len(extra) else tidy_metrics(metrics)
+    _write_table(out, "metrics", _with_harness(cfg, results, out, tidy), None)
     t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(cfg, results), load_test_scores(cfg, results),
                 seed=cfg["seed"])
     _write_table(out, "table1", t1, table1_markdown(t1))
