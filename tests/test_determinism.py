@@ -30,6 +30,7 @@ TIMING_CSV_COLUMNS = {"seconds", "tokens_per_s"}  # = ordermerge.train.loop.TIMI
 REQUIRED = ["/orders/run0.npy", "/runs/run0/epoch2/model.safetensors", "/runs/run1/steps.csv",
             "/merged/epoch2/average/seed0/model.safetensors", "/merged/epoch2/select/seed1/merge.json",
             "/merged/epoch2/resample1/seed0/model.safetensors", "/eval/single/run0.json", "/eval/merged/select/seed0.json",
+            "/harness/single/run0.json", "/harness/merged/select/seed0.samples.jsonl", "tables/harness_agreement.csv",
             "tables/table1.csv", "tables/imbalance.csv", "tables/metrics.csv", "figures/fig1_"]
 
 
