@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from helpers import build_tiny_base  # noqa: E402
-from smoke_runs import run_smoke  # noqa: E402
+from smoke_runs import SmokeRuns  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,12 +22,24 @@ def digest_cache_of_this_session(tmp_path_factory):
     os.environ["ORDERMERGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("ordermerge-cache"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def smoke_runs_started(request, tmp_path_factory, digest_cache_of_this_session):
+    """Starts the session's runs of tests/configs/smoke.yaml (tests/smoke_runs.py) in the background
+    before the first test, when some selected test reads them: a local one, and the SLURM one beside
+    it when the session selected a SLURM cluster test (marked ``slurm``)."""
+    items = request.session.items
+    runs = None
+    if any("smoke_runs" in item.fixturenames for item in items):
+        runs = SmokeRuns(tmp_path_factory, with_slurm=any(item.get_closest_marker("slurm") for item in items))
+    yield runs
+    if runs is not None:
+        runs.stop()
+
+
 @pytest.fixture(scope="session")
-def smoke_runs(request, tmp_path_factory):
-    """The session's runs of tests/configs/smoke.yaml (tests/smoke_runs.py): a local one, and the SLURM
-    one beside it when the session selected a SLURM cluster test (marked ``slurm``)."""
-    with_slurm = any(item.get_closest_marker("slurm") for item in request.session.items)
-    return run_smoke(tmp_path_factory, with_slurm)
+def smoke_runs(smoke_runs_started):
+    """The session's smoke runs, once they have finished (tests/smoke_runs.py, ``SmokeRuns.wait``)."""
+    return smoke_runs_started.wait()
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@
   again, its SLURM job cancelled (scancel) once epoch 1 is published and finished by the profile's
   retry from that epoch. Both re-runs must leave the bytes they replace, so the tree stays a run of
   the smoke config.
-The two run at the same time: the local run uses the CPU time the SLURM run spends waiting between
-status checks. test_determinism compares every file of the two (the SLURM run is its second run;
+Both start in the background before the first test of a session that reads them, and run side by
+side: the local run, and the tests that come before the first reader, use the CPU time the SLURM
+run spends waiting between status checks. test_determinism compares every file of the two (the SLURM run is its second run;
 without one it makes a second local run), test_slurm checks how the SLURM run ran.
 """
 
@@ -202,29 +203,52 @@ class SlurmRun:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def run_smoke(tmp_path_factory, with_slurm: bool) -> SimpleNamespace:
-    """The local run, and the SLURM run beside it when asked for and possible (module docstring).
-    ``slurm`` is what SlurmRun.wait gave, or None with ``slurm_missing`` saying why (a skip reason)
-    or ``slurm_error`` (the run failed: test_slurm fails with it, the other tests go on)."""
-    t0 = time.monotonic()
-    reason = why_no_slurm() if with_slurm else "the session selected no SLURM cluster test"
-    slurm = SlurmRun(tmp_path_factory.mktemp("slurm")) if reason is None else None
-    local = tmp_path_factory.mktemp("smoke")
-    cmd, env = snakemake_cmd(local)
-    log = local.with_name(local.name + ".log")  # beside the workdir: it holds only what the workflow wrote
-    try:
-        with open(log, "w") as fh:
-            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, env=env, cwd=local).returncode
-        if rc != 0:
-            raise AssertionError(f"snakemake failed ({rc}):\n{log.read_text()[-6000:]}")
-        result, error = None, None
-        if slurm is not None:
+class SmokeRuns:
+    """The local run, and the SLURM run beside it when asked for and possible (module docstring),
+    started in the background when the session starts (tests/conftest.py), so the tests that come
+    before the first reader run meanwhile, on the CPU time the SLURM run spends waiting; ``wait``
+    gives a namespace: ``local`` (the workdir), ``slurm`` (what SlurmRun.wait gave, or None with
+    ``slurm_missing`` saying why, a skip reason, or ``slurm_error``: the run failed, test_slurm fails
+    with it, the other tests go on)."""
+
+    def __init__(self, tmp_path_factory, with_slurm: bool):
+        self.t0 = time.monotonic()
+        self.reason = why_no_slurm() if with_slurm else "the session selected no SLURM cluster test"
+        self.slurm = SlurmRun(tmp_path_factory.mktemp("slurm")) if self.reason is None else None
+        self.local = tmp_path_factory.mktemp("smoke")
+        cmd, env = snakemake_cmd(self.local)
+        self.log = self.local.with_name(self.local.name + ".log")  # beside the workdir: it holds only what the workflow wrote
+        self._log_file = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, text=True, env=env,
+                                     cwd=self.local)
+        self._result: SimpleNamespace | None = None
+
+    def wait(self) -> SimpleNamespace:
+        if self._result is None:
             try:
-                result = slurm.wait()
-            except AssertionError as exc:
-                error = str(exc)
-    finally:
-        if slurm is not None:
-            slurm.stop()
-    print(f"\nsmoke runs: local{' + SLURM' if slurm else ''} in {time.monotonic() - t0:.0f} s")
-    return SimpleNamespace(local=local, slurm=result, slurm_missing=reason, slurm_error=error)
+                rc = self.proc.wait()
+                self._log_file.close()
+                if rc != 0:
+                    raise AssertionError(f"snakemake failed ({rc}):\n{self.log.read_text()[-6000:]}")
+                result, error = None, None
+                if self.slurm is not None:
+                    try:
+                        result = self.slurm.wait()
+                    except AssertionError as exc:
+                        error = str(exc)
+            finally:
+                self.stop()
+            print(f"\nsmoke runs: local{' + SLURM' if self.slurm else ''} done {time.monotonic() - self.t0:.0f} s "
+                  "after they started")
+            self._result = SimpleNamespace(local=self.local, slurm=result, slurm_missing=self.reason, slurm_error=error)
+        return self._result
+
+    def stop(self) -> None:
+        """Whatever still runs (a session cut short) is killed; the cluster is taken down."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self._log_file.closed:
+            self._log_file.close()
+        if self.slurm is not None:
+            self.slurm.stop()
