@@ -72,3 +72,16 @@ def tiny_base(tiny_models) -> Path:
 def tiny_base_f32(tiny_models) -> Path:
     """The tiny Llama stored in float32 (exact batched-vs-reference comparisons)."""
     return tiny_models("float32")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: bitwise comparisons with subprocesses run under --threads 1
+    (and forked children, which inherit it) need the same thread count here. Modules that compare so
+    use it for every test: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

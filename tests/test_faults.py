@@ -56,12 +56,7 @@ TASK_SPEC = {"max_length": 128, "system_prompt": None}
 LANDED: list[dict] = []  # one row per kill, filled by the trials
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # forked children inherit it; bitwise comparisons need one thread count
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: torch on one thread
 
 
 # Helpers ------------------------------------------------------------------------------------------

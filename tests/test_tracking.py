@@ -27,12 +27,7 @@ N = 14  # batch 4: 4 steps an epoch, the last one short
 STEP_TAGS = ("loss", "lr", "grad_norm", "tokens", "seconds", "tokens_per_s")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: torch on one thread
 
 
 @pytest.fixture(scope="module")

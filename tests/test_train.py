@@ -31,13 +31,7 @@ def tiny(tiny_base, tmp_path_factory):
     return {"dir": d, "base": tiny_base, "train": write_train(d / "train.jsonl", N)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Bitwise comparisons with subprocesses run under --threads 1 need the same thread count here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: torch on one thread
 
 
 def order_file(path: Path, scheme: str = "shuffle", epochs: int = 2, batch: int = 4, n: int = N, run: int = 0) -> Path:
