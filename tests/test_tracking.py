@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from helpers import TASK_SPEC, train_cfg, write_train
 
