@@ -78,14 +78,30 @@ def _no_helper_threads() -> None:
     assert not others, f"threads a fork would copy mid-work (stop them before the kill trials): {others}"
 
 
+def _private_tqdm_locks() -> None:
+    """Give tqdm and every subclass of it (tqdm.auto's, which transformers' loading bars use, keeps a
+    lock of its own) a lock of this process alone, and stop new locks from sharing one across forks.
+    tqdm's default lock holds a multiprocessing semaphore (``TqdmDefaultWriteLock.mp_lock``, one per
+    process tree) that every child forked from here shares; a child SIGKILLed while it held it (while
+    it drew a progress bar, even a disabled one: ``tqdm.__new__`` takes the lock) leaves it taken for
+    good, and this process and every later child then hang at their next bar. Seen in CI: a
+    sample-losses trial's children hung, then the in-process fine-tune of the disk-full test."""
+    from tqdm.std import TqdmDefaultWriteLock
+
+    TqdmDefaultWriteLock.mp_lock = None  # create_mp_lock() sees it set: new default locks are thread locks
+    classes = [tqdm]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if cls is tqdm or "_lock" in vars(cls):
+            cls.set_lock(threading.RLock())
+
+
 def _child(argv: list[str]) -> None:
-    """The forked child: the command line, with a lock of its own for tqdm. tqdm's default lock holds
-    a multiprocessing semaphore shared with every child forked from here; a child killed while it
-    held it (writing a progress bar) would leave it taken, and every later child would hang at its
-    first bar (seen in CI: the trials after such a kill all timed out)."""
+    """The forked child: the command line, with tqdm locks of its own (see ``_private_tqdm_locks``)."""
     from ordermerge.cli import main
 
-    tqdm.set_lock(threading.RLock())
+    _private_tqdm_locks()
     main(argv)
 
 
@@ -93,6 +109,7 @@ def _start(argv: list[str]) -> multiprocessing.Process:
     import ordermerge.cli  # noqa: F401  (imported here, before the fork: the child starts at once)
 
     _no_helper_threads()
+    _private_tqdm_locks()  # here too: a killed child must not hold a lock this process needs
     torch.set_num_threads(1)
     proc = _CTX.Process(target=_child, args=(argv,), daemon=True)
     proc.start()
@@ -277,6 +294,32 @@ def test_kill9_then_rerun_is_bit_identical(stages, stage, i):
     assert not temporaries(out.parent), f"{stage}: temporaries of the killed run left: {temporaries(out.parent)}"
     if stage == "fine-tune":
         assert not (out / ".resume").exists()
+
+
+def test_a_killed_child_holds_no_lock_this_process_needs():
+    """The hang CI met: a child SIGKILLed while it held tqdm's lock (a bar of tqdm.auto, as
+    transformers draws while loading a model) must not block this process's next bar."""
+    from tqdm.auto import tqdm as auto_tqdm
+
+    auto_tqdm(total=1, disable=True).close()  # tqdm.auto's class gets a lock of its own, as in a real session
+    _private_tqdm_locks()
+    ready = _CTX.Event()
+
+    def hold_the_lock_and_wait() -> None:
+        auto_tqdm.get_lock().acquire()
+        tqdm.get_lock().acquire()
+        ready.set()
+        time.sleep(60)
+
+    proc = _CTX.Process(target=hold_the_lock_and_wait, daemon=True)
+    proc.start()
+    assert ready.wait(30), "the child did not start"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(30)
+    for cls in (auto_tqdm, tqdm):
+        for lock in getattr(cls.get_lock(), "locks", [cls.get_lock()]):  # a TqdmDefaultWriteLock holds several
+            assert lock.acquire(timeout=5), f"{cls.__module__}.{cls.__name__}: a lock is held by a dead child"
+            lock.release()
 
 
 def test_kills_landed_mid_work():
