@@ -132,6 +132,50 @@ def test_ties_equals_reference_bit_for_bit(zoo, tmp_path):
     assert prov["parameters"] == {"density": 0.3, "scale": 0.9}
 
 
+def _radix_thresholds(taus: torch.Tensor, density: float, chunk: int) -> tuple[torch.Tensor, bool]:
+    """ties' per-tensor thresholds from the radix select over chunks of (K, n) task vectors, as
+    methods/ties.py runs it; and whether the low-bits pass was needed."""
+    rank = torch.full((taus.shape[0],), tv.ties_rank(taus.shape[1], density))
+    parts = [taus[:, lo:lo + chunk].contiguous() for lo in range(0, taus.shape[1], chunk)]
+    keys = sum(tv.key_histogram(p.clone()) for p in parts)
+    high, left = tv.top_bin(tv.high_from_keys(keys), rank)
+    need = bool(tv.need_low_pass(keys, high, left).any())
+    low = tv.top_bin(sum(tv.low_histogram(p.clone(), high) for p in parts), left)[0] if need else torch.zeros_like(high)
+    return tv.magnitude_threshold(high, low), need
+
+
+@pytest.mark.parametrize("case", ["bf16 steps", "fp32", "ties at the threshold", "crossing exponents"])
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 1.0])
+def test_radix_thresholds_are_the_exact_kth_largest_with_or_without_the_second_pass(case, density):
+    """The first pass's count of elements with low bits lets the second pass be skipped (task vectors
+    of bf16 weights that moved within one binade have none); the threshold is exact either way."""
+    g = torch.Generator().manual_seed(7)
+    k, n = 3, 5000
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    if case == "bf16 steps":  # one bf16 ulp up or down: τ is exactly representable in 8 bits
+        ulp = torch.ldexp(torch.ones(n), torch.frexp(base.float()).exponent - 8)
+        steps = torch.randint(-2, 3, (k, n), generator=g).float()
+        rows = (base.float() + steps * ulp).to(torch.bfloat16)
+        taus = rows.float() - base.float()
+    elif case == "fp32":
+        taus = torch.randn(k, n, generator=g) * 1e-3
+    elif case == "ties at the threshold":
+        taus = torch.randint(-3, 4, (k, n), generator=g).float() * 0.125
+    else:  # bf16 weights moved across a power of two: τ needs more than 8 bits
+        rows = (base.float() * 1.7 + 0.3).to(torch.bfloat16).expand(k, n) + \
+               torch.randn(k, n, generator=g).to(torch.bfloat16) * 0.01
+        taus = rows.to(torch.bfloat16).float() - base.float()
+    rank = tv.ties_rank(n, density)
+    expected = torch.sort(taus.abs(), dim=1, descending=True).values[:, rank - 1]
+    for chunk in (n, 777):
+        got, need = _radix_thresholds(taus, density, chunk)
+        assert torch.equal(got, expected), (case, density, chunk)
+        if case == "bf16 steps":
+            assert not need, "bf16 task vectors within one binade have no low bits: one pass is enough"
+        if case == "fp32" and density < 1.0:
+            assert need, "fp32 task vectors have low bits: the second pass must run"
+
+
 def test_ties_density_one_keeps_every_nonzero_task_vector_element(zoo, tmp_path):
     prov = _merge(zoo, tmp_path / "m", method="ties", density=1.0)
     merged = _weights(tmp_path / "m")

@@ -97,6 +97,19 @@ class MergeContext:
             buf = self._local.buf = np.empty(nbytes, np.uint8)
         return buf[:nbytes]
 
+    def scratch(self, key: str, shape, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """An uninitialised tensor, reused by this worker thread for every chunk (per key): a method's
+        temporaries cost no allocation, page faults or allocator growth per chunk."""
+        device = torch.device(device or self.device)
+        pool = getattr(self._local, "scratch", None)
+        if pool is None:
+            pool = self._local.scratch = {}
+        numel = int(np.prod(shape))
+        buf = pool.get((key, dtype, device))
+        if buf is None or buf.numel() < numel:
+            buf = pool[(key, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
     def read(self, name: str, start: int, count: int, k: int | None = None, with_base: bool = False) -> np.ndarray:
         """Raw bits (k [+ 1], count) of the first ``k`` inputs (default all) [and the base, last row]."""
         info = self.base.info(name)

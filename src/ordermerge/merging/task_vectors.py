@@ -51,16 +51,28 @@ def fp32(x: float) -> float:
     return float(np.float32(x))
 
 
-def task_vectors(rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+def _empty(scratch, key: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A temporary: from ``scratch(key, shape, dtype, device)`` (the engine's per-thread buffers,
+    :meth:`MergeContext.scratch`) when given, else freshly allocated. Same ops, same bytes."""
+    if scratch is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return scratch(key, shape, dtype, device)
+
+
+def task_vectors(rows: torch.Tensor, base: torch.Tensor, scratch=None) -> torch.Tensor:
     """(K, n) fp32 task vectors of (K, n) rows against the (n,) base."""
-    return rows.float() - base.float()
+    if scratch is None:
+        return rows.float() - base.float()
+    taus = _empty(scratch, "taus", rows.shape, torch.float32, rows.device).copy_(rows)
+    return taus.sub_(_empty(scratch, "base_f32", base.shape, torch.float32, base.device).copy_(base))
 
 
-def weighted_sum(rows: torch.Tensor, weights: list[float]) -> torch.Tensor:
+def weighted_sum(rows: torch.Tensor, weights: list[float], scratch=None) -> torch.Tensor:
     """Σ w_i rows_i in fp32, in input order, one rounding per multiply and per add."""
-    acc = torch.zeros(rows.shape[1:], dtype=torch.float32, device=rows.device)
+    acc = _empty(scratch, "sum", rows.shape[1:], torch.float32, rows.device).zero_()
+    tmp = _empty(scratch, "sum_term", rows.shape[1:], torch.float32, rows.device)
     for row, w in zip(rows, weights):
-        acc.add_(row * fp32(w))
+        acc.add_(torch.mul(row, fp32(w), out=tmp))
     return acc
 
 
@@ -69,29 +81,43 @@ def apply_delta(base: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.
     return delta.mul_(fp32(scale)).add_(base.float()).to(base.dtype)
 
 
-def task_arithmetic(rows, base, weights, scale) -> torch.Tensor:
-    return apply_delta(base, weighted_sum(task_vectors(rows, base), weights), scale)
+def task_arithmetic(rows, base, weights, scale, scratch=None) -> torch.Tensor:
+    return apply_delta(base, weighted_sum(task_vectors(rows, base, scratch), weights, scratch), scale)
 
 
-def dare_keep_mask(k: int, n: int, drop_rate: float, rng: np.random.PCG64) -> np.ndarray:
+_WORDS = 1 << 15  # 64-bit random words drawn at a time: the same stream, in cache-sized pieces
+
+
+def dare_keep_mask(k: int, n: int, drop_rate: float, rng: np.random.PCG64, out: np.ndarray | None = None) -> np.ndarray:
     """(K, n) bool, True where an element survives; P(drop) = floor(p·2³²)/2³², exact in integers.
 
-    One 32-bit word per element from the chunk's own stream (raw output: stable across numpy).
+    One 32-bit word per element from the chunk's own stream (raw output: stable across numpy),
+    drawn in pieces (the stream is the same) into ``out`` if given: no chunk-sized temporaries.
     """
-    words = rng.random_raw(-(-k * n // 2)).astype("<u8", copy=False).view("<u4")[: k * n]
-    return (words >= np.uint32(int(drop_rate * 2**32))).reshape(k, n)
+    keep = (np.empty(k * n, dtype=bool) if out is None else out.reshape(-1)[: k * n])
+    limit = np.uint32(int(drop_rate * 2**32))
+    for lo in range(0, k * n, 2 * _WORDS):
+        m = min(2 * _WORDS, k * n - lo)
+        words = rng.random_raw(-(-m // 2)).astype("<u8", copy=False).view("<u4")[:m]
+        np.greater_equal(words, limit, out=keep[lo:lo + m])
+    return keep.reshape(k, n)
 
 
-def dare(rows, base, weights, scale, keep: torch.Tensor, drop_rate: float) -> tuple[torch.Tensor, list[int]]:
+def dare(rows, base, weights, scale, keep: torch.Tensor, drop_rate: float, scratch=None) -> tuple[torch.Tensor, list[int]]:
     """DARE on one chunk with its keep mask; also returns the kept count per input."""
-    taus = task_vectors(rows, base).mul_(keep)
+    taus = task_vectors(rows, base, scratch)
+    # times 1.0 or 0.0 (a float copy of the mask: a bool operand takes torch's slow mixed-type loop)
+    taus.mul_(_empty(scratch, "keep_f32", keep.shape, torch.float32, keep.device).copy_(keep))
     taus.mul_(fp32(1.0 / (1.0 - drop_rate)))
-    return apply_delta(base, weighted_sum(taus, weights), scale), keep.sum(1).tolist()
+    kept = np.count_nonzero(keep.numpy(), axis=1) if keep.device.type == "cpu" else keep.sum(1)
+    return apply_delta(base, weighted_sum(taus, weights, scratch), scale), kept.tolist()
 
 
-def magnitude_bits(taus: torch.Tensor) -> torch.Tensor:
+def magnitude_bits(taus: torch.Tensor, scratch=None) -> torch.Tensor:
     """|τ| as int32 fp32 bits: for non-negative floats, integer order is magnitude order."""
-    return taus.abs().view(torch.int32)
+    if scratch is None:
+        return taus.abs().view(torch.int32)
+    return torch.abs(taus, out=_empty(scratch, "magnitude", taus.shape, torch.float32, taus.device)).view(torch.int32)
 
 
 def _row_offsets(k: int, nbins: int, device) -> torch.Tensor:
@@ -106,12 +132,46 @@ def high_histogram(taus: torch.Tensor) -> torch.Tensor:
     return torch.bincount(bins.reshape(-1), minlength=k * _HIGH_BINS).reshape(k, _HIGH_BINS).cpu()
 
 
-def low_histogram(taus: torch.Tensor, high_bin: torch.Tensor) -> torch.Tensor:
+def key_histogram(taus: torch.Tensor, scratch=None) -> torch.Tensor:
+    """(K, 2¹⁶) counts of 2·(|τ|'s high 15 bits) + (its low 16 bits are not all zero).
+
+    The first pass of the exact radix select: summed over a pair of bins it is :func:`high_histogram`;
+    the odd bin says how many elements of a high bin have low bits at all, so the second pass can be
+    skipped where the k-th largest is one whose low bits are zero (:func:`need_low_pass`).
+    """
+    k, shape, dev = taus.shape[0], taus.shape, taus.device
+    bits = magnitude_bits(taus, scratch)
+    key = torch.bitwise_right_shift(bits, 15, out=_empty(scratch, "key", shape, torch.int32, dev))
+    # (low 15 bits + 0x7FFF) >> 15 is 1 where they are not all zero, else 0: int32 ops only (an OR
+    # with a bool takes torch's slow mixed-type loop). key = 2h + b15 | (low 15 bits != 0).
+    inexact = bits.bitwise_and_(0x7FFF).add_(0x7FFF).bitwise_right_shift_(15)
+    key.bitwise_or_(inexact).add_(_row_offsets(k, _LOW_BINS, dev))
+    return torch.bincount(key.reshape(-1), minlength=k * _LOW_BINS).reshape(k, _LOW_BINS).cpu()
+
+
+def high_from_keys(hist: torch.Tensor) -> torch.Tensor:
+    """The (K, 2¹⁵) :func:`high_histogram` of a :func:`key_histogram`."""
+    return hist.view(hist.shape[0], _HIGH_BINS, 2).sum(2)
+
+
+def need_low_pass(hist: torch.Tensor, high_bin: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """(K,) bool: whether input i's k-th largest |τ| may have non-zero low bits (the second pass is
+    needed), given its :func:`key_histogram`, chosen high bin and the rank left inside that bin.
+
+    Inside a high bin the elements with non-zero low bits are the largest; if the rank goes past
+    them, the k-th largest is exactly ``high_bin << 16`` (low bits 0), as the second pass would find.
+    """
+    with_low = hist.gather(1, (2 * high_bin + 1).unsqueeze(1)).squeeze(1)
+    return rank <= with_low
+
+
+def low_histogram(taus: torch.Tensor, high_bin: torch.Tensor, scratch=None) -> torch.Tensor:
     """(K, 2¹⁶) counts of |τ|'s low 16 bits among the elements in input i's chosen high bin."""
-    k = taus.shape[0]
-    bits = magnitude_bits(taus)
-    inside = (bits >> 16) == high_bin.to(taus.device).unsqueeze(1)
-    bins = (bits & 0xFFFF) + _row_offsets(k, _LOW_BINS, taus.device)
+    k, shape, dev = taus.shape[0], taus.shape, taus.device
+    bits = magnitude_bits(taus, scratch)
+    high = torch.bitwise_right_shift(bits, 16, out=_empty(scratch, "key", shape, torch.int32, dev))
+    inside = torch.eq(high, high_bin.to(dev).unsqueeze(1), out=_empty(scratch, "inexact", shape, torch.bool, dev))
+    bins = bits.bitwise_and_(0xFFFF).add_(_row_offsets(k, _LOW_BINS, dev))
     return torch.bincount(bins[inside], minlength=k * _LOW_BINS).reshape(k, _LOW_BINS).cpu()
 
 
@@ -133,23 +193,39 @@ def magnitude_threshold(high_bin: torch.Tensor, low_bin: torch.Tensor) -> torch.
     return ((high_bin << 16) | low_bin).to(torch.int32).view(torch.float32)
 
 
-def ties(rows, base, weights, scale, thresholds: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """TIES on one chunk, given each input's per-tensor threshold; also returns kept counts."""
-    taus = task_vectors(rows, base)
-    kept = (taus.abs() >= thresholds.to(taus.device).unsqueeze(1)) & (taus != 0)  # ties at the threshold all stay
-    taus.mul_(kept)
+def ties(rows, base, weights, scale, thresholds: torch.Tensor, scratch=None) -> tuple[torch.Tensor, list[int]]:
+    """TIES on one chunk, given each input's per-tensor threshold; also returns kept counts.
+
+    With ``scratch`` every (K, n) and (n,) temporary is a reused per-thread buffer; the ops, and so
+    the bytes, are the same as without.
+    """
+    taus = task_vectors(rows, base, scratch)
+    shape, dev = taus.shape, taus.device
+    f32 = _empty(scratch, "ties_f32", shape, torch.float32, dev)
+    kept = torch.ge(torch.abs(taus, out=f32), thresholds.to(dev).unsqueeze(1),
+                    out=_empty(scratch, "ties_kept", shape, torch.bool, dev))
+    kept.logical_and_(torch.ne(taus, 0, out=_empty(scratch, "ties_agree", shape, torch.bool, dev)))  # ties at the threshold all stay
+    # Masks multiply as float copies (1.0 / 0.0): a bool operand takes torch's slow mixed-type loop.
+    mask = _empty(scratch, "ties_mask", shape, torch.float32, dev)
+    taus.mul_(mask.copy_(kept))
     w = [fp32(x) for x in weights]
-    weighted = taus.mul_(torch.tensor(w, device=taus.device).unsqueeze(1))
-    elected = torch.zeros_like(weighted[0])
+    weighted = taus.mul_(torch.tensor(w, device=dev).unsqueeze(1))
+    elected = _empty(scratch, "ties_elected", shape[1:], torch.float32, dev).zero_()
     for row in weighted:
         elected.add_(row)
-    agree = (torch.sign(weighted) == torch.sign(elected)) & kept
-    num, den = torch.zeros_like(elected), torch.zeros_like(elected)
-    for row, a, wi in zip(weighted, agree, w):
-        num.add_(row * a)
-        den.add_(a * wi)
+    agree = torch.eq(torch.sign(weighted, out=f32),
+                     torch.sign(elected, out=_empty(scratch, "ties_sign", shape[1:], torch.float32, dev)),
+                     out=_empty(scratch, "ties_agree", shape, torch.bool, dev))
+    agree.logical_and_(kept)
+    num = _empty(scratch, "ties_num", shape[1:], torch.float32, dev).zero_()
+    den = _empty(scratch, "ties_den", shape[1:], torch.float32, dev).zero_()
+    tmp = _empty(scratch, "ties_term", shape[1:], torch.float32, dev)
+    for row, a, wi in zip(weighted, mask.copy_(agree), w):
+        num.add_(torch.mul(row, a, out=tmp))
+        den.add_(torch.mul(a, wi, out=tmp))
     delta = num.div_(den).masked_fill_(den == 0, 0.0)  # no input agrees (or all trimmed): no change
-    return apply_delta(base, delta, scale), kept.sum(1).tolist()
+    counts = np.count_nonzero(kept.numpy(), axis=1) if dev.type == "cpu" else kept.sum(1)
+    return apply_delta(base, delta, scale), counts.tolist()
 
 
 def gram_fp64(rows: torch.Tensor, base: torch.Tensor) -> np.ndarray:
