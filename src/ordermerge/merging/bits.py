@@ -13,6 +13,7 @@ tensor order, sharding, threads nor device, and chunks can be merged in parallel
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from ordermerge.storage.dtypes import stored_bits  # noqa: F401  (re-exported fo
 # Elements per random stream. Part of what a seed means: changing it changes every select merge.
 CHUNK = 1 << 18
 INT_VIEW = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # the same, for raw numpy buffers
-_ARANGE = np.arange(CHUNK, dtype=np.int32)
+_ARANGE = np.arange(CHUNK, dtype=np.intp)
 
 
 def normalized_weights(weights: list[float] | None, k: int) -> list[float]:
@@ -46,13 +47,20 @@ def chunk_rng(seed: int, name: str, chunk: int) -> np.random.PCG64:
     return np.random.PCG64(derive_seed(seed, "merge", name, chunk))
 
 
-def weighted_average(tensors, weights: list[float]) -> torch.Tensor:
-    """Σ w_i t_i in fp32, rounded once to the inputs' dtype; elementwise, so chunking keeps the bytes."""
-    acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
-    widened = torch.empty_like(acc)  # reused: a fresh fp32 copy per input costs page faults
+def weighted_average(tensors, weights: list[float], scratch=None) -> torch.Tensor:
+    """Σ w_i t_i in fp32, rounded once to the inputs' dtype; elementwise, so chunking keeps the bytes.
+
+    ``scratch(key, shape, dtype, device)`` (the merge engine's per-thread buffers) supplies the fp32
+    temporaries when given; the ops, and so the bytes, are the same."""
+    shape, device = tensors[0].shape, tensors[0].device
+    if scratch is None:
+        acc, widened = (torch.empty(shape, dtype=torch.float32, device=device) for _ in range(2))
+    else:
+        acc, widened = (scratch(key, shape, torch.float32, device) for key in ("average_sum", "average_term"))
+    acc.zero_()  # widened is reused: a fresh fp32 copy per input costs page faults
     for t, w in zip(tensors, weights):
         acc.add_(widened.copy_(t), alpha=w)
-    return acc.to(tensors[0].dtype)
+    return acc.to(tensors[0].dtype, copy=True)  # never the (reused) buffer itself, fp32 inputs too
 
 
 def _raw_bytes(rng: np.random.PCG64, n: int) -> np.ndarray:
@@ -76,6 +84,19 @@ def draw_indices(n: int, probs: list[float], rng: np.random.PCG64) -> np.ndarray
     return np.minimum(np.searchsorted(np.cumsum(probs), u, side="right"), k - 1).astype(np.uint8)
 
 
+_LOCAL = threading.local()
+
+
+def _thread_buffer(n: int, dtype) -> np.ndarray:
+    """An uninitialised array of ``n`` elements, reused by this thread: a chunk's 1 MiB of flat
+    positions costs no fresh mapping (and page faults) per chunk (see the engine's _bounded_heap)."""
+    buf = getattr(_LOCAL, "positions", None)
+    nbytes = n * np.dtype(dtype).itemsize
+    if buf is None or buf.size < nbytes:
+        buf = _LOCAL.positions = np.empty(nbytes, np.uint8)
+    return buf[:nbytes].view(dtype)
+
+
 @dataclass
 class SelectStats:
     counts: list[int]  # elements finally taken from each sub-model
@@ -95,12 +116,13 @@ def select_bits(stack: np.ndarray, probs: list[float], rng: np.random.PCG64,
         raise ValueError("resample needs the base tensor to find zero task-vector elements")
     k, n = stack.shape
     flat = stack.reshape(-1)
-    # Flat positions (model * n + element) index the stack in one take: no K x n masks. int32 (ample
-    # for a chunk) halves the bytes of computing them; take's own conversion to intp costs less.
-    lin_type = np.int32 if k * n < 2**31 else np.intp
-    positions = (_ARANGE[:n] if n <= CHUNK else np.arange(n)).astype(lin_type, copy=False)
+    # Flat positions (model * n + element) index the stack in one take: no K x n masks. In intp,
+    # take's own index type, into a reused buffer: int32 positions would make take allocate (and
+    # page-fault) an intp copy of them at every gather.
+    lin_type = np.intp
+    positions = _ARANGE[:n] if n <= CHUNK else np.arange(n, dtype=np.intp)
     idx = draw_indices(n, probs, rng)
-    lin = np.empty(n, dtype=lin_type)
+    lin = _thread_buffer(n, lin_type)
     out = np.empty(n, dtype=stack.dtype)
 
     def gather() -> None:

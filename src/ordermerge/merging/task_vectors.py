@@ -78,7 +78,7 @@ def weighted_sum(rows: torch.Tensor, weights: list[float], scratch=None) -> torc
 
 def apply_delta(base: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
     """θ_base + λ·delta, rounded once to the base's dtype."""
-    return delta.mul_(fp32(scale)).add_(base.float()).to(base.dtype)
+    return delta.mul_(fp32(scale)).add_(base.float()).to(base.dtype, copy=True)  # never a reused buffer
 
 
 def task_arithmetic(rows, base, weights, scale, scratch=None) -> torch.Tensor:

@@ -11,4 +11,4 @@ from ordermerge.merging.methods import MergeMethod
 class Merger(MergeMethod):
     def merge_chunk(self, ctx, name, start, count):
         rows = torch.from_numpy(ctx.read(name, start, count)).view(ctx.base.info(name).torch_dtype).to(ctx.device)
-        return stored_bits(weighted_average(rows, ctx.probs)).cpu().numpy(), None
+        return stored_bits(weighted_average(rows, ctx.probs, ctx.scratch)).cpu().numpy(), None
