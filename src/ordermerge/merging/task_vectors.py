@@ -228,18 +228,22 @@ def ties(rows, base, weights, scale, thresholds: torch.Tensor, scratch=None) -> 
     return apply_delta(base, delta, scale), counts.tolist()
 
 
-def gram_fp64(rows: torch.Tensor, base: torch.Tensor) -> np.ndarray:
+def gram_fp64(rows: torch.Tensor, base: torch.Tensor, scratch=None) -> np.ndarray:
     """(K, K) float64 ⟨τ_i, τ_j⟩ over one chunk, on the CPU whatever the merge's device.
 
     Elementwise products and torch's own sum, no BLAS (whose order varies with alignment and
     threads), so the per-tensor ratio, and every byte after it, is the same on any device.
+    With ``scratch`` the temporaries are reused per-thread buffers; same ops, same sums.
     """
-    taus = task_vectors(rows.cpu(), base.cpu()).double()
+    rows, base = rows.cpu(), base.cpu()
+    taus32 = task_vectors(rows, base, None if scratch is None else lambda key, *a: scratch("gram_" + key, *a))
+    taus = _empty(scratch, "gram_f64", taus32.shape, torch.float64, taus32.device).copy_(taus32)
+    product = _empty(scratch, "gram_product", taus.shape[1:], torch.float64, taus.device)
     k = taus.shape[0]
     gram = np.zeros((k, k))
     for i in range(k):
         for j in range(i, k):
-            gram[i, j] = gram[j, i] = float((taus[i] * taus[j]).sum())
+            gram[i, j] = gram[j, i] = float(torch.mul(taus[i], taus[j], out=product).sum())
     return gram
 
 
@@ -257,8 +261,10 @@ def model_stock_ratio(gram: np.ndarray) -> tuple[float, float]:
     return k * cos / (1 + (k - 1) * cos), cos
 
 
-def model_stock(rows, base, ratio: float) -> torch.Tensor:
+def model_stock(rows, base, ratio: float, scratch=None) -> torch.Tensor:
     """t·mean_i θ_i + (1−t)·θ_base in fp32, rounded once to the base's dtype."""
-    k = rows.shape[0]
-    avg = weighted_sum(rows.float(), [1.0 / k] * k)
-    return avg.mul_(fp32(ratio)).add_(base.float() * fp32(1.0 - ratio)).to(base.dtype)
+    k, dev = rows.shape[0], rows.device
+    widened = _empty(scratch, "stock_rows", rows.shape, torch.float32, dev).copy_(rows)
+    avg = weighted_sum(widened, [1.0 / k] * k, scratch)
+    part = _empty(scratch, "stock_base", base.shape, torch.float32, dev).copy_(base).mul_(fp32(1.0 - ratio))
+    return avg.mul_(fp32(ratio)).add_(part).to(base.dtype, copy=True)

@@ -18,7 +18,7 @@ class Merger(TaskVectorMethod):
 
     def prepare(self, ctx, pool, tasks, progress):
         """Per tensor: the Gram matrix of task vectors, summed over chunks in chunk order (fp64, CPU)."""
-        grams = gather(pool, lambda n, lo, c: tv.gram_fp64(*ctx.rows(n, lo, c, device="cpu")),
+        grams = gather(pool, lambda n, lo, c: tv.gram_fp64(*ctx.rows(n, lo, c, device="cpu"), ctx.scratch),
                        tasks, progress, "model_stock angles")
         total: dict[str, np.ndarray] = {}
         for (name, _, _), gram in zip(tasks, grams):  # tasks are in chunk order within a tensor
@@ -30,4 +30,4 @@ class Merger(TaskVectorMethod):
 
     def merge_chunk(self, ctx, name, start, count):
         rows, base = ctx.rows(name, start, count)
-        return stored_bits(tv.model_stock(rows, base, ctx.per_tensor[name])).cpu().numpy(), None
+        return stored_bits(tv.model_stock(rows, base, ctx.per_tensor[name], ctx.scratch)).cpu().numpy(), None
