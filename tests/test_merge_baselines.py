@@ -133,14 +133,13 @@ def test_ties_equals_reference_bit_for_bit(zoo, tmp_path):
 
 
 def _radix_thresholds(taus: torch.Tensor, density: float, chunk: int) -> tuple[torch.Tensor, bool]:
-    """ties' per-tensor thresholds from the radix select over chunks of (K, n) task vectors, as
-    methods/ties.py runs it; and whether the low-bits pass was needed."""
+    """ties' per-tensor thresholds from the radix select over chunks of (K, n) task vectors, through
+    the functions methods/ties.py calls; and whether the low-bits pass was needed."""
     rank = torch.full((taus.shape[0],), tv.ties_rank(taus.shape[1], density))
     parts = [taus[:, lo:lo + chunk].contiguous() for lo in range(0, taus.shape[1], chunk)]
     keys = sum(tv.key_histogram(p.clone()) for p in parts)
     assert torch.equal(tv.high_from_keys(keys), sum(tv.high_histogram(p) for p in parts))  # pass 1 of the plain radix select
-    high, left = tv.top_bin(tv.high_from_keys(keys), rank)
-    need = bool(tv.need_low_pass(keys, high, left).any())
+    high, left, need = tv.first_pass(keys, rank)
     low = tv.top_bin(sum(tv.low_histogram(p.clone(), high) for p in parts), left)[0] if need else torch.zeros_like(high)
     return tv.magnitude_threshold(high, low), need
 

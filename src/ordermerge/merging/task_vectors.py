@@ -61,8 +61,6 @@ def _empty(scratch, key: str, shape, dtype: torch.dtype, device) -> torch.Tensor
 
 def task_vectors(rows: torch.Tensor, base: torch.Tensor, scratch=None) -> torch.Tensor:
     """(K, n) fp32 task vectors of (K, n) rows against the (n,) base."""
-    if scratch is None:
-        return rows.float() - base.float()
     taus = _empty(scratch, "taus", rows.shape, torch.float32, rows.device).copy_(rows)
     return taus.sub_(_empty(scratch, "base_f32", base.shape, torch.float32, base.device).copy_(base))
 
@@ -115,8 +113,6 @@ def dare(rows, base, weights, scale, keep: torch.Tensor, drop_rate: float, scrat
 
 def magnitude_bits(taus: torch.Tensor, scratch=None) -> torch.Tensor:
     """|τ| as int32 fp32 bits: for non-negative floats, integer order is magnitude order."""
-    if scratch is None:
-        return taus.abs().view(torch.int32)
     return torch.abs(taus, out=_empty(scratch, "magnitude", taus.shape, torch.float32, taus.device)).view(torch.int32)
 
 
@@ -163,6 +159,13 @@ def need_low_pass(hist: torch.Tensor, high_bin: torch.Tensor, rank: torch.Tensor
     """
     with_low = hist.gather(1, (2 * high_bin + 1).unsqueeze(1)).squeeze(1)
     return rank <= with_low
+
+
+def first_pass(hist: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """From a tensor's summed :func:`key_histogram`: each input's high bin of its k-th largest |τ|,
+    the rank left inside that bin, and whether any input needs the second (low bits) pass."""
+    high_bin, left = top_bin(high_from_keys(hist), rank)
+    return high_bin, left, bool(need_low_pass(hist, high_bin, left).any())
 
 
 def low_histogram(taus: torch.Tensor, high_bin: torch.Tensor, scratch=None) -> torch.Tensor:
@@ -235,8 +238,7 @@ def gram_fp64(rows: torch.Tensor, base: torch.Tensor, scratch=None) -> np.ndarra
     threads), so the per-tensor ratio, and every byte after it, is the same on any device.
     With ``scratch`` the temporaries are reused per-thread buffers; same ops, same sums.
     """
-    rows, base = rows.cpu(), base.cpu()
-    taus32 = task_vectors(rows, base, None if scratch is None else lambda key, *a: scratch("gram_" + key, *a))
+    taus32 = task_vectors(rows.cpu(), base.cpu(), scratch)
     taus = _empty(scratch, "gram_f64", taus32.shape, torch.float64, taus32.device).copy_(taus32)
     product = _empty(scratch, "gram_product", taus.shape[1:], torch.float64, taus.device)
     k = taus.shape[0]

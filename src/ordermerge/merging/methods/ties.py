@@ -29,12 +29,7 @@ class Merger(TaskVectorMethod):
         k = len(ctx.models)
         chunks = chunks_per_tensor(tasks)
         rank = {n: torch.full((k,), tv.ties_rank(ctx.base.info(n).numel, ctx.params["density"])) for n in chunks}
-
-        def high_bin(n, hist):
-            hb, r = tv.top_bin(tv.high_from_keys(hist), rank[n])
-            return hb, r, bool(tv.need_low_pass(hist, hb, r).any())
-
-        high = TensorSums(chunks, high_bin)
+        high = TensorSums(chunks, lambda n, hist: tv.first_pass(hist, rank[n]))
         gather(pool, lambda n, lo, c: high.add(n, tv.key_histogram(self._taus(ctx, n, lo, c), ctx.scratch)),
                tasks, progress, "ties thresholds")
         second = [t for t in tasks if high.done[t[0]][2]]
