@@ -115,7 +115,7 @@ def metrics_frame() -> pd.DataFrame:
     for task, metric in (("gsm", "exact_match"), ("boolq", "mc_accuracy")):
         for kind, method, run, seed, score in (("single", "single", 0, None, 0.2), ("single", "single", 1, None, 0.4),
                                                ("merged", "average", None, 0, 0.5)):
-            row = {"model": "m", "task": task, "scheme": "shuffle", "kind": kind, "method": method, "run": run,
+            row = {"model": "m", "task": task, "scheme": "shuffle", "precision": "fp32", "kind": kind, "method": method, "run": run,
                    "seed": seed, "epoch": 2, "val_loss": 1.0, "task_metric": metric, "exact_match": None}
             row[metric] = score
             if metric == "mc_accuracy":

@@ -82,12 +82,12 @@ def test_sweep_plan_and_merge_variants():
 # --- builders on synthetic inputs with known answers ------------------------------------------------
 
 def _single():
-    return pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "run": [0, 1, 2, 3],
+    return pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "run": [0, 1, 2, 3],
                          "val_loss": [1.0, 2.0, 3.0, 4.0], "exact_match": [0.1, 0.2, 0.3, 0.4]})
 
 
 def test_ksweep_table_means_stds_and_deltas():
-    sweep = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle",
+    sweep = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32",
                           "method": ["average"] * 3 + ["select"] * 2, "subset_size": [2, 2, 4, 2, 2],
                           "val_loss": [2.0, 3.0, 1.5, 2.5, 2.5], "exact_match": np.nan})
     t = ksweep_table(sweep, _single()).set_index(["method", "subset_size"])
@@ -99,12 +99,13 @@ def test_ksweep_table_means_stds_and_deltas():
     assert (t["single_val_loss_mean"] == 2.5).all()
     assert t["exact_match_mean"].isna().all()  # not decoded: NaN, not 0
     md = ksweep_markdown(t.reset_index())
-    assert "| m | t | shuffle | average | 2 | 2 | 2.5000 ± 0.7071 | 2.5000 | +0.0000 |  |" in md
+    assert "| m | t | shuffle | fp32 | average | 2 | 2 | 2.5000 ± 0.7071 | 2.5000 | +0.0000 |  |" in md
 
 
 def test_table3_deltas_against_each_tasks_single_model():
-    single = pd.DataFrame({"model": "m", "task": ["a", "b"], "val_loss": [1.0, 2.0], "exact_match": [0.5, 0.25]})
-    merged = pd.DataFrame({"model": "m", "task": ["a", "a", "b", "b", "a", "b"],
+    single = pd.DataFrame({"model": "m", "precision": "fp32", "task": ["a", "b"], "val_loss": [1.0, 2.0],
+                           "exact_match": [0.5, 0.25]})
+    merged = pd.DataFrame({"model": "m", "precision": "fp32", "task": ["a", "a", "b", "b", "a", "b"],
                            "method": ["select", "select", "select", "select", "average", "average"],
                            "seed": [0, 1, 0, 1, 0, 0],
                            "val_loss": [1.5, 2.5, 2.0, 3.0, 1.25, 2.25],
@@ -120,12 +121,12 @@ def test_table3_deltas_against_each_tasks_single_model():
     assert t.loc[("(mean)", "select"), "val_loss_delta"] == pytest.approx((1.0 + 0.5) / 2)
     assert t.loc[("(mean)", "average"), "exact_match_delta"] == pytest.approx((0.0 + 0.0) / 2)
     md = table3_markdown(t.reset_index())
-    assert "| m | a | select | 2 | 2.0000 ± 0.7071 | +1.0000 | 25.0 ± 0.0 | -25.0 |" in md
+    assert "| m | fp32 | a | select | 2 | 2.0000 ± 0.7071 | +1.0000 | 25.0 ± 0.0 | -25.0 |" in md
     assert "(mean over 2 tasks) | select |" in md
 
 
 def test_tidy_extra_marks_kind_and_drops_uncomputed_metrics():
-    frame = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "kind": "ksweep", "method": "average",
+    frame = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "kind": "ksweep", "method": "average",
                           "seed": 0, "run": None, "epoch": 3, "subset_size": [2, 4], "subset": [0, 0],
                           "merged": ["run0 run1", "run0 run1 run2 run3"], "val_loss": [1.0, 0.9],
                           "exact_match": np.nan})
@@ -140,7 +141,7 @@ def test_token_mean_loss_weights_by_tokens_and_keeps_val():
 
 
 def test_ksweep_figure_is_written(tmp_path):
-    sweep = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "method": ["average", "average", "select"],
+    sweep = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "method": ["average", "average", "select"],
                           "subset_size": [2, 4, 2], "val_loss": [2.0, 1.5, 2.2], "exact_match": [0.2, 0.3, 0.1]})
     t = ksweep_table(sweep, _single())
     path = tmp_path / "ksweep.png"
@@ -208,12 +209,13 @@ def test_dry_run_with_ksweep_and_multitask(tmp_path):
     jobs = planned_jobs(proc)
     # K=3 -> sizes 2 (2 of the 3 possible subsets) and 3 (the one full set): 3 subsets x 2 methods,
     # per task (2 tasks, 1 scheme); multi-task: average once + select x 2 seeds = 3 merges, each
-    # evaluated on both tasks. The per-task pipeline doubles (2 tasks).
-    assert jobs["ksweep_merge"] == 12 and jobs["ksweep_evaluate"] == 12
-    assert jobs["multitask_merge"] == 3 and jobs["evaluate_multitask"] == 6
+    # evaluated on both tasks. The per-task pipeline doubles (2 tasks); every merge and evaluation is made
+    # in each of the 2 default precisions (fp32, bf16) from the same 6 fine-tunes.
+    assert jobs["ksweep_merge"] == 24 and jobs["ksweep_evaluate"] == 24
+    assert jobs["multitask_merge"] == 6 and jobs["evaluate_multitask"] == 12
     assert jobs["fine_tune"] == 6 and jobs["prepare_data"] == 2 and jobs["analyze"] == 1
     text = proc.stdout + proc.stderr
-    assert "results/tables/table3.md" in text and "results/figures/ksweep_smollm2-135m_asdiv_shuffle.png" in text
+    assert "results/tables/table3.md" in text and "results/figures/ksweep_smollm2-135m_asdiv_shuffle_bf16.png" in text
     # a K-sweep subset merges exactly its runs' final checkpoints
     plan = sweep_plan(3, None, 2, 7)
     assert plan == {2: draw_subsets(3, 2, 2, 7), 3: [(0, 1, 2)]}

@@ -56,7 +56,10 @@ def cmd_orders(a):
 def cmd_fine_tune(a):
     _set_threads(a.threads)
     from ordermerge.train.loop import fine_tune
-    from ordermerge.train.tracking import RunIdentity
+    from ordermerge.train.tracking import REPORT_TO_ENV, RunIdentity
+
+    if os.environ.get(REPORT_TO_ENV) is not None:  # the workflow's train.report_to (tracking.REPORT_TO_ENV)
+        a.train_cfg["report_to"] = [name for name in os.environ[REPORT_TO_ENV].split(",") if name]
 
     identity = None
     if a.tracker_group or a.tracker_run or a.tracker_dir:
@@ -92,6 +95,13 @@ def cmd_merge(a):
     s = prov["stats"]
     print(f"merged {len(a.models)} models ({prov['method_key']}, seed {a.seed}) into {a.out}; "
           f"resampled per round: {s['resampled_per_round']}")
+
+
+def cmd_round(a):
+    _set_threads(a.threads)
+    from ordermerge.storage.rounding import round_checkpoint
+
+    print(json.dumps(round_checkpoint(a.model_dir, a.base, a.precision, a.seed, a.out)))
 
 
 def _merge_parser(sub) -> None:
@@ -150,7 +160,9 @@ def cmd_analyze(a):
 def cmd_timing(a):
     from ordermerge.timing import report
 
-    print(report(Path(a.results_dir), Path(a.logs), a.since, a.wall, a.cores), end="")
+    from ordermerge.paths import logs_dir
+
+    print(report(Path(a.results_dir), Path(a.logs or logs_dir(a.results_dir)), a.since, a.wall, a.cores), end="")
 
 
 def cmd_study_report(a):
@@ -253,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_sample_losses, reads=("model_dir", "split"), writes=("out",))
 
+    from ordermerge.storage.precisions import PRECISIONS
+
+    s = sub.add_parser("round", help="a checkpoint stored in a narrower precision (from its fp32 save), with what "
+                                     "rounding lost against the base (round.json)")
+    s.add_argument("--model-dir", required=True, help="the checkpoint as saved (fp32)")
+    s.add_argument("--base", required=True, help="the base model directory (what the task vector is relative to)")
+    s.add_argument("--precision", required=True, choices=list(PRECISIONS),
+                   help="; ".join(f"{p.name}: {p.help}" for p in PRECISIONS.values()).replace("%", "%%"))
+    s.add_argument("--seed", type=int, default=0, help="stochastic rounding's seed (per tensor: seed and name)")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_round, reads=("model_dir", "base"), writes=("out",))
+
     _merge_parser(sub)
 
     s = sub.add_parser("evaluate", help="val loss and greedy exact-match accuracy of one model")
@@ -290,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("timing", help="where a run's time went: stages, token budget, tokens/s (writes nothing)")
     s.add_argument("--results-dir", default="results")
-    s.add_argument("--logs", default="logs")
+    s.add_argument("--logs", help="the run's job logs (default: logs/, or logs/<results-dir>/ for another results dir)")
     s.add_argument("--since", type=float, default=0.0, help="only jobs that finished after this Unix time")
     s.add_argument("--wall", type=float, help="the run's wall seconds, to compare with the summed job time")
     s.add_argument("--cores", type=int)

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ordermerge.merging import registry
+from ordermerge.storage import precisions
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "array": "a list",
@@ -44,6 +45,7 @@ def load_schema(path: Path = SCHEMA_PATH) -> dict:
     fragment = registry.schema_fragment()
     merge["properties"]["methods"]["items"]["pattern"] = fragment["pattern"]
     merge["properties"].update(fragment["params"])
+    schema["properties"]["precisions"]["items"] = precisions.schema_fragment()
     return schema
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ordermerge.config import RESERVED_NAMES, _did_you_mean, _Skip
 from ordermerge.merging import registry
+from ordermerge.storage import precisions
 
 
 def _int(value) -> int:
@@ -83,6 +84,28 @@ def _rule_merge_epoch(cfg):
     if epoch is not None and _int(epoch) > epochs:
         yield ("merge.epoch", f"{epoch} — only {epochs} epochs are trained (train.epochs); set "
                f"merge.epoch to 1..{epochs}, or null for the final epoch")
+
+
+def _rule_precisions(cfg):
+    """Each precision is made from the saved checkpoints (no widening back) and merges against the base
+    (whose stored dtype must widen exactly to it: bf16 or fp16 to fp32, or be the same)."""
+    save = cfg["train"]["save_dtype"]
+    for i, name in enumerate(cfg["precisions"]):
+        p = precisions.get(name)
+        if not precisions.reachable(name, save):
+            yield (f"precisions[{i}]", f"{name} — cannot be made from checkpoints saved in {save} "
+                   f"(train.save_dtype); set train.save_dtype: float32 (each precision is then rounded from "
+                   f"the fp32 checkpoints), or precisions: [{_short(save)}]")
+        for model, spec in cfg["models"].items():
+            base = spec["dtype"]
+            if base != p.dtype and not (p.dtype == "float32" and base in ("bfloat16", "float16")):
+                yield (f"precisions[{i}]", f"{name} — models.{model} is stored in {base}, which does not widen "
+                       f"exactly to {p.dtype}, so its task vectors could not be formed; drop {name}, or set "
+                       f"models.{model}.dtype: {p.dtype}")
+
+
+def _short(dtype: str) -> str:
+    return next(p.name for p in precisions.PRECISIONS.values() if p.dtype == dtype and p.rounding == "nearest")
 
 
 def _rule_models(cfg):
@@ -208,6 +231,11 @@ def _rule_n_generate(cfg):
     if n is None:
         return
     n = _int(n)
+    from ordermerge.scoring.harness import MIRROR
+
+    if n == 0 and MIRROR in cfg["eval"]["harness"]:
+        yield ("eval.n_generate", "0 — eval.harness mirror scores the first n_generate test samples, so it would "
+               "score none; set n_generate >= 1 (or null for all), or drop mirror from eval.harness")
     sizes = {name: t.get("n_test") for name, t in cfg["tasks"].items() if isinstance(t, dict)}
     sizes = {k: v for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
     if sizes and n > max(sizes.values()):
@@ -263,7 +291,7 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
 
 RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
          _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate,
-         _rule_multitask_data, _rule_report_to, _rule_harness)
+         _rule_multitask_data, _rule_report_to, _rule_harness, _rule_precisions)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

@@ -10,27 +10,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RUN = "{results}/{model}/{task}/{scheme}"  # one model x task x order scheme: its K runs and their merges
+# One stored precision of the K runs (storage/precisions.py): everything made from their checkpoints in it.
+STORED = RUN + "/{precision}"
 
 TEMPLATES = {
     "base": "{results}/{model}/base",
     "split": "{results}/{model}/{task}/data/{split}.jsonl",  # train | val | test | heldout
     "order": RUN + "/orders/run{run}.npy",
-    "checkpoint": RUN + "/runs/run{run}/epoch{epoch}",
+    "checkpoint": RUN + "/runs/run{run}/epoch{epoch}",  # as fine_tune saved it (train.save_dtype)
+    "rounded": RUN + "/runs/run{run}/{precision}/epoch{epoch}",  # a narrower precision's twin (+ round.json)
     "steps": RUN + "/runs/run{run}/steps.csv",
     # train.report_to: tensorboard (a side output, never declared): --logdir its scheme dir overlays the K runs
     "tensorboard": "{results}/tensorboard/{model}/{task}/{scheme}/run{run}",
-    "run_losses": RUN + "/losses/run{run}/epoch{epoch}.csv",
-    "merged": RUN + "/merged/epoch{epoch}/{method}/seed{mseed}",
-    "merged_losses": RUN + "/losses/merged/{method}/seed{mseed}/epoch{epoch}.csv",
+    "run_losses": STORED + "/losses/run{run}/epoch{epoch}.csv",
+    "merged": STORED + "/merged/epoch{epoch}/{method}/seed{mseed}",
+    "merged_losses": STORED + "/losses/merged/{method}/seed{mseed}/epoch{epoch}.csv",
     # evaluation stems: + .json (metrics), .generations.jsonl, .val_losses.csv
-    "eval_single": RUN + "/eval/single/run{run}",
-    "eval_merged": RUN + "/eval/merged/{method}/seed{mseed}",
+    "eval_single": STORED + "/eval/single/run{run}",
+    "eval_merged": STORED + "/eval/merged/{method}/seed{mseed}",
     # lm-eval-harness stems (eval.harness): + .json (tidy rows), .samples.jsonl (lm-eval's per-sample results)
-    "harness_single": RUN + "/harness/single/run{run}",
-    "harness_merged": RUN + "/harness/merged/{method}/seed{mseed}",
-    "ksweep_merged": RUN + "/ksweep/size{size}/subset{subset}/{method}",
-    "multitask_merged": "{results}/{model}/multitask/merged/{method}/seed{mseed}",
-    "eval_multitask": "{results}/{model}/multitask/eval/{task}/{method}/seed{mseed}",
+    "harness_single": STORED + "/harness/single/run{run}",
+    "harness_merged": STORED + "/harness/merged/{method}/seed{mseed}",
+    "ksweep_merged": STORED + "/ksweep/size{size}/subset{subset}/{method}",
+    "multitask_merged": "{results}/{model}/multitask/{precision}/merged/{method}/seed{mseed}",
+    "eval_multitask": "{results}/{model}/multitask/{precision}/eval/{task}/{method}/seed{mseed}",
     "table": "{results}/tables/{name}.{ext}",
     "figure": "{results}/figures/{name}.png",
     "answer": "{results}/answer.rst",  # the report's landing page: the run's answer (analysis/answer.py)
@@ -45,31 +48,40 @@ JOBS = {
     "prepare_data": ("prepare_data", "{model}_{task}"),
     "orders": ("orders", "{model}_{task}_{scheme}_run{run}"),
     "fine_tune": ("fine_tune", "{model}_{task}_{scheme}_run{run}"),
-    "sample_losses": ("sample_losses", "{model}_{task}_{scheme}_run{run}_epoch{epoch}"),
-    "sample_losses_merged": ("sample_losses", "{model}_{task}_{scheme}_{method}_seed{mseed}_epoch{epoch}"),
-    "merge": ("merge", "{model}_{task}_{scheme}_epoch{epoch}_{method}_seed{mseed}"),
-    "evaluate_single": ("evaluate", "{model}_{task}_{scheme}_single_run{run}"),
-    "evaluate_merged": ("evaluate", "{model}_{task}_{scheme}_{method}_seed{mseed}"),
-    "harness_single": ("harness", "{model}_{task}_{scheme}_single_run{run}"),
-    "harness_merged": ("harness", "{model}_{task}_{scheme}_{method}_seed{mseed}"),
-    "ksweep_merge": ("ksweep_merge", "{model}_{task}_{scheme}_size{size}_subset{subset}_{method}"),
-    "ksweep_evaluate": ("ksweep_evaluate", "{model}_{task}_{scheme}_size{size}_subset{subset}_{method}"),
-    "multitask_merge": ("multitask_merge", "{model}_{method}_seed{mseed}"),
-    "evaluate_multitask": ("evaluate_multitask", "{model}_{task}_{method}_seed{mseed}"),
+    "sample_losses": ("sample_losses", "{model}_{task}_{scheme}_{precision}_run{run}_epoch{epoch}"),
+    "sample_losses_merged": ("sample_losses", "{model}_{task}_{scheme}_{precision}_{method}_seed{mseed}_epoch{epoch}"),
+    "round": ("round", "{model}_{task}_{scheme}_run{run}_{precision}_epoch{epoch}"),
+    "merge": ("merge", "{model}_{task}_{scheme}_{precision}_epoch{epoch}_{method}_seed{mseed}"),
+    "evaluate_single": ("evaluate", "{model}_{task}_{scheme}_{precision}_single_run{run}"),
+    "evaluate_merged": ("evaluate", "{model}_{task}_{scheme}_{precision}_{method}_seed{mseed}"),
+    "harness_single": ("harness", "{model}_{task}_{scheme}_{precision}_single_run{run}"),
+    "harness_merged": ("harness", "{model}_{task}_{scheme}_{precision}_{method}_seed{mseed}"),
+    "ksweep_merge": ("ksweep_merge", "{model}_{task}_{scheme}_{precision}_size{size}_subset{subset}_{method}"),
+    "ksweep_evaluate": ("ksweep_evaluate", "{model}_{task}_{scheme}_{precision}_size{size}_subset{subset}_{method}"),
+    "multitask_merge": ("multitask_merge", "{model}_{precision}_{method}_seed{mseed}"),
+    "evaluate_multitask": ("evaluate_multitask", "{model}_{task}_{precision}_{method}_seed{mseed}"),
     "analyze": (".", "analyze"),
 }
 LOGS = "logs"
 BENCHMARK_SUFFIX = ".benchmark.tsv"
+DEFAULT_RESULTS = "results"
 
 
-def job_log(rule: str) -> str:
+def logs_dir(results: str = DEFAULT_RESULTS) -> str:
+    """Where a results dir's job logs and benchmarks go: ``logs/`` for the default ``results``, else
+    ``logs/<results_dir>/``, so two configs with different results dirs never share a log or a timing."""
+    rel = str(results).strip("/").replace("..", "_")
+    return LOGS if rel == DEFAULT_RESULTS else f"{LOGS}/{rel}"
+
+
+def job_log(rule: str, results: str = DEFAULT_RESULTS) -> str:
     stage, name = JOBS[rule]
-    return f"{LOGS}/{stage}/{name}.log".replace("/./", "/")
+    return f"{logs_dir(results)}/{stage}/{name}.log".replace("/./", "/")
 
 
-def job_benchmark(rule: str) -> str:
+def job_benchmark(rule: str, results: str = DEFAULT_RESULTS) -> str:
     stage, name = JOBS[rule]
-    return f"{LOGS}/{stage}/{name}{BENCHMARK_SUFFIX}".replace("/./", "/")
+    return f"{logs_dir(results)}/{stage}/{name}{BENCHMARK_SUFFIX}".replace("/./", "/")
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,9 @@ rule analyze:
             category="Multi-task merge",
         ),
     log:
-        paths.job_log("analyze"),
+        paths.job_log("analyze", R),
     benchmark:
-        paths.job_benchmark("analyze")
+        paths.job_benchmark("analyze", R)
     conda:
         "../../envs/ordermerge.yaml"
     params:

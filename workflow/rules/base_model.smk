@@ -2,9 +2,9 @@ rule base_model:
     output:
         directory(P.base),
     log:
-        paths.job_log("base_model"),
+        paths.job_log("base_model", R),
     benchmark:
-        paths.job_benchmark("base_model")
+        paths.job_benchmark("base_model", R)
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("base_model")

@@ -13,6 +13,9 @@ from ordermerge.merging import (
     registry,
 )  # noqa: E402  (no torch: names, parameters, flags)
 from ordermerge.merging.subsets import sweep_plan  # noqa: E402
+from ordermerge.seeding import derive_seed  # noqa: E402
+from ordermerge.storage import precisions  # noqa: E402  (no torch: names and dtypes)
+from ordermerge.train.tracking import REPORT_TO_ENV  # noqa: E402  (no torch)
 from ordermerge.scoring.harness import MIRROR  # noqa: E402  (no torch)
 
 try:
@@ -28,6 +31,8 @@ THREADS = config["threads_per_job"]
 MODELS = list(config["models"])
 TASKS = list(config["tasks"])
 SCHEMES = config["schemes"]
+PRECISIONS = config["precisions"]  # stored forms of every fine-tune; the first is the headline
+SAVE_DTYPE = config["train"]["save_dtype"]
 P = paths.Paths(R)  # every artefact path: src/ordermerge/paths.py
 HARNESS = config["eval"]["harness"]  # lm-eval on every evaluated model; [] = off
 
@@ -40,11 +45,23 @@ wildcard_constraints:
     epoch=r"\d+",
     method=registry.key_pattern(),
     mseed=r"\d+",
+    precision="|".join(map(re.escape, precisions.PRECISIONS)),
 
 
 def as_json(obj):
     """A config slice for a shell argument (quote it with :q in the rule)."""
     return json.dumps(obj, sort_keys=True)
+
+
+def without(section, *keys):
+    """A config section less the keys its rule's command does not read: they stay out of its params, so
+    changing them reruns nothing (docs/reruns.md)."""
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+# train.report_to reaches fine_tune jobs through the environment, not their params: trackers cannot change
+# a checkpoint (local jobs inherit it; cluster jobs re-parse this file, which sets it again).
+os.environ[REPORT_TO_ENV] = ",".join(config["train"]["report_to"])
 
 
 # Whether any configured merge (the K runs', the K-sweep's) chooses on held-out data.
@@ -66,16 +83,55 @@ def eval_files(stem, **wildcards):
     return [outputs[kind].format(**wildcards) for kind in ("metrics", "val_losses")]
 
 
-def single_eval_files(model, task, scheme):
+def stored(model, task, scheme, precision, run, epoch):
+    """Run ``run``'s checkpoint of ``epoch`` in ``precision``: as fine_tune saved it, or its rounded twin."""
+    template = (
+        "checkpoint" if precisions.is_saved_form(precision, SAVE_DTYPE) else "rounded"
+    )
+    return P.of(
+        template,
+        model=model,
+        task=task,
+        scheme=scheme,
+        precision=precision,
+        run=run,
+        epoch=epoch,
+    )
+
+
+def stored_checkpoint(w, epoch=None):
+    """Input function: the checkpoint of w.run at ``epoch`` (default w.epoch) in w.precision."""
+    return stored(
+        w.model, w.task, w.scheme, w.precision, w.run, w.epoch if epoch is None else epoch
+    )
+
+
+def rounding_seed(w):
+    """Stochastic rounding's seed, one per checkpoint; 0 for a deterministic rounding (it reads none)."""
+    if not precisions.get(w.precision).random:
+        return 0
+    return derive_seed(
+        config["seed"], "round", w.model, w.task, w.scheme, w.run, w.epoch
+    ) % (2**31)
+
+
+def single_eval_files(model, task, scheme, precision):
     return [
         f
         for k in range(K)
-        for f in eval_files("eval_single", model=model, task=task, scheme=scheme, run=k)
+        for f in eval_files(
+            "eval_single",
+            model=model,
+            task=task,
+            scheme=scheme,
+            precision=precision,
+            run=k,
+        )
     ]
 
 
-def merged_eval_files(model, task, scheme):
-    w = {"model": model, "task": task, "scheme": scheme}
+def merged_eval_files(model, task, scheme, precision):
+    w = {"model": model, "task": task, "scheme": scheme, "precision": precision}
     return [
         f
         for m, s in merge_variants()
@@ -90,6 +146,7 @@ def single_identity(w):
             "model": w.model,
             "task": w.task,
             "scheme": w.scheme,
+            "precision": w.precision,
             "kind": "single",
             "method": "single",
             "run": int(w.run),
@@ -105,6 +162,7 @@ def merged_identity(w):
             "model": w.model,
             "task": w.task,
             "scheme": w.scheme,
+            "precision": w.precision,
             "kind": "merged",
             "method": w.method,
             "run": None,
@@ -114,11 +172,11 @@ def merged_identity(w):
     )
 
 
-def harness_files(model, task, scheme):
+def harness_files(model, task, scheme, precision):
     """lm-eval's metrics of every single and merged model (eval.harness; none when it is [])."""
     if not HARNESS:
         return []
-    w = {"model": model, "task": task, "scheme": scheme}
+    w = {"model": model, "task": task, "scheme": scheme, "precision": precision}
     stems = [("harness_single", {"run": k}) for k in range(K)]
     stems += [
         ("harness_merged", {"method": m, "mseed": s}) for m, s in merge_variants()
@@ -133,17 +191,17 @@ def loss_epochs():
     return range(1, EPOCHS + 1) if config["losses"]["epochs"] == "all" else [EPOCHS]
 
 
-def loss_files(model, task, scheme):
-    w = {"model": model, "task": task, "scheme": scheme}
+def loss_files(model, task, scheme, precision):
+    w = {"model": model, "task": task, "scheme": scheme, "precision": precision}
     return [
         P.of("run_losses", **w, run=k, epoch=e) for k in range(K) for e in loss_epochs()
     ]
 
 
-def merged_loss_files(model, task, scheme):
+def merged_loss_files(model, task, scheme, precision):
     """Per-sample losses of each merge method (first merge seed) at every scored epoch: Fig. 3 and 4."""
     seed = config["merge"]["seeds"][0]
-    w = {"model": model, "task": task, "scheme": scheme}
+    w = {"model": model, "task": task, "scheme": scheme, "precision": precision}
     return [
         P.of("merged_losses", **w, method=method, mseed=seed, epoch=e)
         for method in config["merge"]["methods"]
@@ -154,17 +212,30 @@ def merged_loss_files(model, task, scheme):
 def figure_names():
     """Fig. 4 (loss vs epoch) needs more than one scored epoch: losses.epochs = all."""
     names = ["fig1", "fig3", *(["fig4"] if len(loss_epochs()) > 1 else [])]
-    return [
-        f"{n}_{m}_{t}_{s}"
+    figures = [
+        f"{n}_{m}_{t}_{s}_{p}"
         for n in names
         for m in MODELS
         for t in TASKS
         for s in SCHEMES
+        for p in PRECISIONS
     ]
+    return figures + [
+        f"storage_{m}_{t}_{s}" for m in MODELS for t in TASKS for s in SCHEMES
+    ] * bool(ROUNDED)
+
+
+# Precisions rounded from the saved checkpoints: the storage-loss figure and table compare them with it.
+ROUNDED = [p for p in PRECISIONS if not precisions.is_saved_form(p, SAVE_DTYPE)]
+
+
+def rounding_files(model, task, scheme):
+    """Every rounded final checkpoint: the storage-loss figure reads their round.json."""
+    return [stored(model, task, scheme, p, k, EPOCHS) for p in ROUNDED for k in range(K)]
 
 
 def table_names():
-    names = ["table1", "imbalance", "metrics", "fig3_rho"]
+    names = ["table1", "imbalance", "metrics", "fig3_rho", *(["storage"] * bool(ROUNDED))]
     if len(MODELS) > 1:
         names.append("table2")
     if set(SCHEMES) == {"shuffle", "fixbatch"}:
@@ -290,17 +361,7 @@ def fine_tune_launcher(resources, threads):
 
 
 def merge_inputs(w):
-    return [
-        P.of(
-            "checkpoint",
-            model=w.model,
-            task=w.task,
-            scheme=w.scheme,
-            run=k,
-            epoch=w.epoch,
-        )
-        for k in range(K)
-    ]
+    return [stored(w.model, w.task, w.scheme, w.precision, k, w.epoch) for k in range(K)]
 
 
 def merge_flags(w, input):
@@ -343,12 +404,18 @@ def ksweep_runs(w):
     return KSWEEP_PLAN[int(w.size)][int(w.subset)]
 
 
-def ksweep_eval_files(model, task, scheme):
+def ksweep_eval_files(model, task, scheme, precision):
     kinds = ("val_losses", "metrics") if KSWEEP["exact_match"] else ("val_losses",)
     outputs = P.eval_outputs("ksweep_merged")
     return [
         outputs[kind].format(
-            model=model, task=task, scheme=scheme, size=n, subset=i, method=method
+            model=model,
+            task=task,
+            scheme=scheme,
+            precision=precision,
+            size=n,
+            subset=i,
+            method=method,
         )
         for n, subsets in KSWEEP_PLAN.items()
         for i in range(len(subsets))
@@ -361,10 +428,11 @@ def ksweep_targets():
     if not KSWEEP["enabled"]:
         return []
     figures = [
-        P.of("figure", name=f"ksweep_{m}_{t}_{s}")
+        P.of("figure", name=f"ksweep_{m}_{t}_{s}_{p}")
         for m in MODELS
         for t in TASKS
         for s in SCHEMES
+        for p in PRECISIONS
     ]
     tables = [P.of("table", name="ksweep", ext=ext) for ext in ("csv", "md")]
     return [*tables, *figures]
@@ -384,12 +452,19 @@ MT = config["multitask"]
 MT_SCHEME = SCHEMES[0]
 
 
-def multitask_eval_files(model):
+def multitask_eval_files(model, precision):
     return [
         f
         for t in MT["tasks"]
         for m, s in registry.merge_variants(MT["methods"], MT["seeds"])
-        for f in eval_files("eval_multitask", model=model, task=t, method=m, mseed=s)
+        for f in eval_files(
+            "eval_multitask",
+            model=model,
+            task=t,
+            precision=precision,
+            method=m,
+            mseed=s,
+        )
     ]
 
 
@@ -406,17 +481,19 @@ def analysis_inputs(w):
     for m in MODELS:
         for t in TASKS:
             for s in SCHEMES:
-                files += single_eval_files(m, t, s)
-                files += merged_eval_files(m, t, s)
-                files += harness_files(m, t, s)
-                files += loss_files(m, t, s)
-                files += merged_loss_files(m, t, s)
                 files += [
                     P.of("order", model=m, task=t, scheme=s, run=k) for k in range(K)
                 ]
-                files += ksweep_eval_files(m, t, s)
+                files += rounding_files(m, t, s)
+                for p in PRECISIONS:
+                    files += single_eval_files(m, t, s, p)
+                    files += merged_eval_files(m, t, s, p)
+                    files += harness_files(m, t, s, p)
+                    files += loss_files(m, t, s, p)
+                    files += merged_loss_files(m, t, s, p)
+                    files += ksweep_eval_files(m, t, s, p)
         if MT["tasks"]:
-            files += multitask_eval_files(m)
+            files += [f for p in PRECISIONS for f in multitask_eval_files(m, p)]
     return files
 
 

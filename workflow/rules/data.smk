@@ -8,9 +8,9 @@ rule prepare_data:
         test=P.partial("split", split="test"),
         # the held-out split, when a configured method chooses on data (the config then requires n_heldout >= 1)
     log:
-        paths.job_log("prepare_data"),
+        paths.job_log("prepare_data", R),
     benchmark:
-        paths.job_benchmark("prepare_data")
+        paths.job_benchmark("prepare_data", R)
     conda:
         "../../envs/ordermerge.yaml"
     params:
@@ -28,9 +28,9 @@ rule orders:
     output:
         P.order,
     log:
-        paths.job_log("orders"),
+        paths.job_log("orders", R),
     benchmark:
-        paths.job_benchmark("orders")
+        paths.job_benchmark("orders", R)
     conda:
         "../../envs/ordermerge.yaml"
     params:

@@ -1,14 +1,14 @@
 rule evaluate_single:
     input:
-        model=P.partial("checkpoint", epoch=EPOCHS),
+        model=lambda w: stored_checkpoint(w, EPOCHS),
         val=P.partial("split", split="val"),
         test=P.partial("split", split="test"),
     output:
         **P.eval_outputs("eval_single"),
     log:
-        paths.job_log("evaluate_single"),
+        paths.job_log("evaluate_single", R),
     benchmark:
-        paths.job_benchmark("evaluate_single")
+        paths.job_benchmark("evaluate_single", R)
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("evaluate_single")
@@ -16,7 +16,7 @@ rule evaluate_single:
         **rule_resources("evaluate_single", mem_mb=4000, runtime=60),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
-        eval_cfg=as_json(config["eval"]),
+        eval_cfg=as_json(without(config["eval"], "harness")),
         identity=single_identity,
     shell:
         eval_shell("{input.model}")
@@ -30,29 +30,29 @@ use rule evaluate_single as evaluate_merged with:
     output:
         **P.eval_outputs("eval_merged"),
     log:
-        paths.job_log("evaluate_merged"),
+        paths.job_log("evaluate_merged", R),
     benchmark:
-        paths.job_benchmark("evaluate_merged")
+        paths.job_benchmark("evaluate_merged", R)
     threads: rule_threads("evaluate_merged")
     resources:
         **rule_resources("evaluate_merged", mem_mb=4000, runtime=60),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
-        eval_cfg=as_json(config["eval"]),
+        eval_cfg=as_json(without(config["eval"], "harness")),
         identity=merged_identity,
 
 
 # lm-eval-harness on the same models (eval.harness): mirrored tasks and/or standard lm-eval tasks.
 rule harness_single:
     input:
-        model=P.partial("checkpoint", epoch=EPOCHS),
+        model=lambda w: stored_checkpoint(w, EPOCHS),
         test=P.partial("split", split="test"),
     output:
         **P.eval_outputs("harness_single", paths.HARNESS_FILES),
     log:
-        paths.job_log("harness_single"),
+        paths.job_log("harness_single", R),
     benchmark:
-        paths.job_benchmark("harness_single")
+        paths.job_benchmark("harness_single", R)
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("harness_single")
@@ -73,9 +73,9 @@ use rule harness_single as harness_merged with:
     output:
         **P.eval_outputs("harness_merged", paths.HARNESS_FILES),
     log:
-        paths.job_log("harness_merged"),
+        paths.job_log("harness_merged", R),
     benchmark:
-        paths.job_benchmark("harness_merged")
+        paths.job_benchmark("harness_merged", R)
     threads: rule_threads("harness_merged")
     resources:
         **rule_resources("harness_merged", mem_mb=4000, runtime=60),

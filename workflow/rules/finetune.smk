@@ -9,9 +9,9 @@ rule fine_tune:
         ],
         steps=P.steps,
     log:
-        paths.job_log("fine_tune"),
+        paths.job_log("fine_tune", R),
     benchmark:
-        paths.job_benchmark("fine_tune")
+        paths.job_benchmark("fine_tune", R)
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("fine_tune")
@@ -19,11 +19,13 @@ rule fine_tune:
         **rule_resources("fine_tune", mem_mb=6000, runtime=120),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
-        train_cfg=as_json(config["train"]),
+        train_cfg=as_json(without(config["train"], "report_to")),
         seed=config["seed"],
         out_dir=lambda w, output: str(Path(output.steps).parent),
         launcher=lambda w, resources, threads: fine_tune_launcher(resources, threads),
-        # train.report_to: the run's identity; tracker files are side outputs, like the log
+        # The run's identity for train.report_to's trackers, whether or not any is on: which trackers get
+        # the numbers cannot change a checkpoint, so train.report_to reaches the job through the environment
+        # (REPORT_TO_ENV, set in common.smk) and turning one on reruns nothing. Tracker files are side outputs.
         tracker=lambda w: (
             f" --tracker-group {w.model}/{w.task}/{w.scheme} --tracker-run run{w.run} --tracker-dir "
             + shlex.quote(
@@ -35,8 +37,6 @@ rule fine_tune:
                     run=w.run,
                 )
             )
-            if config["train"]["report_to"]
-            else ""
         ),
     shell:
         "{params.launcher} --base {input.base} --train {input.train} --order {input.order} "
@@ -45,9 +45,33 @@ rule fine_tune:
         "{params.tracker} > {log} 2>&1"
 
 
-rule sample_losses:
+# A narrower stored precision of a checkpoint (precisions: bf16, ...): rounded from the saved fp32 one, with
+# what rounding lost against the base (round.json). The precision that train.save_dtype stores needs none.
+rule round_checkpoint:
     input:
         checkpoint=P.checkpoint,
+        base=P.base,
+    output:
+        directory(P.rounded),
+    log:
+        paths.job_log("round", R),
+    benchmark:
+        paths.job_benchmark("round", R)
+    conda:
+        "../../envs/ordermerge.yaml"
+    threads: rule_threads("round_checkpoint")
+    resources:
+        **rule_resources("round_checkpoint", mem_mb=4000, runtime=30),
+    params:
+        seed=rounding_seed,
+    shell:
+        "ordermerge round --model-dir {input.checkpoint} --base {input.base} --precision {wildcards.precision} "
+        "--seed {params.seed} --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule sample_losses:
+    input:
+        checkpoint=stored_checkpoint,
         splits=lambda w: [
             P.of("split", model=w.model, task=w.task, split=s)
             for s in config["losses"]["splits"]
@@ -55,9 +79,9 @@ rule sample_losses:
     output:
         P.run_losses,
     log:
-        paths.job_log("sample_losses"),
+        paths.job_log("sample_losses", R),
     benchmark:
-        paths.job_benchmark("sample_losses")
+        paths.job_benchmark("sample_losses", R)
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("sample_losses")
@@ -88,9 +112,9 @@ use rule sample_losses as sample_losses_merged with:
     output:
         P.merged_losses,
     log:
-        paths.job_log("sample_losses_merged"),
+        paths.job_log("sample_losses_merged", R),
     benchmark:
-        paths.job_benchmark("sample_losses_merged")
+        paths.job_benchmark("sample_losses_merged", R)
     threads: rule_threads("sample_losses_merged")
     resources:
         **rule_resources("sample_losses_merged", mem_mb=4000, runtime=30),

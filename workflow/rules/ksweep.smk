@@ -7,14 +7,7 @@ use rule merge as ksweep_merge with:
         unpack(heldout_input),
         base=P.base,
         models=lambda w: [
-            P.of(
-                "checkpoint",
-                model=w.model,
-                task=w.task,
-                scheme=w.scheme,
-                run=k,
-                epoch=EPOCHS,
-            )
+            stored(w.model, w.task, w.scheme, w.precision, k, EPOCHS)
             for k in ksweep_runs(w)
         ],
     output:
@@ -22,9 +15,9 @@ use rule merge as ksweep_merge with:
         # scale keeping them would add ~20 GB of disk
         temp(directory(P.ksweep_merged)),
     log:
-        paths.job_log("ksweep_merge"),
+        paths.job_log("ksweep_merge", R),
     benchmark:
-        paths.job_benchmark("ksweep_merge")
+        paths.job_benchmark("ksweep_merge", R)
     threads: rule_threads("ksweep_merge")
     resources:
         **rule_resources("ksweep_merge", mem_mb=4000, runtime=30),
@@ -50,9 +43,9 @@ rule ksweep_evaluate:
         ),
         val_losses=P.eval_outputs("ksweep_merged")["val_losses"],
     log:
-        paths.job_log("ksweep_evaluate"),
+        paths.job_log("ksweep_evaluate", R),
     benchmark:
-        paths.job_benchmark("ksweep_evaluate")
+        paths.job_benchmark("ksweep_evaluate", R)
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("ksweep_evaluate")
@@ -60,13 +53,14 @@ rule ksweep_evaluate:
         **rule_resources("ksweep_evaluate", mem_mb=4000, runtime=30),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
-        eval_cfg=as_json(config["eval"]),
+        eval_cfg=as_json(without(config["eval"], "harness")),
         batch=config["eval"]["batch_size"],
         identity=lambda w: as_json(
             {
                 "model": w.model,
                 "task": w.task,
                 "scheme": w.scheme,
+                "precision": w.precision,
                 "kind": "ksweep",
                 "method": w.method,
                 "run": None,

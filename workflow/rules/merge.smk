@@ -6,9 +6,9 @@ rule merge:
     output:
         directory(P.merged),
     log:
-        paths.job_log("merge"),
+        paths.job_log("merge", R),
     benchmark:
-        paths.job_benchmark("merge")
+        paths.job_benchmark("merge", R)
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("merge")

@@ -6,22 +6,15 @@ use rule merge as multitask_merge with:
     input:
         base=P.base,
         models=lambda w: [
-            P.of(
-                "checkpoint",
-                model=w.model,
-                task=t,
-                scheme=MT_SCHEME,
-                run=MT["run"],
-                epoch=EPOCHS,
-            )
+            stored(w.model, t, MT_SCHEME, w.precision, MT["run"], EPOCHS)
             for t in MT["tasks"]
         ],
     output:
         directory(P.multitask_merged),
     log:
-        paths.job_log("multitask_merge"),
+        paths.job_log("multitask_merge", R),
     benchmark:
-        paths.job_benchmark("multitask_merge")
+        paths.job_benchmark("multitask_merge", R)
     threads: rule_threads("multitask_merge")
     resources:
         **rule_resources("multitask_merge", mem_mb=4000, runtime=30),
@@ -38,9 +31,9 @@ rule evaluate_multitask:
     output:
         **P.eval_outputs("eval_multitask"),
     log:
-        paths.job_log("evaluate_multitask"),
+        paths.job_log("evaluate_multitask", R),
     benchmark:
-        paths.job_benchmark("evaluate_multitask")
+        paths.job_benchmark("evaluate_multitask", R)
     conda:
         "../../envs/ordermerge.yaml"
     threads: rule_threads("evaluate_multitask")
@@ -48,12 +41,13 @@ rule evaluate_multitask:
         **rule_resources("evaluate_multitask", mem_mb=4000, runtime=60),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
-        eval_cfg=as_json(config["eval"]),
+        eval_cfg=as_json(without(config["eval"], "harness")),
         identity=lambda w: as_json(
             {
                 "model": w.model,
                 "task": w.task,
                 "scheme": MT_SCHEME,
+                "precision": w.precision,
                 "kind": "multitask",
                 "method": w.method,
                 "run": None,

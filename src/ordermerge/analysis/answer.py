@@ -29,12 +29,15 @@ def answer_rst(imbalance: pd.DataFrame, t1: pd.DataFrame, cfg: dict) -> str:
            f"K = {cfg['runs']} fine-tunes of the same base, one data order each, {cfg['train']['epochs']} epochs; "
            f"merges: {', '.join(cfg['merge']['methods'])} (merge seeds {', '.join(map(str, cfg['merge']['seeds']))}).",
            "Intervals are 95 % bootstrap intervals over samples.", "",
+           f"One training, stored in {len(cfg['precisions'])} precision(s): {', '.join(cfg['precisions'])} (the first is "
+           "the headline). Every merge, evaluation and statistic below is made once per precision from the same "
+           "runs; bf16 rounds most small updates back to the base's value (tables/storage.md).", "",
            "Position effect", "---------------", "",
            "Paired ρ: across pairs of runs, a sample's change in first-epoch position against its change in "
            "final training loss (its difficulty cancels). ρ < 0: samples seen early end with a higher loss "
            "(the paper's direction).", ""]
     for r in imbalance.itertuples():
-        out.append(f"- **{r.model} / {r.task} / {r.scheme}** ({r.n_samples} samples × {r.runs} runs): "
+        out.append(f"- **{r.model} / {r.task} / {r.scheme} / {r.precision}** ({r.n_samples} samples × {r.runs} runs): "
                    f"paired ρ = **{r.rho_paired:+.3f}**{_ci(r.rho_paired_ci_low, r.rho_paired_ci_high, digits=3)}, "
                    f"permutation p = {r.p_paired_permutation:.2g}. **{r.verdict_paired}.**")
     out += ["", "Merges vs single runs (Table 1)", "-------------------------------", ""]
@@ -45,24 +48,27 @@ def answer_rst(imbalance: pd.DataFrame, t1: pd.DataFrame, cfg: dict) -> str:
     def spread(mean: float, std: float, n: int, fmt: str) -> str:  # ± only where there is a spread to show
         return f"{mean:{fmt}} ± {std:{fmt}}" if n > 1 else f"{mean:{fmt}}"
 
-    for (model, task, scheme), group in t1.groupby(["model", "task", "scheme"], sort=False):
-        title = f"{model} / {task} / {scheme} ({group['task_metric'].iloc[0]})"
+    for (model, task, scheme, precision), group in t1.groupby(["model", "task", "scheme", "precision"], sort=False):
+        metric = group["task_metric"].iloc[0]
+        title = f"{model} / {task} / {scheme}, stored in {precision}" + (f" ({metric})" if isinstance(metric, str) else "")
         rows = []
         for r in group.itertuples():
             merged = r.method != "single"
             flag = r.val_loss_beats_best_single
             beats = bool(flag) if merged and flag is not None and flag == flag else None
             if beats:
-                winners.append(f"{r.method} ({model} / {task} / {scheme})")
+                winners.append(f"{r.method} ({model} / {task} / {scheme} / {precision})")
             rows.append([r.method, str(r.n), spread(r.val_loss_mean, r.val_loss_std, r.n, ".4f"),
                          f"{r.val_loss_delta:+.4f}{_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)}"
                          if merged else "–",
                          f"{r.val_loss_delta_best:+.4f}{_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)}"
                          if merged else "–",
                          ("yes" if beats else "no") if merged else "–",
-                         spread(100 * r.task_score_mean, 100 * r.task_score_std, r.n, ".1f"),
+                         spread(100 * r.task_score_mean, 100 * r.task_score_std, r.n, ".1f")
+                         if r.task_score_mean == r.task_score_mean else "–",
                          f"{100 * r.task_score_delta:+.1f}"
-                         f"{_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}" if merged else "–"])
+                         f"{_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}"
+                         if merged and r.task_score_delta == r.task_score_delta else "–"])
         out += [f"**{title}**", "", _rst_table(header, rows), ""]
     out.append("n: runs (single) or merge seeds; ± is the standard deviation over them.")
     out.append("")

@@ -21,6 +21,7 @@ from ordermerge.analysis.figures import plot_fig1, plot_fig3, plot_fig4
 from ordermerge.data.orders import first_epoch_positions, load_order
 from ordermerge.analysis.stats import (paired_rho, paired_rho_ci, permutation_p, residual_rho_ci, spearman,
                                        verdict)
+from ordermerge.analysis.storage import plot_storage, storage_applies, storage_markdown, storage_table
 from ordermerge.analysis.tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
 from ordermerge.merging.registry import merge_variants
 from ordermerge.paths import EVAL_FILES, Paths
@@ -32,13 +33,20 @@ def _split_losses(csv: Path, split: str) -> pd.DataFrame:
     return df[df["split"] == split].sort_values("row")
 
 
-def position_loss_matrix(base: Path, runs: int, epoch: int):
-    """positions[k, i], losses[k, i]: sample i's first-epoch position and final train loss in run k."""
+def position_loss_matrix(p: Paths, w: dict, runs: int, epoch: int):
+    """positions[k, i], losses[k, i]: sample i's first-epoch position and final train loss in run k
+    (``w``: model, task, scheme and precision)."""
     positions, losses = [], []
     for k in range(runs):
-        positions.append(first_epoch_positions(load_order(base / "orders" / f"run{k}.npy")))
-        losses.append(_split_losses(base / "losses" / f"run{k}" / f"epoch{epoch}.csv", "train")["loss"].to_numpy())
+        positions.append(first_epoch_positions(load_order(p.of("order", **w, run=k))))
+        losses.append(_split_losses(Path(p.of("run_losses", **w, run=k, epoch=epoch)), "train")["loss"].to_numpy())
     return np.array(positions), np.array(losses)
+
+
+def groups(cfg: dict):
+    """(model, task, scheme, precision) of every set of K runs, headline precision first within a scheme."""
+    return [{"model": m, "task": t, "scheme": s, "precision": p}
+            for m in cfg["models"] for t in cfg["tasks"] for s in cfg["schemes"] for p in cfg["precisions"]]
 
 
 def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: int) -> dict:
@@ -73,20 +81,18 @@ def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: 
 
 
 def evaluations(cfg: dict, results: Path, stems: tuple[str, str] = ("eval_single", "eval_merged")
-                ) -> list[tuple[tuple[str, str, str, str], Path]]:
-    """(model, task, scheme, method) and the stem of every single-run and merged evaluation the config
-    plans (paths.py spells them; registry.merge_variants says which seeds), in results-tree order;
+                ) -> list[tuple[tuple[str, str, str, str, str], Path]]:
+    """(model, task, scheme, precision, method) and the stem of every single-run and merged evaluation the
+    config plans (paths.py spells them; registry.merge_variants says which seeds), in results-tree order;
     ``stems=HARNESS_STEMS``: their lm-eval evaluations, in the same order."""
     p = Paths(str(results))
     single, merged = stems
     out = []
-    for model in cfg["models"]:
-        for task in cfg["tasks"]:
-            for scheme in cfg["schemes"]:
-                w = {"model": model, "task": task, "scheme": scheme}
-                out += [((model, task, scheme, "single"), p.of(single, **w, run=k)) for k in range(cfg["runs"])]
-                out += [((model, task, scheme, m), p.of(merged, **w, method=m, mseed=s))
-                        for m, s in merge_variants(cfg["merge"]["methods"], cfg["merge"]["seeds"])]
+    for w in groups(cfg):
+        key = tuple(w.values())
+        out += [((*key, "single"), p.of(single, **w, run=k)) for k in range(cfg["runs"])]
+        out += [((*key, m), p.of(merged, **w, method=m, mseed=s))
+                for m, s in merge_variants(cfg["merge"]["methods"], cfg["merge"]["seeds"])]
     return sorted(((key, Path(stem)) for key, stem in out), key=lambda item: item[1])
 
 
@@ -124,7 +130,7 @@ def _write_table(out: Path, name: str, df: pd.DataFrame, markdown: str | None) -
             tmp.write_text(markdown)
 
 
-def _loss_curves(base: Path, cfg: dict, split: str) -> dict[str, dict[int, list[float]]]:
+def _loss_curves(p: Paths, w: dict, cfg: dict, split: str) -> dict[str, dict[int, list[float]]]:
     """Token-weighted mean loss per epoch: every single run, and each merge (first seed)."""
     def mean_loss(csv: Path) -> float:
         df = _split_losses(csv, split)
@@ -134,9 +140,10 @@ def _loss_curves(base: Path, cfg: dict, split: str) -> dict[str, dict[int, list[
     curves: dict[str, dict[int, list[float]]] = {"single": {}}
     for e in range(1, cfg["train"]["epochs"] + 1):
         for k in range(cfg["runs"]):
-            curves["single"].setdefault(e, []).append(mean_loss(base / "losses" / f"run{k}" / f"epoch{e}.csv"))
+            curves["single"].setdefault(e, []).append(mean_loss(Path(p.of("run_losses", **w, run=k, epoch=e))))
         for method in cfg["merge"]["methods"]:
-            curves.setdefault(method, {})[e] = [mean_loss(base / "losses" / "merged" / method / f"seed{seed}" / f"epoch{e}.csv")]
+            curves.setdefault(method, {})[e] = [mean_loss(Path(p.of("merged_losses", **w, method=method, mseed=seed,
+                                                                    epoch=e)))]
     return curves
 
 
@@ -160,38 +167,44 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     epochs, runs, anchor = cfg["train"]["epochs"], cfg["runs"], cfg["analysis"]["anchor_run"]
     first_seed = cfg["merge"]["seeds"][0]
     imbalance, fig3_rows = [], []
-    for model in cfg["models"]:
-        for task in cfg["tasks"]:
-            for scheme in cfg["schemes"]:
-                base, tag = results / model / task / scheme, f"{model}_{task}_{scheme}"
-                positions, losses = position_loss_matrix(base, runs, epochs)
-                row = {"model": model, "task": task, "scheme": scheme, "epoch": epochs,
-                       **imbalance_row(positions, losses, anchor, cfg["seed"])}
-                imbalance.append(row)
-                plot_fig1(positions, losses, row, anchor,
-                          f"Fig. 1 — {model}, {task}, {scheme}: first-epoch position vs loss after epoch {epochs}",
-                          out / "figures" / f"fig1_{tag}.png")
-                merged = {m: _split_losses(base / "losses" / "merged" / m / f"seed{first_seed}" / f"epoch{epochs}.csv",
-                                           "train")["loss"].to_numpy() for m in cfg["merge"]["methods"]}
-                segments = max(2, min(10, positions.shape[1] // 4))
-                rows = plot_fig3(positions, losses, merged, anchor, segments,
-                                 f"Fig. 3 — {model}, {task}, {scheme}: loss after epoch {epochs}\nby segment of run "
-                                 f"{anchor}'s first-epoch order (merges: seed {first_seed})", out / "figures" / f"fig3_{tag}.png")
-                fig3_rows += [{"model": model, "task": task, "scheme": scheme, **r} for r in rows]
-                if cfg["losses"]["epochs"] == "all" and epochs > 1:
-                    split = "val" if "val" in cfg["losses"]["splits"] else "train"
-                    plot_fig4(_loss_curves(base, cfg, split), split,
-                              f"Fig. 4 — {model}, {task}, {scheme}: {split} loss at each epoch, single vs merged",
-                              out / "figures" / f"fig4_{tag}.png")
+    p = Paths(str(results))
+    for w in groups(cfg):
+        tag, where = "_".join(w.values()), " / ".join(w.values())
+        positions, losses = position_loss_matrix(p, w, runs, epochs)
+        row = {**w, "epoch": epochs, **imbalance_row(positions, losses, anchor, cfg["seed"])}
+        imbalance.append(row)
+        plot_fig1(positions, losses, row, anchor,
+                  f"Fig. 1 — {where}: first-epoch position vs loss after epoch {epochs}",
+                  out / "figures" / f"fig1_{tag}.png")
+        merged = {m: _split_losses(Path(p.of("merged_losses", **w, method=m, mseed=first_seed, epoch=epochs)),
+                                   "train")["loss"].to_numpy() for m in cfg["merge"]["methods"]}
+        segments = max(2, min(10, positions.shape[1] // 4))
+        rows = plot_fig3(positions, losses, merged, anchor, segments,
+                         f"Fig. 3 — {where}: loss after epoch {epochs}\nby segment of run "
+                         f"{anchor}'s first-epoch order (merges: seed {first_seed})", out / "figures" / f"fig3_{tag}.png")
+        fig3_rows += [{**w, **r} for r in rows]
+        if cfg["losses"]["epochs"] == "all" and epochs > 1:
+            split = "val" if "val" in cfg["losses"]["splits"] else "train"
+            plot_fig4(_loss_curves(p, w, cfg, split), split,
+                      f"Fig. 4 — {where}: {split} loss at each epoch, single vs merged",
+                      out / "figures" / f"fig4_{tag}.png")
     _write_table(out, "imbalance", pd.DataFrame(imbalance), None)
     _write_table(out, "fig3_rho", pd.DataFrame(fig3_rows), None)
     metrics = load_metrics(cfg, results)
+    # the configured precisions' order (the headline first), not the results tree's
+    metrics = metrics.sort_values("precision", key=lambda c: c.map(cfg["precisions"].index), kind="stable")
     extra = analyze_ksweep_and_multitask(cfg, results, out, metrics, _write_table)  # K-sweep, Table 3 (when configured)
     tidy = pd.concat([tidy_metrics(metrics), extra], ignore_index=True) if len(extra) else tidy_metrics(metrics)
     _write_table(out, "metrics", _with_harness(cfg, results, out, tidy), None)
     t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(cfg, results), load_test_scores(cfg, results),
                 seed=cfg["seed"])
     _write_table(out, "table1", t1, table1_markdown(t1))
+    if storage_applies(cfg):
+        st = storage_table(cfg, results, metrics)
+        _write_table(out, "storage", st, storage_markdown(st))
+        for (model, task, scheme), g in st.groupby(["model", "task", "scheme"], sort=False):
+            plot_storage(g, f"What storage precision lost — {model} / {task} / {scheme}: final checkpoints of the "
+                         f"{runs} runs", out / "figures" / f"storage_{model}_{task}_{scheme}.png")
     best = cfg["merge"]["methods"][-1]
     if len(cfg["models"]) > 1:
         t2 = comparison(t1, "model", best)

@@ -7,6 +7,7 @@ the config asks for (the same plan the Snakefile builds), never a glob.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import pandas as pd
 
 from ordermerge.merging.subsets import sweep_plan
 from ordermerge.merging.registry import merge_variants
+from ordermerge.paths import EVAL_FILES, Paths
 
 METRICS = ("val_loss", "exact_match")
-IDS = ["model", "task", "scheme", "kind", "method", "seed", "run", "epoch", "subset_size", "subset", "merged"]
+IDS = ["model", "task", "scheme", "precision", "kind", "method", "seed", "run", "epoch", "subset_size", "subset", "merged"]
 
 
 def token_mean_loss(df: pd.DataFrame) -> float:
@@ -43,14 +45,14 @@ def ksweep_table(sweep: pd.DataFrame, single: pd.DataFrame) -> pd.DataFrame:
     ``sweep``: one row per merged subset (model, task, scheme, method, subset_size, val_loss,
     exact_match); ``single``: one row per single run (model, task, scheme, val_loss, exact_match).
     """
-    keys = ["model", "task", "scheme"]
+    keys = ["model", "task", "scheme", "precision"]
     ref = {k: g for k, g in single.groupby(keys)}
     rows = []
     for key, g in sweep.groupby(keys + ["method", "subset_size"], sort=True):
         rec = {**dict(zip(keys + ["method", "subset_size"], key)), "n_subsets": len(g)}
         for metric in METRICS:
             rec[f"{metric}_mean"], rec[f"{metric}_std"] = _mean_std(g[metric])
-            s = ref.get(key[:3])
+            s = ref.get(key[:4])
             single_mean = _mean_std(s[metric])[0] if s is not None else float("nan")
             rec[f"single_{metric}_mean"] = single_mean
             rec[f"{metric}_delta"] = rec[f"{metric}_mean"] - single_mean
@@ -62,11 +64,12 @@ def ksweep_markdown(t: pd.DataFrame) -> str:
     lines = ["# K-sweep: merges of random subsets of the K runs", "",
              "Mean ± std over the random subsets of each size; Δ against the mean of the single runs (lower val",
              "loss, higher exact match are better). Exact match is blank unless `ksweep.exact_match: true`.", "",
-             "| model | task | scheme | method | size | subsets | val loss | single val loss | Δ val loss | exact match % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | task | scheme | precision | method | size | subsets | val loss | single val loss | Δ val loss |"
+             " exact match % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in t.itertuples():
         em = "" if np.isnan(r.exact_match_mean) else f"{100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f}"
-        lines.append(f"| {r.model} | {r.task} | {r.scheme} | {r.method} | {r.subset_size} | {r.n_subsets} | "
+        lines.append(f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.subset_size} | {r.n_subsets} | "
                      f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | {r.single_val_loss_mean:.4f} | "
                      f"{r.val_loss_delta:+.4f} | {em} |")
     return "\n".join(lines) + "\n"
@@ -76,18 +79,19 @@ def load_ksweep(results: Path, cfg: dict) -> pd.DataFrame:
     """One row per (model, task, scheme, size, subset, method) the config's K-sweep built."""
     ks, seed = cfg["ksweep"], cfg["merge"]["seeds"][0]
     plan = sweep_plan(cfg["runs"], ks["sizes"], ks["subsets"], cfg["seed"])
-    rows = []
+    rows, p = [], Paths(str(results))
     for model in cfg["models"]:
         for task in cfg["tasks"]:
-            for scheme in cfg["schemes"]:
+            for scheme, precision in itertools.product(cfg["schemes"], cfg["precisions"]):
+                w = {"model": model, "task": task, "scheme": scheme, "precision": precision}
                 for size, subsets in plan.items():
                     for i, runs in enumerate(subsets):
                         for method in ks["methods"]:
-                            stem = results / model / task / scheme / "ksweep" / f"size{size}" / f"subset{i}" / method
+                            stem = Path(p.of("ksweep_merged", **w, size=size, subset=i, method=method))
                             em = float("nan")
                             if ks["exact_match"]:
                                 em = json.loads(stem.with_name(method + ".json").read_text())["exact_match"]
-                            rows.append({"model": model, "task": task, "scheme": scheme, "kind": "ksweep",
+                            rows.append({**w, "kind": "ksweep",
                                          "method": method, "seed": seed, "run": None, "epoch": cfg["train"]["epochs"],
                                          "subset_size": size, "subset": i, "merged": " ".join(f"run{k}" for k in runs),
                                          "val_loss": token_mean_loss(pd.read_csv(stem.with_name(method + ".val_losses.csv"))),
@@ -138,16 +142,16 @@ def table3(merged: pd.DataFrame, single: pd.DataFrame, methods: list[str]) -> pd
     merge was evaluated on; ``single``: each task's single-task model, one row per (model, task).
     """
     rows = []
-    for (model, task), s in single.groupby(["model", "task"], sort=True):
+    for (model, precision, task), s in single.groupby(["model", "precision", "task"], sort=False):
         ref = {m: _mean_std(s[m])[0] for m in METRICS}
-        rows.append({"model": model, "task": task, "method": "single-task", "n": len(s),
+        rows.append({"model": model, "precision": precision, "task": task, "method": "single-task", "n": len(s),
                      **{f"{m}_{stat}": v for m in METRICS for stat, v in (("mean", ref[m]), ("std", 0.0), ("delta", 0.0))}})
-        g = merged[(merged["model"] == model) & (merged["task"] == task)]
+        g = merged[(merged["model"] == model) & (merged["task"] == task) & (merged["precision"] == precision)]
         for method in methods:
             r = g[g["method"] == method]
             if r.empty:
                 continue
-            rec = {"model": model, "task": task, "method": method, "n": len(r)}
+            rec = {"model": model, "precision": precision, "task": task, "method": method, "n": len(r)}
             for m in METRICS:
                 rec[f"{m}_mean"], rec[f"{m}_std"] = _mean_std(r[m])
                 rec[f"{m}_delta"] = rec[f"{m}_mean"] - ref[m]
@@ -157,7 +161,7 @@ def table3(merged: pd.DataFrame, single: pd.DataFrame, methods: list[str]) -> pd
         return out
     merges = out[out["method"] != "single-task"]
     deltas = [f"{m}_delta" for m in METRICS]
-    avg = merges.groupby(["model", "method"], sort=False).agg(n=("task", "size"), **{d: (d, "mean") for d in deltas})
+    avg = merges.groupby(["model", "precision", "method"], sort=False).agg(n=("task", "size"), **{d: (d, "mean") for d in deltas})
     return pd.concat([out, avg.reset_index().assign(task="(mean)")], ignore_index=True)
 
 
@@ -166,14 +170,14 @@ def table3_markdown(t: pd.DataFrame) -> str:
              "Each task's single-task model (one fine-tune) vs the merge of all tasks' single-task models,",
              "evaluated on that task; merges: mean ± std over merge seeds. Δ vs single-task; '(mean over tasks)'",
              "rows average Δ over the tasks (the paper's avg Δ). Lower val loss, higher exact match are better.", "",
-             "| model | task | method | n | val loss | Δ val loss | exact match % | Δ EM (pts) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | precision | task | method | n | val loss | Δ val loss | exact match % | Δ EM (pts) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in t.itertuples():
         if r.task == "(mean)":
-            lines.append(f"| {r.model} | (mean over {r.n} tasks) | {r.method} | | | {r.val_loss_delta:+.4f} | | "
+            lines.append(f"| {r.model} | {r.precision} | (mean over {r.n} tasks) | {r.method} | | | {r.val_loss_delta:+.4f} | | "
                          f"{100 * r.exact_match_delta:+.1f} |")
             continue
-        lines.append(f"| {r.model} | {r.task} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
+        lines.append(f"| {r.model} | {r.precision} | {r.task} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
                      f"{r.val_loss_delta:+.4f} | {100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | "
                      f"{100 * r.exact_match_delta:+.1f} |")
     return "\n".join(lines) + "\n"
@@ -185,8 +189,12 @@ def load_multitask(results: Path, cfg: dict) -> pd.DataFrame:
     for model in cfg["models"]:
         for task in mt["tasks"]:
             for method, seed in merge_variants(mt["methods"], mt["seeds"]):
-                m = json.loads((results / model / "multitask" / "eval" / task / method / f"seed{seed}.json").read_text())
-                rows.append({**{k: m.get(k) for k in IDS}, "val_loss": m["val_loss"], "exact_match": m["exact_match"]})
+                for precision in cfg["precisions"]:
+                    stem = Paths(str(results)).of("eval_multitask", model=model, task=task, precision=precision,
+                                                  method=method, mseed=seed)
+                    m = json.loads(Path(stem + EVAL_FILES["metrics"]).read_text())
+                    rows.append({**{k: m.get(k) for k in IDS}, "val_loss": m["val_loss"],
+                                 "exact_match": m["exact_match"]})
     return pd.DataFrame(rows)
 
 
@@ -210,10 +218,12 @@ def analyze_ksweep_and_multitask(cfg: dict, results: Path, out: Path, metrics: p
         sweep = load_ksweep(results, cfg)
         t = ksweep_table(sweep, single)
         write_table(out, "ksweep", t, ksweep_markdown(t))
-        for (model, task, scheme), g in t.groupby(["model", "task", "scheme"]):
-            s = single[(single["model"] == model) & (single["task"] == task) & (single["scheme"] == scheme)]
-            plot_ksweep(g, s, f"K-sweep — {model}, {task}, {scheme}:\nmerges of random subsets of the "
-                        f"{cfg['runs']} runs vs the single runs", out / "figures" / f"ksweep_{model}_{task}_{scheme}.png")
+        for (model, task, scheme, precision), g in t.groupby(["model", "task", "scheme", "precision"]):
+            s = single[(single["model"] == model) & (single["task"] == task) & (single["scheme"] == scheme)
+                       & (single["precision"] == precision)]
+            plot_ksweep(g, s, f"K-sweep — {model}, {task}, {scheme}, stored in {precision}:\nmerges of random subsets "
+                        f"of the {cfg['runs']} runs vs the single runs",
+                        out / "figures" / f"ksweep_{model}_{task}_{scheme}_{precision}.png")
         frames.append(sweep)
         print(ksweep_markdown(t))
     mt = cfg.get("multitask") or {}

@@ -9,6 +9,8 @@ from scipy import stats
 from ordermerge.analysis.stats import bootstrap_ci
 
 METRICS = ("val_loss", "exact_match", "task_score")
+# One set of K runs and its merges: a model, task and order scheme, in one stored precision.
+GROUP = ["model", "task", "scheme", "precision"]
 # Accuracy metrics by kind of task: exact match of the numeric answer, or for multiple-choice tasks
 # accuracy by log-likelihood (raw and per character). A task's headline one is its `task_metric`.
 TASK_METRICS = ("exact_match", "mc_accuracy", "mc_accuracy_norm")
@@ -30,7 +32,7 @@ def with_task_score(metrics: pd.DataFrame) -> pd.DataFrame:
 def tidy_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, task, scheme, method, seed, run, metric): what every table reads. A metric that
     does not apply to a task (exact match of a multiple-choice task) has no row."""
-    ids = ["model", "task", "scheme", "kind", "method", "seed", "run", "epoch"]
+    ids = ["model", "task", "scheme", "precision", "kind", "method", "seed", "run", "epoch"]
     m = with_task_score(metrics)
     present = [name for name in TASK_METRICS if m[name].notna().any()]
     tidy = m.melt(id_vars=ids, value_vars=["val_loss", *present], var_name="metric", value_name="value")
@@ -95,20 +97,22 @@ def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict, test_sco
     """Single SFT (mean ± std over runs) vs each merge (mean ± std over merge seeds), with each Δ's 95 %
     bootstrap interval and whether the merge beats the best single run.
 
-    ``val_losses[(model, task, scheme, method)]`` lists per-sample val-loss frames (sample_id, loss,
+    ``val_losses[(model, task, scheme, precision, method)]`` lists per-sample val-loss frames (sample_id, loss,
     tokens; one per run/seed); ``test_scores`` the same with a per-sample ``correct`` column (the task
     metric of each decoded or scored test sample).
     """
     out, test_scores = [], test_scores or {}
-    for (model, task, scheme), g in with_task_score(metrics).groupby(["model", "task", "scheme"], sort=True):
+    groups = with_task_score(metrics).groupby(GROUP, sort=False)
+    for (model, task, scheme, precision), g in groups:
         single = g[g["kind"] == "single"]
         ref = {m: single[m].mean() for m in METRICS}
-        key = (model, task, scheme)
+        key = (model, task, scheme, precision)
         for method in ["single", *methods]:
             rows = single if method == "single" else g[(g["kind"] == "merged") & (g["method"] == method)]
             if rows.empty:
                 continue
-            rec = {"model": model, "task": task, "scheme": scheme, "method": method, "n": len(rows),
+            rec = {"model": model, "task": task, "scheme": scheme, "precision": precision, "method": method,
+                   "n": len(rows),
                    "task_metric": rows["task_metric"].iloc[0]}
             for metric in METRICS:
                 mean = rows[metric].mean()
@@ -119,7 +123,7 @@ def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict, test_sco
                     ("val_loss", val_losses, "loss", "tokens", True),
                     ("task_score", test_scores, "correct", None, False)):
                 ci = delta_intervals(frames.get((*key, "single"), []), frames.get((*key, method), []), column, weight,
-                                     lower, seed, f"{model}-{task}-{scheme}-{method}-{metric}") \
+                                     lower, seed, f"{model}-{task}-{scheme}-{precision}-{method}-{metric}") \
                     if method != "single" else delta_intervals([], [], column, weight, lower, seed, "")
                 rec[f"{metric}_delta_ci_low"], rec[f"{metric}_delta_ci_high"] = ci["delta_ci"]
                 rec[f"{metric}_delta_best"] = ci["delta_best"]
@@ -147,6 +151,11 @@ def _beats(value) -> str:
     return "–" if value is None or value != value else ("**yes**" if value else "no")
 
 
+def _score(r) -> str:
+    """Mean ± std in per cent; '–' where no test sample was scored (eval.n_generate: 0)."""
+    return "–" if r.task_score_mean != r.task_score_mean else f"{100 * r.task_score_mean:.1f} ± {100 * r.task_score_std:.1f}"
+
+
 def table1_markdown(t: pd.DataFrame, title: str = "Table 1: single fine-tunes vs merges") -> str:
     lines = [f"# {title}", "",
              "Single: mean ± std over the K runs. Merges: mean ± std over merge seeds (average is deterministic).",
@@ -155,17 +164,17 @@ def table1_markdown(t: pd.DataFrame, title: str = "Table 1: single fine-tunes vs
              "are better; 'beats best' = better than every single run. p: Wilcoxon signed-rank test of per-sample",
              "val losses, merge (mean over seeds) vs the mean single run. Task metric: exact_match (final numeric",
              "answer) or mc_accuracy (multiple choice, by log-likelihood).", "",
-             "| model | task | scheme | method | n | val loss | Δ val loss [95% CI] | p | Δ best [95% CI] | beats best |"
+             "| model | task | scheme | precision | method | n | val loss | Δ val loss [95% CI] | p | Δ best [95% CI] | beats best |"
              " task metric | score % | Δ score pts [95% CI] | Δ best pts [95% CI] | beats best |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in t.itertuples():
         lines.append(
-            f"| {r.model} | {r.task} | {r.scheme} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
+            f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
             f"{_delta(r.val_loss_delta, r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)} | "
             f"{_fmt_p(r.p_paired_val_loss)} | "
             f"{_delta(r.val_loss_delta_best, r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)} | "
             f"{_beats(r.val_loss_beats_best_single)} | "
-            f"{r.task_metric} | {100 * r.task_score_mean:.1f} ± {100 * r.task_score_std:.1f} | "
+            f"{r.task_metric if r.task_score_mean == r.task_score_mean else '–'} | {_score(r)} | "
             f"{_delta(r.task_score_delta, r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)} | "
             f"{_delta(r.task_score_delta_best, r.task_score_delta_best_ci_low, r.task_score_delta_best_ci_high, 100, 1)} | "
             f"{_beats(r.task_score_beats_best_single)} |"
@@ -176,7 +185,7 @@ def table1_markdown(t: pd.DataFrame, title: str = "Table 1: single fine-tunes vs
 def comparison(t1: pd.DataFrame, by: str, merged_method: str) -> pd.DataFrame:
     """Single vs one merge method, one row per value of ``by`` (model for Table 2, scheme for Table 4)."""
     rows = []
-    keys = [k for k in ("model", "task", "scheme") if k != by]
+    keys = [k for k in GROUP if k != by]
     for key, g in t1.groupby(keys + [by], sort=True):
         single, merged = g[g["method"] == "single"], g[g["method"] == merged_method]
         if single.empty or merged.empty:

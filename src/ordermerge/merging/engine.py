@@ -32,7 +32,8 @@ from ordermerge.merging.digests import Budget, StreamingDigest, sha256_of_dir  #
 from ordermerge.merging.methods import MergeMethod, load
 from ordermerge.storage.atomic import atomic_path
 from ordermerge.storage.guards import refuse_duplicates
-from ordermerge.storage.checkpoint import CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size
+from ordermerge.storage.checkpoint import (CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size,
+                                         widened_base)
 
 METHODS = tuple(registry.METHODS)
 
@@ -73,7 +74,8 @@ def _check_compatible(base: LazyCheckpoint, models: list[LazyCheckpoint]) -> Non
         for name in names:
             if m.meta(name) != base.meta(name):
                 raise CheckpointError(f"{m.directory}: tensor {name} is {m.meta(name)} but the base has {base.meta(name)}; "
-                                      "save every fine-tune in the base's shapes and dtype")
+                                      "save every fine-tune in the base's shapes and in one dtype: the base's, or one "
+                                      "that holds its values exactly (float32 for a bfloat16 or float16 base)")
 
 
 class MergeContext:
@@ -229,8 +231,9 @@ def _digests(ctx: MergeContext, tasks: list[tuple], keys: list[str]) -> list[Str
             out.append(_KnownDigest(known))
             continue
         planned: dict[str, list[tuple[int, int]]] = {}
+        stored = getattr(checkpoint, "stored_info", checkpoint.info)  # a widened base reads its stored bytes
         for name, start, count in tasks:
-            info = checkpoint.info(name)
+            info = stored(name)
             if info.torch_dtype.is_floating_point or i == 1:
                 planned.setdefault(info.file, []).append((info.offset + start * info.itemsize, count * info.itemsize))
         digest = StreamingDigest(checkpoint.directory, planned, budget)
@@ -270,6 +273,7 @@ def merge_models(
     base = LazyCheckpoint(base_dir)
     models = [LazyCheckpoint(d) for d in model_dirs]
     try:
+        base = widened_base(base, models)  # fp32 fine-tunes of a bf16 base: against the base's exact values
         _check_compatible(base, models)
         impl = load(method)
         ctx = MergeContext(base, list(models), None, list(probs), seed, resample, params, device, weights, data, task_spec)

@@ -111,9 +111,9 @@ def evaluate_model(model_dir: str | Path, val_path: str, test_path: str, task_sp
     val_rows = per_sample_losses(model, tokenizer, val, task_spec, eval_cfg["batch_size"], progress=True, desc="val loss")
     # Token-weighted mean, as a training loss would be computed.
     val_loss = sum(r["loss"] * r["tokens"] for r in val_rows) / sum(r["tokens"] for r in val_rows)
-    test = read_jsonl(test_path)[: eval_cfg.get("n_generate") or None]
+    test = read_jsonl(test_path)[: eval_cfg.get("n_generate")]  # None: all; 0: no task metric
     score = mc_scores if test and is_multiple_choice(test[0]) else exact_match_scores
-    scores, rows = score(model, tokenizer, test, task_spec, eval_cfg)
+    scores, rows = score(model, tokenizer, test, task_spec, eval_cfg) if test else ({"task_metric": None}, [])
     metrics = {
         **identity,
         "model_dir": str(model_dir),

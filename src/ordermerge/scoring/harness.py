@@ -133,7 +133,7 @@ def write_mirror_task(task_dir: str | Path, task: str, tokenizer, records: list[
     """Write ``task_dir``/{<name>.yaml, <name>.jsonl, utils.py}; returns the lm-eval task name."""
     task_dir, name = Path(task_dir), mirror_name(task)
     task_dir.mkdir(parents=True, exist_ok=True)
-    records = records[: eval_cfg.get("n_generate") or None]  # the samples evaluate scores
+    records = records[: eval_cfg.get("n_generate")]  # the samples evaluate scores
     data = task_dir / f"{name}.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in mirror_docs(tokenizer, records, task_spec)))
     mc = bool(records) and is_multiple_choice(records[0])

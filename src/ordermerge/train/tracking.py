@@ -47,6 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT = "ordermerge"
+# The workflow passes train.report_to to fine_tune jobs in this variable (comma-separated; set: it wins over
+# --train-cfg's report_to), not in their params: a tracker cannot change a checkpoint, so it reruns nothing.
+REPORT_TO_ENV = "ORDERMERGE_REPORT_TO"
+
 # backend -> the module it imports (and the package to pip install)
 BACKENDS = {"tensorboard": "tensorboardX", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 NOT_LOGGED = ("epoch", "step", "sample_indices")  # steps.csv columns that are not metrics
