@@ -38,7 +38,7 @@ PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb
 COMMANDS = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "srun", "sacct", "munged", "mungekey",
             "slurmdbd", "mariadbd")
 RESULTS = "results/smollm2-135m/gsm/shuffle"
-MERGED = f"{RESULTS}/merged/epoch2/select/seed0"  # the merge re-run alone in the same session
+MERGED = f"{RESULTS}/bf16/merged/epoch2/select/seed0"  # the merge re-run alone in the same session
 CANCELLED_RUN = f"{RESULTS}/runs/run0"  # the fine-tune cancelled mid-run and resumed in the same session
 SUMMARY = "results/summary.txt"  # written by WRAPPER (slurm-local-cluster.sh prints it), not by the workflow
 

@@ -28,10 +28,13 @@ TIMING_JSON_KEYS = {"seconds"}
 TIMING_CSV_COLUMNS = {"seconds", "tokens_per_s"}  # = ordermerge.train.loop.TIMING_COLUMNS
 # Every kind of artefact must be among the compared files, or the test proves nothing about it.
 REQUIRED = ["/orders/run0.npy", "/runs/run0/epoch2/model.safetensors", "/runs/run1/steps.csv",
-            "/merged/epoch2/average/seed0/model.safetensors", "/merged/epoch2/select/seed1/merge.json",
-            "/merged/epoch2/resample1/seed0/model.safetensors", "/eval/single/run0.json", "/eval/merged/select/seed0.json",
-            "/harness/single/run0.json", "/harness/merged/select/seed0.samples.jsonl", "tables/harness_agreement.csv",
-            "tables/table1.csv", "tables/imbalance.csv", "tables/metrics.csv", "figures/fig1_"]
+            "/runs/run0/bf16/epoch2/model.safetensors", "/runs/run1/bf16/epoch1/round.json",
+            "/fp32/merged/epoch2/average/seed0/model.safetensors", "/bf16/merged/epoch2/select/seed1/merge.json",
+            "/bf16/merged/epoch2/resample1/seed0/model.safetensors", "/fp32/merged/epoch2/resample1/seed0/merge.json",
+            "/fp32/eval/single/run0.json", "/bf16/eval/merged/select/seed0.json",
+            "/bf16/harness/single/run0.json", "/fp32/harness/merged/select/seed0.samples.jsonl",
+            "tables/harness_agreement.csv", "tables/table1.csv", "tables/imbalance.csv", "tables/metrics.csv",
+            "tables/storage.csv", "figures/fig1_", "figures/storage_"]
 
 
 def normalised(path: Path) -> bytes:

@@ -266,7 +266,7 @@ def test_slurm_outputs_equal_a_local_run(cluster, local_run):
     assert sha256(cluster.wf / rel) == sha256(local_run / rel), rel
     t_slurm = pd.read_csv(cluster.wf / "results" / "tables" / "table1.csv")
     t_local = pd.read_csv(local_run / "results" / "tables" / "table1.csv")
-    assert len(t_slurm) == 4
+    assert len(t_slurm) == 8  # 4 rows (single + 3 merges) in each of 2 precisions
     pd.testing.assert_frame_equal(t_slurm, t_local, check_exact=False, rtol=1e-9)
 
 

@@ -69,26 +69,34 @@ def test_impossible_data_fails_before_the_first_job(tmp_path, case):
 
 def test_smoke_run_produces_figures_and_tables(smoke_run):
     results = smoke_run / "results"
-    for name in ("fig1", "fig3", "fig4"):
-        fig = results / "figures" / f"{name}_smollm2-135m_gsm_shuffle.png"
+    names = [f"{n}_smollm2-135m_gsm_shuffle_{p}" for n in ("fig1", "fig3", "fig4") for p in ("fp32", "bf16")]
+    for name in [*names, "storage_smollm2-135m_gsm_shuffle"]:
+        fig = results / "figures" / f"{name}.png"
         assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 20_000
     t1 = pd.read_csv(results / "tables" / "table1.csv")
-    assert set(t1["method"]) == {"single", "average", "select", "resample1"}
+    assert list(dict.fromkeys(t1["precision"])) == ["fp32", "bf16"]  # the headline precision first
+    for _, t in t1.groupby("precision"):
+        assert list(t["method"]) == ["single", "average", "select", "resample1"]
+        assert t.loc[t["method"] == "single", "n"].item() == 2
+        assert t.loc[t["method"] == "select", "n"].item() == 2
     assert t1["val_loss_mean"].notna().all() and (t1["val_loss_mean"] > 0).all()
-    assert t1.loc[t1["method"] == "single", "n"].item() == 2
-    assert t1.loc[t1["method"] == "select", "n"].item() == 2
+    storage = pd.read_csv(results / "tables" / "storage.csv")
+    assert list(storage["precision"]) == ["bf16", "bf16"] and list(storage["run"]) == [0, 1]
+    assert (storage["erased_fraction"] > 0).all() and storage["relative_norm_lost"].between(0, 1).all()
+    fp32 = t1[(t1["precision"] == "fp32") & (t1["method"] == "single")]["val_loss_mean"].item()
+    assert storage["val_loss_saved"].mean() == pytest.approx(fp32)
     imb = pd.read_csv(results / "tables" / "imbalance.csv")
     assert imb["rho_anchor"].between(-1, 1).all() and imb["p_paired_permutation"].between(0, 1).all()
     assert "| single |" in (results / "tables" / "table1.md").read_text()
     assert t1.loc[t1["method"] != "single", "p_paired_val_loss"].between(0, 1).all()
     tidy = pd.read_csv(results / "tables" / "metrics.csv", keep_default_na=False)
     ours, lm_eval = tidy[tidy["harness"] == ""], tidy[tidy["harness"] != ""]
-    assert set(ours["metric"]) == {"val_loss", "exact_match"} and len(ours) == 2 * (2 + 5)
+    assert set(ours["metric"]) == {"val_loss", "exact_match"} and len(ours) == 2 * (2 + 5) * 2  # 2 precisions
     assert set(lm_eval["harness"]) == {"ordermerge_gsm"}  # ours, and lm-eval's GSM8K extraction beside it
     assert set(lm_eval["metric"]) == {"exact_match", "exact_match,strict-match", "exact_match,flexible-extract"}
-    assert len(lm_eval) == 3 * (2 + 5)
+    assert len(lm_eval) == 3 * (2 + 5) * 2
     agree = pd.read_csv(results / "tables" / "harness_agreement.csv")
-    assert len(agree) == 2 + 5 and (agree["n_ordermerge"] == agree["n_lm_eval"]).all()
+    assert len(agree) == (2 + 5) * 2 and (agree["n_ordermerge"] == agree["n_lm_eval"]).all()
     assert (agree["disagree"] == 0).all(), (results / "tables" / "harness_agreement.md").read_text()
     assert (agree["ordermerge"] == agree["lm_eval"]).all()
 
@@ -96,10 +104,14 @@ def test_smoke_run_produces_figures_and_tables(smoke_run):
 def test_smoke_run_checkpoints_and_merge_provenance(smoke_run):
     base = smoke_run / "results" / "smollm2-135m" / "gsm" / "shuffle"
     meta = json.loads((base / "runs" / "run0" / "epoch2" / "checkpoint.json").read_text())
-    assert 0 < meta["zero_task_vector_fraction"] < 1
+    twin = json.loads((base / "runs" / "run0" / "bf16" / "epoch2" / "checkpoint.json").read_text())
+    # saved in fp32: only what training never moved equals the base; rounded to bf16, far more does
+    assert 0 < meta["zero_task_vector_fraction"] < twin["zero_task_vector_fraction"] < 1
+    rounding = json.loads((base / "runs" / "run0" / "bf16" / "epoch2" / "round.json").read_text())
+    assert rounding["zero_fraction"] == twin["zero_task_vector_fraction"] and rounding["erased"] > 0
     steps = pd.read_csv(base / "runs" / "run0" / "steps.csv")
     assert len(steps) == 4  # 8 samples / batch 4 x 2 epochs
-    prov = json.loads((base / "merged" / "epoch2" / "resample1" / "seed1" / "merge.json").read_text())
+    prov = json.loads((base / "bf16" / "merged" / "epoch2" / "resample1" / "seed1" / "merge.json").read_text())
     assert prov["method"] == "select" and prov["resample"] == 1 and prov["seed"] == 1
     assert len(prov["inputs"]) == 2 and all(len(i["sha256"]) == 64 for i in prov["inputs"])
     assert prov["stats"]["resampled_per_round"][0] > 0
@@ -126,13 +138,14 @@ def test_new_merge_seed_reruns_only_merges_and_what_depends_on_them(smoke_run):
     jobs = planned_jobs(snakemake(smoke_run, "-n", configfile=changed))
     assert set(jobs) == {"all", "analyze", "merge", "evaluate_merged", "sample_losses_merged", "harness_merged",
                          "total"}
-    # select and resample1 get seed 2; resample2 gets seeds 0, 1, 2 (+ seed 0 at epoch 1 for Fig. 4)
-    assert jobs["merge"] == 6 and jobs["evaluate_merged"] == jobs["harness_merged"] == 5
-    assert jobs["sample_losses_merged"] == 2
+    # select and resample1 get seed 2; resample2 gets seeds 0, 1, 2 (+ seed 0 at epoch 1 for Fig. 4); each in
+    # both precisions
+    assert jobs["merge"] == 12 and jobs["evaluate_merged"] == jobs["harness_merged"] == 10
+    assert jobs["sample_losses_merged"] == 4
 
 
 def test_merge_reruns_alone_without_retraining(smoke_run):
-    target = "results/smollm2-135m/gsm/shuffle/merged/epoch2/select/seed0"
+    target = "results/smollm2-135m/gsm/shuffle/bf16/merged/epoch2/select/seed0"
     before = (smoke_run / target / "model.safetensors").read_bytes()
     proc = snakemake(smoke_run, "--forcerun", "merge", "--until", "merge", "-n")
     jobs = planned_jobs(proc)
@@ -150,8 +163,9 @@ def test_methods_that_choose_on_data_get_the_heldout_split(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     proc = snakemake(tmp_path, "-n", "-p", configfile=path)
     jobs = planned_jobs(proc)
-    # + tsv and greedy_soup: one merge each (deterministic) at epoch 2, and at epoch 1 for Fig. 4's losses
-    assert jobs["merge"] == 12 and jobs["evaluate_merged"] == 7 and jobs["sample_losses_merged"] == 10
+    # + tsv and greedy_soup: one merge each (deterministic) at epoch 2, and at epoch 1 for Fig. 4's losses;
+    # each in both precisions
+    assert jobs["merge"] == 24 and jobs["evaluate_merged"] == 14 and jobs["sample_losses_merged"] == 20
     text = proc.stdout + proc.stderr
     soup = [line for line in text.splitlines() if "ordermerge merge" in line and "greedy_soup" in line]
     assert soup and all("--data results/smollm2-135m/gsm/data/heldout.jsonl" in line for line in soup)
@@ -175,8 +189,8 @@ def test_smoke_run_states_its_intervals_and_where_the_time_went(smoke_run):
 
     stages = stage_table(smoke_run / "logs")
     assert stages.set_index("stage")["jobs"].to_dict() == {
-        "base_model": 1, "prepare_data": 1, "orders": 2, "fine_tune": 2, "sample_losses": 10, "merge": 8,
-        "evaluate": 7, "harness": 7, "analyze": 1}
+        "base_model": 1, "prepare_data": 1, "orders": 2, "fine_tune": 2, "round": 4, "sample_losses": 20,
+        "merge": 16, "evaluate": 14, "harness": 14, "analyze": 1}
     tokens = training_tokens(results)
     steps = [pd.read_csv(f) for f in sorted(results.rglob("steps.csv"))]
     assert tokens["tokens"] == sum(int(s["tokens"].sum()) for s in steps) > 0
@@ -192,9 +206,9 @@ def test_study_report_gathers_runs_without_recomputing(smoke_run, tmp_path):
     readme = (tmp_path / "docs" / "README.md").read_text()
     imb = pd.read_csv(results / "tables" / "imbalance.csv").iloc[0]
     assert f"{imb.rho_paired:+.3f} [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in readme
-    assert readme.count("| resample1 |") == 2  # one Table 1 row per run
-    assert (tmp_path / "docs" / "a" / "fig1_smollm2-135m_gsm_shuffle.png").read_bytes() == \
-        (results / "figures" / "fig1_smollm2-135m_gsm_shuffle.png").read_bytes()
+    assert readme.count("| resample1 |") == 4  # one Table 1 row per run and precision
+    assert (tmp_path / "docs" / "a" / "fig1_smollm2-135m_gsm_shuffle_bf16.png").read_bytes() == \
+        (results / "figures" / "fig1_smollm2-135m_gsm_shuffle_bf16.png").read_bytes()
     assert all(p.exists() for p in written)
 
 
@@ -203,9 +217,11 @@ def test_the_report_opens_on_the_runs_answer(smoke_run, tmp_path):
     imb = pd.read_csv(smoke_run / "results" / "tables" / "imbalance.csv").iloc[0]
     assert f"paired ρ = **{imb.rho_paired:+.3f}** [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in answer
     t1 = pd.read_csv(smoke_run / "results" / "tables" / "table1.csv")
-    assert answer.count("**smollm2-135m / gsm / shuffle (exact_match)**") == 1  # one group per model/task/scheme
+    for p in ("fp32", "bf16"):  # one group per model/task/scheme/precision
+        assert answer.count(f"**smollm2-135m / gsm / shuffle, stored in {p} (exact_match)**") == 1
     rows = [line.split("|")[1].strip() for line in answer.splitlines() if line.startswith("| ")]
-    assert rows == ["method", *t1["method"]]  # Table 1's rows in its order: single, then every merge
+    want = [cell for _, t in t1.groupby("precision", sort=False) for cell in ["method", *t["method"]]]
+    assert rows == want  # Table 1's rows in its order: single, then every merge, per precision
     assert "Better than every single run" in answer or "No merge has a lower val loss" in answer
     snakemake(smoke_run, "--report", str(tmp_path / "report.html"))
     html = (tmp_path / "report.html").read_text()

@@ -18,12 +18,12 @@ def _ci(lo: float, hi: float) -> str:
 
 
 def imbalance_markdown(runs: dict[str, Path]) -> str:
-    lines = ["| run | task | scheme | n × K | paired ρ [95% CI] | perm. p | verdict | residual ρ [95% CI] |"
-             " loss, first vs last decile |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | task | scheme | precision | n × K | paired ρ [95% CI] | perm. p | verdict | residual ρ [95% CI] |"
+             " loss, first vs last decile |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, results in runs.items():
         t = pd.read_csv(Paths(str(results)).of("table", name="imbalance", ext="csv"))
         for r in t.itertuples():
-            lines.append(f"| {name} | {r.task} | {r.scheme} | {r.n_samples} × {r.runs} | {r.rho_paired:+.3f} "
+            lines.append(f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.n_samples} × {r.runs} | {r.rho_paired:+.3f} "
                          f"{_ci(r.rho_paired_ci_low, r.rho_paired_ci_high)} | {r.p_paired_permutation:.3g} | "
                          f"{r.verdict_paired} | {r.rho_residual_pooled:+.3f} "
                          f"{_ci(r.rho_residual_ci_low, r.rho_residual_ci_high)} | "
@@ -32,18 +32,20 @@ def imbalance_markdown(runs: dict[str, Path]) -> str:
 
 
 def merges_markdown(runs: dict[str, Path]) -> str:
-    lines = ["| run | task | scheme | method | val loss | Δ vs mean single [95% CI] | Δ vs best single [95% CI] |"
-             " beats every single run (val loss) | score % | Δ score pts [95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | task | scheme | precision | method | val loss | Δ vs mean single [95% CI] | Δ vs best single "
+             "[95% CI] | beats every single run (val loss) | score % | Δ score pts [95% CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, results in runs.items():
         t = pd.read_csv(Paths(str(results)).of("table", name="table1", ext="csv"))
         for r in t[t["method"] != "single"].itertuples():
-            lines.append(f"| {name} | {r.task} | {r.scheme} | {r.method} | {r.val_loss_mean:.4f} | "
+            score = "–" if r.task_score_mean != r.task_score_mean else (
+                f"{100 * r.task_score_mean:.1f} | {100 * r.task_score_delta:+.1f} "
+                f"[{100 * r.task_score_delta_ci_low:+.1f}, {100 * r.task_score_delta_ci_high:+.1f}]")
+            lines.append(f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.val_loss_mean:.4f} | "
                          f"{r.val_loss_delta:+.4f} [{r.val_loss_delta_ci_low:+.4f}, {r.val_loss_delta_ci_high:+.4f}] | "
                          f"{r.val_loss_delta_best:+.4f} [{r.val_loss_delta_best_ci_low:+.4f}, "
                          f"{r.val_loss_delta_best_ci_high:+.4f}] | {'yes' if r.val_loss_beats_best_single else 'no'} | "
-                         f"{100 * r.task_score_mean:.1f} | {100 * r.task_score_delta:+.1f} "
-                         f"[{100 * r.task_score_delta_ci_low:+.1f}, {100 * r.task_score_delta_ci_high:+.1f}] |")
+                         f"{score if score != '–' else '– | –'} |")
     return "\n".join(lines) + "\n"
 
 
