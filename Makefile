@@ -36,17 +36,25 @@ run: setup
 	@echo
 	@echo "Done. Figures: results/figures/  Tables: results/tables/ (table1.md, imbalance.csv)  Logs: logs/ (timing.txt)"
 
-# The study (configs/study.yaml): the default plus fixbatch, every epoch's losses and the K-sweep, then
-# the constant-lr ablation; figures and tables gathered into docs/results/. ~50 min on 2 cores (measured: 51 min, README "Results").
-# The results dirs below are the overlays' results_dir values.
+# The study (configs/study.yaml): the default run extended on the same fine-tunes (bf16sr, every merge
+# method, the K-sweep; results/), then two replications with new data orders (configs/study-replicate.yaml,
+# results-study/seed1, seed2); `ordermerge study-report` gathers them into docs/results/ (docs/results.md).
+# Each stage's wall time goes to its results dir's timing.txt.
+REPLICATES ?= 1 2
 study: setup
-	@set -e; for run in linear constant; do \
-	  files="config.yaml configs/study.yaml"; if [ $$run = constant ]; then files="$$files configs/study-constant.yaml"; fi; \
-	  start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) --configfile $$files; end=$$(date +%s); \
-	  $(BIN)/ordermerge timing --results-dir results-study/$$run --since $$start --wall $$((end - start)) \
-	    --cores $$([ "$(CORES)" = all ] && nproc || echo $(CORES)) | tee results-study/$$run/timing.txt; \
-	done
-	$(BIN)/ordermerge study-report --run linear=results-study/linear --run constant=results-study/constant --out docs/results
+	@set -e; \
+	  start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) --configfile config.yaml configs/study.yaml; end=$$(date +%s); \
+	  $(BIN)/ordermerge timing --results-dir results --since $$start --wall $$((end - start)) \
+	    --cores $$([ "$(CORES)" = all ] && nproc || echo $(CORES)) | tee results/timing.txt; \
+	  runs="--run seed1234=results"; \
+	  for n in $(REPLICATES); do \
+	    start=$$(date +%s); $(BIN)/snakemake --cores $(CORES) --configfile config.yaml configs/study-replicate.yaml \
+	      --config order_seed=$$n results_dir=results-study/seed$$n; end=$$(date +%s); \
+	    $(BIN)/ordermerge timing --results-dir results-study/seed$$n --since $$start --wall $$((end - start)) \
+	      --cores $$([ "$(CORES)" = all ] && nproc || echo $(CORES)) | tee results-study/seed$$n/timing.txt; \
+	    runs="$$runs --run seed$$n=results-study/seed$$n"; \
+	  done; \
+	  $(BIN)/ordermerge study-report $$runs --out docs/results
 
 # On a machine with a GPU: fine-tuning tokens/s and MFU (bf16, sdpa), packed vs padded, and merge
 # --device cuda bytes against the CPU's (benchmarks/gpu_check.py; ~10 min). Needs a CUDA build of torch.

@@ -86,6 +86,14 @@ def _rule_merge_epoch(cfg):
                f"merge.epoch to 1..{epochs}, or null for the final epoch")
 
 
+def _rule_loss_methods(cfg):
+    methods = cfg["losses"]["methods"]
+    for i, m in enumerate(methods or []):
+        if m not in cfg["merge"]["methods"]:
+            yield (f"losses.methods[{i}]", f"{m} — not in merge.methods ({', '.join(cfg['merge']['methods'])}), so "
+                   f"there is no merge to score; add it to merge.methods or drop it here")
+
+
 def _rule_precisions(cfg):
     """Each precision is made from the saved checkpoints (no widening back) and merges against the base
     (whose stored dtype must widen exactly to it: bf16 or fp16 to fp32, or be the same)."""
@@ -291,7 +299,8 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
 
 RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
          _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate,
-         _rule_multitask_data, _rule_report_to, _rule_harness, _rule_precisions)
+         _rule_multitask_data, _rule_report_to, _rule_harness, _rule_precisions,
+         _rule_loss_methods)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

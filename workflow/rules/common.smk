@@ -33,6 +33,8 @@ TASKS = list(config["tasks"])
 SCHEMES = config["schemes"]
 PRECISIONS = config["precisions"]  # stored forms of every fine-tune; the first is the headline
 SAVE_DTYPE = config["train"]["save_dtype"]
+ORDER_SEED = config["seed"] if config["order_seed"] is None else config["order_seed"]
+LOSS_METHODS = config["losses"]["methods"] or config["merge"]["methods"]  # Fig. 3/4's merges
 P = paths.Paths(R)  # every artefact path: src/ordermerge/paths.py
 HARNESS = config["eval"]["harness"]  # lm-eval on every evaluated model; [] = off
 
@@ -204,7 +206,7 @@ def merged_loss_files(model, task, scheme, precision):
     w = {"model": model, "task": task, "scheme": scheme, "precision": precision}
     return [
         P.of("merged_losses", **w, method=method, mseed=seed, epoch=e)
-        for method in config["merge"]["methods"]
+        for method in LOSS_METHODS
         for e in loss_epochs()
     ]
 

@@ -36,7 +36,7 @@ rule orders:
     params:
         epochs=EPOCHS,
         batch=config["train"]["batch_size"],
-        seed=config["seed"],
+        seed=ORDER_SEED,
     shell:
         "ordermerge orders --train {input.train} --task {wildcards.task} --scheme {wildcards.scheme} "
         "--run {wildcards.run} --epochs {params.epochs} --batch-size {params.batch} --seed {params.seed} "

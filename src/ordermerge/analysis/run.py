@@ -43,6 +43,11 @@ def position_loss_matrix(p: Paths, w: dict, runs: int, epoch: int):
     return np.array(positions), np.array(losses)
 
 
+def loss_methods(cfg: dict) -> list[str]:
+    """The merges whose per-sample losses were scored (losses.methods; null: every merge method)."""
+    return cfg["losses"].get("methods") or cfg["merge"]["methods"]
+
+
 def groups(cfg: dict):
     """(model, task, scheme, precision) of every set of K runs, headline precision first within a scheme."""
     return [{"model": m, "task": t, "scheme": s, "precision": p}
@@ -141,7 +146,7 @@ def _loss_curves(p: Paths, w: dict, cfg: dict, split: str) -> dict[str, dict[int
     for e in range(1, cfg["train"]["epochs"] + 1):
         for k in range(cfg["runs"]):
             curves["single"].setdefault(e, []).append(mean_loss(Path(p.of("run_losses", **w, run=k, epoch=e))))
-        for method in cfg["merge"]["methods"]:
+        for method in loss_methods(cfg):
             curves.setdefault(method, {})[e] = [mean_loss(Path(p.of("merged_losses", **w, method=method, mseed=seed,
                                                                     epoch=e)))]
     return curves
@@ -177,7 +182,7 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
                   f"Fig. 1 — {where}: first-epoch position vs loss after epoch {epochs}",
                   out / "figures" / f"fig1_{tag}.png")
         merged = {m: _split_losses(Path(p.of("merged_losses", **w, method=m, mseed=first_seed, epoch=epochs)),
-                                   "train")["loss"].to_numpy() for m in cfg["merge"]["methods"]}
+                                   "train")["loss"].to_numpy() for m in loss_methods(cfg)}
         segments = max(2, min(10, positions.shape[1] // 4))
         rows = plot_fig3(positions, losses, merged, anchor, segments,
                          f"Fig. 3 — {where}: loss after epoch {epochs}\nby segment of run "
