@@ -37,7 +37,7 @@ run: setup
 	@echo "Done. Figures: results/figures/  Tables: results/tables/ (table1.md, imbalance.csv)  Logs: logs/ (timing.txt)"
 
 # The study (configs/study.yaml): the default plus fixbatch, every epoch's losses and the K-sweep, then
-# the constant-lr ablation; figures and tables gathered into docs/results/. ~50 min on 2 cores (measured: 51 min, README "Results").
+# the constant-lr ablation; figures and tables gathered into docs/results/. ~50 min on 2 cores (measured: 51 min, docs/results.md).
 # The results dirs below are the overlays' results_dir values.
 study: setup
 	@set -e; for run in linear constant; do \
