@@ -2,7 +2,7 @@
 fine-tune, evaluate and sample-losses. Each is refused with an error that names the file and the fix,
 and nothing is written. (Broken merge inputs: tests/test_merge_cli.py.)
 
-Handling, as documented in the README's reliability section: a prepared split with an empty
+Handling, as documented in docs/reliability.md: a prepared split with an empty
 response, a duplicate sample_id, a line that is not JSON, or a sample longer than the task's
 max_length (it would be truncated, down to no scored token) is refused, not repaired: prepare-data
 never writes such a file, so one means the file was edited, truncated or prepared for another config.

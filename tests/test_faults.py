@@ -45,7 +45,7 @@ from ordermerge.storage.atomic import DiskFullError
 from ordermerge.data.orders import make_order, save_order
 from ordermerge.train.loop import TIMING_COLUMNS, fine_tune
 
-# The trials: (stage, index). Counted by tests/reliability_counts.py for the README.
+# The trials: (stage, index). Counted by tests/reliability_counts.py for docs/reliability.md.
 FAULT_TRIALS = [("fine-tune", i) for i in range(4)] + [("merge", i) for i in range(4)] + \
                [("sample-losses", i) for i in range(3)]
 DISK_FULL_CASES = {"model-weights-epoch2": 3, "training-state-epoch2": 4}  # n-th safetensors save_file call

@@ -108,15 +108,15 @@ def test_data_flags_refused_for_methods_that_use_no_data(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_readme_method_table_is_the_registry():
-    """One fact, one place: the README's method table is generated from the registry."""
+def test_methods_page_table_is_the_registry():
+    """One fact, one place: the method table in docs/methods.md is generated from the registry."""
     import re
     from pathlib import Path
 
     from ordermerge.merging.registry import markdown_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"<!-- methods:begin.*?-->\n(.*?)<!-- methods:end -->", readme, re.S)
-    assert block, "README.md lacks the generated method table"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    block = re.search(r"<!-- methods:begin.*?-->\n(.*?)<!-- methods:end -->", page, re.S)
+    assert block, "docs/methods.md lacks the generated method table"
     assert block.group(1).strip() == markdown_table().strip(), (
-        "README.md's method table is stale: replace it by the output of `python -m ordermerge.merging.registry`")
+        "docs/methods.md's method table is stale: replace it by the output of `python -m ordermerge.merging.registry`")

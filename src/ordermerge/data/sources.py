@@ -157,7 +157,7 @@ def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
     unique = []
     for r in records:
         if not r["response"]:
-            continue  # nothing to learn from; documented in the README's data section
+            continue  # nothing to learn from; documented in docs/configuration.md (data handling)
         sid = _sample_id(task, r["prompt"])
         if sid in seen:
             continue  # duplicate prompts would share an id and leak between splits

@@ -243,7 +243,7 @@ def schema_fragment() -> dict:
 
 
 def markdown_table() -> str:
-    """The README's table of methods (tests/test_registry.py keeps the README equal to this)."""
+    """The table of methods in docs/methods.md (tests/test_registry.py keeps the page equal to this)."""
     rows = ["| method | what | parameters | per merge seed | needs | source |", "|---|---|---|---|---|---|"]
     for m in METHODS.values():
         name = f"`{m.name}`" + (f", `{m.key_prefix}N`" if m.key_prefix else "")

@@ -1,17 +1,17 @@
-"""The README's reliability counts are generated from the tests (tests/reliability_counts.py)."""
+"""The reliability counts in docs/reliability.md are generated from the tests (tests/reliability_counts.py)."""
 
 from __future__ import annotations
 
 import reliability_counts as rc
 
 
-def test_readme_reliability_block_is_current():
-    found = rc.BLOCK.search(rc.README.read_text())
-    assert found, f"README.md has no block between {rc.BEGIN!r} and {rc.END!r}"
+def test_reliability_page_block_is_current():
+    found = rc.BLOCK.search(rc.PAGE.read_text())
+    assert found, f"{rc.PAGE} has no block between {rc.BEGIN!r} and {rc.END!r}"
     expected = rc.render(rc.counts())
     assert found.group(0) == expected, (
-        "README.md's reliability counts are stale; regenerate them with "
-        "`python tests/reliability_counts.py --write` and commit README.md")
+        "docs/reliability.md's counts are stale; regenerate them with "
+        "`python tests/reliability_counts.py --write` and commit docs/reliability.md")
 
 
 def test_counts_follow_the_test_modules(monkeypatch):
