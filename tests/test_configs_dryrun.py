@@ -22,16 +22,32 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Full cluster configs; the study's files are overlays on config.yaml (tested below, as make study runs them).
 CONFIGS = sorted(c for c in (ROOT / "configs").glob("*.yaml") if not c.stem.startswith("study"))
-STUDY = {  # overlay chain -> jobs per rule, worked out as for EXPECTED (K=4, 3 methods x 2 seeds)
-    # 2 schemes, every epoch scored: per scheme 5 final merges + 3 methods x 2 earlier epochs; K-sweep 4 + 4
-    ("study",): {"base_model": 1, "prepare_data": 1, "orders": 8, "fine_tune": 8, "evaluate_single": 8,
-                 "sample_losses": 24, "merge": 22, "evaluate_merged": 10, "sample_losses_merged": 18,
-                 "ksweep_merge": 8, "ksweep_evaluate": 8, "analyze": 1, "all": 1, "total": 118},
+STUDY = {  # overlay chain (+ --config) -> jobs per rule, worked out as for EXPECTED (K=4, final epoch scored)
+    # the default extended: 3 precisions (fp32 as saved; bf16, bf16sr rounded: 4 rounds each); per precision
+    # average + select x 2 + resample1 x 2 + resample4 x 2 + task_arithmetic + ties + dare x 2 + model_stock +
+    # tsv = 13 merges; losses of 3 merges; K-sweep sizes 2/3/4 with 3/3/1 subsets x 2 methods = 14 each
+    ("study",): {"base_model": 1, "prepare_data": 1, "orders": 4, "fine_tune": 4, "round_checkpoint": 8,
+                 "evaluate_single": 12, "sample_losses": 12, "merge": 39, "evaluate_merged": 39,
+                 "sample_losses_merged": 9, "ksweep_merge": 42, "ksweep_evaluate": 42, "analyze": 1, "all": 1,
+                 "total": 215},
+    # a replication: the default's DAG (2 precisions, 5 merges each), new orders, its own results_dir
+    ("study-replicate",): {"base_model": 1, "prepare_data": 1, "orders": 4, "fine_tune": 4, "round_checkpoint": 4,
+                           "evaluate_single": 8, "sample_losses": 8, "merge": 10, "evaluate_merged": 10,
+                           "sample_losses_merged": 6, "analyze": 1, "all": 1, "total": 58},
+    # the earlier schedule ablation (by hand): 2 schemes, every epoch scored and rounded; K-sweep 4 + 4 per precision
+    ("study-schedule",): {"base_model": 1, "prepare_data": 1, "orders": 8, "fine_tune": 8, "round_checkpoint": 24,
+                          "evaluate_single": 16, "sample_losses": 48, "merge": 44, "evaluate_merged": 20,
+                          "sample_losses_merged": 36, "ksweep_merge": 16, "ksweep_evaluate": 16, "analyze": 1,
+                          "all": 1, "total": 240},
     # constant lr: shuffle only, final epoch only, no K-sweep: the default's DAG
-    ("study", "study-constant"): {"base_model": 1, "prepare_data": 1, "orders": 4, "fine_tune": 4,
-                                  "evaluate_single": 4, "sample_losses": 4, "merge": 5, "evaluate_merged": 5,
-                                  "sample_losses_merged": 3, "analyze": 1, "all": 1, "total": 33},
+    ("study-schedule", "study-constant"): {"base_model": 1, "prepare_data": 1, "orders": 4, "fine_tune": 4,
+                                           "round_checkpoint": 4, "evaluate_single": 8, "sample_losses": 8,
+                                           "merge": 10, "evaluate_merged": 10, "sample_losses_merged": 6,
+                                           "analyze": 1, "all": 1, "total": 58},
 }
+STUDY_ARGS = {("study-replicate",): ["--config", "order_seed=1", "results_dir=results-study/seed1"]}
+STUDY_RESULTS = {("study",): "results", ("study-replicate",): "results-study/seed1",
+                 ("study-schedule",): "results-study/linear", ("study-schedule", "study-constant"): "results-study/constant"}
 
 # Jobs per rule, worked out by hand from each config (per model x task x scheme):
 #   fine_tune / orders / evaluate_single: K; sample_losses: K x scored epochs;
@@ -85,13 +101,12 @@ def test_study_overlays_plan_their_dags(overlays, tmp_path):
     files = [ROOT / "config.yaml", *(ROOT / "configs" / f"{o}.yaml" for o in overlays)]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--configfile",
-                           *map(str, files), "-n", "--cores", "2"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          timeout=300)
+                           *map(str, files), "-n", "--cores", "2", *STUDY_ARGS.get(overlays, [])], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert job_stats(out) == STUDY[overlays]
-    results = "results-study/constant" if "study-constant" in overlays else "results-study/linear"
-    assert f"{results}/smollm2-135m/asdiv" in out  # each run in its own results_dir
+    assert f" {STUDY_RESULTS[overlays]}/smollm2-135m/asdiv" in out  # each run in its own results_dir
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
