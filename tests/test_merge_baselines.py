@@ -13,7 +13,7 @@ from helpers import read_weights as _weights
 from ordermerge.merging import registry
 from ordermerge.merging import task_vectors as tv
 from ordermerge.cli import main
-from ordermerge.merging.engine import merge_models, method_key, method_parameters, parse_method_key
+from ordermerge.merging.engine import merge_models
 from ordermerge.merging.bits import CHUNK, chunk_rng, stored_bits, weighted_average
 
 K = 3
@@ -276,18 +276,21 @@ def test_cuda_gives_the_cpu_bytes(zoo, tmp_path, method, kw):
 # --- names, parameters and bad input --------------------------------------------------------------
 
 def test_method_keys_round_trip():
-    for method in ("average", "select", "task_arithmetic", "ties", "dare", "model_stock"):
-        assert parse_method_key(method_key(method)) == (method, 0)
-    assert parse_method_key("resample3") == ("select", 3)
+    for key in registry.method_keys():
+        method, fixed = registry.parse_key(key)
+        assert registry.method_key(method.name, registry.check_params(method.name, fixed)) == key
+    assert registry.parse_key("resample3") == (registry.METHODS["select"], {"resample": 3})
+    assert registry.method_key("select", {"resample": 0}) == "select"
     with pytest.raises(ValueError, match="unknown merge method 'tie'") as err:  # names every key, from the registry
-        parse_method_key("tie")
-    assert all(m in str(err.value) for m in ("task_arithmetic", "ties", "dare", "model_stock", "resampleN"))
+        registry.parse_key("tie")
+    assert all(m in str(err.value) for m in [*registry.METHODS, "resampleN"])
 
 
 def test_parameters_default_and_apply_to_their_methods_only():
-    assert method_parameters("ties") == {"density": 0.2, "scale": 1.0}
-    assert method_parameters("dare", drop_rate=0.5) == {"drop_rate": 0.5, "scale": 1.0}
-    assert method_parameters("average") == {} and method_parameters("model_stock") == {}
+    assert registry.check_params("ties", {}) == {"density": 0.2, "scale": 1.0}
+    assert registry.check_params("dare", {"drop_rate": 0.5}) == {"drop_rate": 0.5, "scale": 1.0}
+    assert registry.check_params("select", {}) == {"resample": 0}  # a parameter like any other, keyed or not
+    assert registry.check_params("average", {}) == {} and registry.check_params("model_stock", {}) == {}
 
 
 BAD = [

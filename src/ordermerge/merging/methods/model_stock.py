@@ -7,14 +7,13 @@ import numpy as np
 
 from ordermerge.merging import task_vectors as tv
 from ordermerge.merging.bits import stored_bits
-from ordermerge.merging.methods import TaskVectorMethod
+from ordermerge.merging.methods import TaskVectorMethod, require_uniform_weights
 from ordermerge.merging.passes import gather
 
 
 class Merger(TaskVectorMethod):
     def check(self, ctx):
-        if ctx.weights is not None and len(set(ctx.weights)) > 1:
-            raise ValueError("model_stock averages the inputs uniformly (Jang et al.); drop --weights")
+        require_uniform_weights(ctx, "model_stock averages the inputs uniformly (Jang et al.)")
 
     def prepare(self, ctx, pool, tasks, progress):
         """Per tensor: the Gram matrix of task vectors, summed over chunks in chunk order (fp64, CPU)."""
