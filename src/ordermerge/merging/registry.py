@@ -83,6 +83,10 @@ PARAMETERS = {p.name: p for p in (
           help="fraction of each task vector's largest magnitudes kept, per tensor (TIES keeps 20 %)"),
     Param("drop_rate", 0.9, 0, 1, high_open=True,
           help="probability of dropping each task-vector element, the rest rescaled by 1/(1-p) (DARE drops 90 %)"),
+    Param("t", 0.5, 0, 1, help="interpolation from the first model (0) to the second (1), along the arc between them"),
+    Param("max_iter", 10, 1, 1000, integer=True, help="iterations of the Karcher mean at most (mergekit's default 10)"),
+    Param("tol", 1e-5, 0, 1, low_open=True,
+          help="Karcher mean: stop when the tangent step is shorter; angles and norms below it count as 0"),
 )}
 
 
@@ -121,6 +125,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "Jang et al., ECCV 2024 (Model Stock)"),
     Method("tsv", "per 2-D tensor: top 1/K singular triplets of each τ_i, decorrelated (Procrustes), summed; 1-D: task arithmetic", "Gargiulo et al., CVPR 2025 (TSV-Merge)", params=("scale",)),
     Method("greedy_soup", "rank the K by held-out loss; add each to the uniform soup only if its held-out loss does not rise", "Wortsman et al., ICML 2022 (Model soups, greedy soup)", needs_base=False, needs_data=True),
+    Method("slerp", "per tensor: the arc between the 2 models' weights at t (lerp where their cosine exceeds 0.9995)",
+           "Shoemake, SIGGRAPH 1985; mergekit's slerp (Goddard et al., EMNLP 2024)", params=("t",), needs_base=False,
+           max_models=2),
+    Method("karcher", "per tensor: the weighted Karcher mean of the K weight directions on the sphere, times the mean norm",
+           "Karcher, CPAM 1977; mergekit's karcher (Goddard et al., EMNLP 2024)", params=("max_iter", "tol"),
+           needs_base=False),
 )}
 
 
