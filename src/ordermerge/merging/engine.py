@@ -237,8 +237,9 @@ def merge_models(
 
     ``params`` are the method's parameters as the registry defines them (None or absent: the default;
     one the method does not take, or out of its bounds, is refused); ``data`` (a JSONL file) and
-    ``task_spec`` are for methods that choose on held-out data, and refused for the others. ``device="cuda"`` runs the float math on the
-    GPU with the same bytes as the CPU (select's bit gathers stay on the CPU, where its draws are made).
+    ``task_spec`` are for methods that choose on held-out data, and refused for the others.
+    ``device="cuda"`` runs the float math on the GPU with the same bytes as the CPU (a method's random
+    draws, and select's bit gathers, stay on the CPU).
     """
     out_dir = Path(out_dir)
     params = _check_request(method, params, device, model_dirs, data, task_spec)

@@ -124,11 +124,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("model_stock", "interpolate the average toward the base by the task vectors' angle, per tensor",
            "Jang et al., ECCV 2024 (Model Stock)"),
     Method("tsv", "per 2-D tensor: top 1/K singular triplets of each τ_i, decorrelated (Procrustes), summed; 1-D: task arithmetic", "Gargiulo et al., CVPR 2025 (TSV-Merge)", params=("scale",)),
-    Method("greedy_soup", "rank the K by held-out loss; add each to the uniform soup only if its held-out loss does not rise", "Wortsman et al., ICML 2022 (Model soups, greedy soup)", needs_base=False, needs_data=True),
+    Method("greedy_soup", "rank the K by held-out loss; add each to the uniform soup only if its held-out loss does "
+           "not rise", "Wortsman et al., ICML 2022 (Model soups, greedy soup)", needs_base=False, needs_data=True),
     Method("slerp", "per tensor: the arc between the 2 models' weights at t (lerp where their cosine exceeds 0.9995)",
            "Shoemake, SIGGRAPH 1985; mergekit's slerp (Goddard et al., EMNLP 2024)", params=("t",), needs_base=False,
            max_models=2),
-    Method("karcher", "per tensor: the weighted Karcher mean of the K weight directions on the sphere, times the mean norm",
+    Method("karcher", "per tensor: the weighted Karcher mean of the K weight directions on the sphere, times "
+           "the mean norm",
            "Karcher, CPAM 1977; mergekit's karcher (Goddard et al., EMNLP 2024)", params=("max_iter", "tol"),
            needs_base=False),
 )}
