@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ordermerge.storage.checkpoint import LazyCheckpoint
+from ordermerge.merging import registry
 from ordermerge.merging.engine import sha256_of_dir
 from ordermerge.merging.bits import stored_bits
 
@@ -63,8 +64,7 @@ if a["threads"]:
     torch.set_num_threads(a["threads"])
 cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 t, c = time.perf_counter(), cpu()
-merge_models(a["base"], a["models"], a["out"], method=a["method"], resample=a["resample"], force=True, progress=False,
-             **a["params"])
+merge_models(a["base"], a["models"], a["out"], method=a["method"], force=True, progress=False, **a["params"])
 print(json.dumps({{"seconds": time.perf_counter() - t, "cpu": cpu() - c, "rss": {PEAK_RSS}}}))
 """
 # A whole command line (imports included), run by its console-script function.
@@ -188,10 +188,10 @@ def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
         return json.loads(out.read().decode().strip().splitlines()[-1]), wall, usage.ru_utime + usage.ru_stime
 
 
-def ordermerge(base, models, out, method, resample, threads, repeats, params=None) -> tuple[float, float, int]:
+def ordermerge(base, models, out, method, threads, repeats, params=None) -> tuple[float, float, int]:
     """Best merge time (after imports) of ``repeats`` fresh processes, with its CPU time and peak RSS in MB."""
     args = json.dumps({"base": str(base), "models": [str(m) for m in models], "out": str(out), "method": method,
-                       "resample": resample, "threads": threads, "params": params or {}})
+                       "threads": threads, "params": params or {}})
     runs = [run_measured([sys.executable, "-c", MERGE_SNIPPET, args])[0] for _ in range(repeats)]
     best = min(runs, key=lambda r: r["seconds"])
     return best["seconds"], best["cpu"], max(r["rss"] for r in runs)
@@ -232,16 +232,22 @@ def max_ulps(a_dir: Path, b_dir: Path) -> int:
     return worst
 
 
-METHODS = {  # label: (method, resample, parameters)
-    "average": ("average", 0, {}),
-    "select": ("select", 0, {}),
-    "resample1": ("select", 1, {}),
-    "resample4": ("select", 4, {}),
-    "task_arithmetic": ("task_arithmetic", 0, {}),
-    "ties": ("ties", 0, {"density": 0.2}),
-    "dare": ("dare", 0, {"drop_rate": 0.9}),
-    "model_stock": ("model_stock", 0, {}),
+METHODS = {  # method key: parameters beyond those the key fixes
+    "average": {},
+    "select": {},
+    "resample1": {},
+    "resample4": {},
+    "task_arithmetic": {},
+    "ties": {"density": 0.2},
+    "dare": {"drop_rate": 0.9},
+    "model_stock": {},
 }
+
+
+def request(key: str) -> tuple[str, dict]:
+    """(method, parameters) of a row: resample1 is select with resample 1 (registry.parse_key)."""
+    method, fixed = registry.parse_key(key)
+    return method.name, {**fixed, **METHODS[key]}
 
 # Targets on the ratio to the floor (and peak RSS) that the merge engine is held to; a row that
 # misses one says by how much.
@@ -300,22 +306,20 @@ def main() -> None:
         print(f"{label:36s} {sec:6.2f}s {sec / floor:7.2f}x {cpu:6.2f}s {rss:6d} MB{note}", flush=True)
 
     def label(name):
-        method, resample, params = METHODS[name]
-        return " ".join([f"ordermerge {method}", *([f"--resample {resample}"] if resample else []),
-                         *(f"--{k.replace('_', '-')} {v}" for k, v in params.items())])
+        method, params = request(name)
+        return " ".join([f"ordermerge {method}", *(f"--{k.replace('_', '-')} {v}" for k, v in params.items())])
 
     digests = a.cache / "digest-cache"  # this run's own digest cache (digest_cache.py), emptied first
     shutil.rmtree(digests, ignore_errors=True)
     os.environ["ORDERMERGE_CACHE_DIR"] = "off"
     for name in [m for m in ("average", "select") if m in methods]:
-        method, resample, params = METHODS[name]
-        row(label(name) + ", hashing", *ordermerge(base, models[: a.k], out / "om", method, resample, a.threads,
-                                                   repeats, params))
+        method, params = request(name)
+        row(label(name) + ", hashing", *ordermerge(base, models[: a.k], out / "om", method, a.threads, repeats, params))
     os.environ["ORDERMERGE_CACHE_DIR"] = str(digests)
-    ordermerge(base, models[: a.k], out / "om", "average", 0, a.threads, 1)  # the first merge fills the cache
+    ordermerge(base, models[: a.k], out / "om", "average", a.threads, 1)  # the first merge fills the cache
     for name in methods:
-        method, resample, params = METHODS[name]
-        sec, cpu, rss = ordermerge(base, models[: a.k], out / "om", method, resample, a.threads, repeats, params)
+        method, params = request(name)
+        sec, cpu, rss = ordermerge(base, models[: a.k], out / "om", method, a.threads, repeats, params)
         row(label(name), sec, cpu, rss, verdict(name, sec / floor, rss))
     if a.quick:
         print("whole-command runs and mergekit: skipped (--quick)")
@@ -335,11 +339,11 @@ def main() -> None:
         print(f"{'K':4s} {'floor':>6s} " + " ".join(f"{n:>25s}" for n in names))
         for k in sweep:
             f = read_floor(models[:k]) + write
-            ordermerge(base, models[:k], out / "om", "average", 0, a.threads, 1)  # digests of the new inputs cached
+            ordermerge(base, models[:k], out / "om", "average", a.threads, 1)  # digests of the new inputs cached
             cells = []
             for name in names:
-                method, resample, params = METHODS[name]
-                sec, cpu, rss = ordermerge(base, models[:k], out / "om", method, resample, a.threads, 1, params)
+                method, params = request(name)
+                sec, cpu, rss = ordermerge(base, models[:k], out / "om", method, a.threads, 1, params)
                 cells.append(f"{sec:6.2f}s {sec / f:5.2f}x {rss:5d} MB")
             print(f"{k:<4d} {f:5.2f}s " + " ".join(f"{c:>25s}" for c in cells), flush=True)
     shutil.rmtree(out, ignore_errors=True)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_merge import fine_tunes, synthetic_base  # noqa: E402
 from bench_train import SMOLLM, bench_ordermerge, distinct_repeats, tiny_setup  # noqa: E402
 
-from ordermerge.merging.registry import METHODS  # noqa: E402
+from ordermerge.merging.registry import METHODS, PARAMETERS  # noqa: E402
 
 # Dense bf16 peak TFLOP/s (no sparsity) by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -83,7 +83,9 @@ def check_merges(tmp: Path, k: int) -> list[tuple[str, bool, float, float]]:
         if method.needs_data:
             continue  # greedy_soup scores candidates with a model: covered by the evaluate path
         args = ["--method", name] + (["--seed", "0"] if method.seeded else [])
-        variants = [args] + ([args + ["--resample", "1"]] if name == "select" else [])
+        keyed = [PARAMETERS[method.key_param].flag, "1"] if method.key_param else None  # select: resample1
+        variants = [args] + ([args + keyed] if keyed else [])
+        inputs = models[: method.max_models]  # slerp: 2
         for v in variants:
             label = " ".join(v[1:2] + v[4:])
             digests, seconds = {}, {}
@@ -91,7 +93,7 @@ def check_merges(tmp: Path, k: int) -> list[tuple[str, bool, float, float]]:
                 out = tmp / f"merged-{label.replace(' ', '_')}-{device}"
                 t = time.perf_counter()
                 subprocess.run(["ordermerge", "merge", "--base", str(base), *v, "--device", device, "--force",
-                                "--out", str(out), *models], check=True, capture_output=True)
+                                "--out", str(out), *inputs], check=True, capture_output=True)
                 seconds[device], digests[device] = time.perf_counter() - t, sha256(out)
             rows.append((label, digests["cpu"] == digests["cuda"], seconds["cpu"], seconds["cuda"]))
     return rows

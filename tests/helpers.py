@@ -204,3 +204,77 @@ def merge_zoo(root: Path, k: int, model_shards=lambda i: 1, sharded: bool = Fals
     if sharded:
         zoo["sharded"] = [save_model_dir(root / f"ft{i}-sharded", s, shards=2) for i, s in enumerate(fts)]
     return zoo
+
+
+# Every merge method, from the registry: what the cross-method tests iterate ------------------------
+
+def merge_cases() -> list[str]:
+    """Every method of the registry, plus one key per keyed method (select's resample2): a method added
+    to the registry is in every cross-method test without a line here."""
+    from ordermerge.merging import registry
+
+    keys = list(registry.METHODS)
+    for m in registry.METHODS.values():
+        if m.key_prefix:
+            keys.append(f"{m.key_prefix}{min(2, int(registry.PARAMETERS[m.key_param].high))}")
+    return keys
+
+
+def merge_request(key: str, zoo: dict, models: list | None = None) -> dict:
+    """``merge_models`` keyword arguments for a method key on ``zoo`` (merge_zoo or lm_zoo): the key's
+    parameters, as many inputs as the method merges, and held-out data for a method that chooses on it."""
+    from ordermerge.merging import registry
+
+    method, fixed = registry.parse_key(key)
+    models = list(zoo["models"] if models is None else models)[: method.max_models]
+    kw = {"method": method.name, "model_dirs": models, **fixed}
+    if method.needs_data:
+        kw |= {"data": zoo["data"], "task_spec": zoo["task_spec"]}
+    return kw
+
+
+def shard_copy(src: Path, dst: Path, shards: int = 2) -> Path:
+    """A copy of the HF directory ``src`` whose weights are split into ``shards`` files + index."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ordermerge.storage.checkpoint import INDEX_NAME
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    (dst / "model.safetensors").unlink()
+    names, weight_map = sorted(state), {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[i::shards]}
+        save_file(part, str(dst / fname), metadata={"format": "pt"})
+        weight_map |= {n: fname for n in part}
+    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def lm_zoo(root: Path, base: Path, k: int, sharded: bool = False) -> dict:
+    """The tiny offline Llama ``base`` and ``k`` noisy copies of it, loadable models with held-out
+    data: the inputs for methods that score candidates on data (registry ``needs_data``)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    models = []
+    for i in range(k):
+        out = root / f"lm{i}"
+        shutil.copytree(base, out)
+        g = torch.Generator().manual_seed(200 + i)
+        state = load_file(str(out / "model.safetensors"))
+        for name, t in state.items():
+            if t.is_floating_point():
+                state[name] = (t.float() + torch.randn(t.shape, generator=g) * 0.02 * (i + 1)).to(t.dtype)
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        models.append(out)
+    zoo = {"base": base, "models": models, "data": write_train(root / "heldout.jsonl", n=4),
+           "task_spec": {**TASK_SPEC, "batch_size": 4}}
+    if sharded:
+        zoo["sharded"] = [shard_copy(m, root / f"lm{i}-sharded") for i, m in enumerate(models)]
+    return zoo

@@ -110,6 +110,12 @@ CATALOGUE = [
     ("resample0", put("merge.methods", ["average", "resample0"]),
      ["merge.methods[1]", "'resample0'", "n must be 1..8", "plain `select` is n=0"]),
     ("resample9", put("merge.methods", ["resample9"]), ["merge.methods[0]", "'resample9'", "n must be 1..8", "select"]),
+    # a method with a fixed number of inputs (registry max_models: slerp merges 2) where merges have more
+    ("slerp-with-4-runs", put("merge.methods", ["average", "slerp"]),
+     ["merge.methods[1]", "'slerp'", "merges at most 2 models", "runs is 4", "set runs: 2", "karcher"]),
+    ("slerp-in-ksweep", put("ksweep", {"enabled": True, "methods": ["slerp"]}),
+     ["ksweep.methods[0]", "'slerp'", "subsets of up to 4", "set ksweep.sizes: [2]"]),
+    ("t-without-slerp", put("merge.t", 0.3), ["merge.t: 0.3", "no configured method reads it", "slerp"]),
     ("losses-split-unknown", put("losses.splits", ["train", "dev"]),
      ["losses.splits[1]", "'dev'", "train, val, test"]),
     ("shipped-source-typo", put(f"{M}.source", "smollm2-ggfu"),

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import merge_zoo
+from helpers import lm_zoo, merge_cases, merge_request, merge_zoo
 from helpers import read_weights as _weights
 
 from ordermerge.merging import registry
 from ordermerge.merging import task_vectors as tv
 from ordermerge.cli import main
-from ordermerge.merging.engine import merge_models, method_key, method_parameters, parse_method_key
+from ordermerge.merging.engine import merge_models
 from ordermerge.merging.bits import CHUNK, chunk_rng, stored_bits, weighted_average
 
 K = 3
@@ -244,15 +244,26 @@ def test_model_stock_ratio_edge_cases():
 
 # --- determinism ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,kw", [("ties", {"density": 0.25}), ("dare", {"drop_rate": 0.7}),
-                                       ("model_stock", {})])
-def test_bytes_do_not_depend_on_threads_input_shards_or_output_shards(zoo, tmp_path, method, kw):
+@pytest.fixture(scope="module")
+def lm(tiny_base, tmp_path_factory):
+    """Loadable models and held-out data, for the methods that score candidates on data."""
+    return lm_zoo(tmp_path_factory.mktemp("baselines-lm"), tiny_base, K, sharded=True)
+
+
+def _zoo_for(key, zoo, request):
+    return request.getfixturevalue("lm") if registry.parse_key(key)[0].needs_data else zoo
+
+
+@pytest.mark.parametrize("key", merge_cases())  # every registered method: a new one is tested here too
+def test_bytes_do_not_depend_on_threads_input_shards_or_output_shards(zoo, tmp_path, key, request):
+    z = _zoo_for(key, zoo, request)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        _merge(zoo, tmp_path / "one", method=method, seed=4, **kw)
+        merge_models(z["base"], out_dir=tmp_path / "one", seed=4, progress=False, **merge_request(key, z))
         torch.set_num_threads(3)
-        _merge(zoo, tmp_path / "many", models=zoo["sharded"], method=method, seed=4, shard_size="300KB", **kw)
+        merge_models(z["base"], out_dir=tmp_path / "many", seed=4, shard_size="300KB" if z is zoo else "20KB",
+                     progress=False, **merge_request(key, z, z["sharded"]))
     finally:
         torch.set_num_threads(threads)
     assert len(list((tmp_path / "many").glob("model-*.safetensors"))) >= 2
@@ -263,31 +274,39 @@ def test_bytes_do_not_depend_on_threads_input_shards_or_output_shards(zoo, tmp_p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch: GPU bytes == CPU bytes unchecked")
-@pytest.mark.parametrize("method,kw", [("average", {}), ("task_arithmetic", {"scale": 0.8}),
-                                       ("ties", {"density": 0.3}), ("dare", {"drop_rate": 0.5}),
-                                       ("model_stock", {})])
-def test_cuda_gives_the_cpu_bytes(zoo, tmp_path, method, kw):
-    _merge(zoo, tmp_path / "cpu", method=method, weights=None if method == "model_stock" else WEIGHTS, **kw)
-    _merge(zoo, tmp_path / "gpu", method=method, weights=None if method == "model_stock" else WEIGHTS,
-           device="cuda", **kw)
+@pytest.mark.parametrize("key", merge_cases())  # every registered method: a new one is tested here too
+def test_cuda_gives_the_cpu_bytes(zoo, tmp_path, key, request):
+    z = _zoo_for(key, zoo, request)
+    kw = merge_request(key, z)
+    weights = WEIGHTS[: len(kw["model_dirs"])]
+    try:  # weighted where the method takes weights (a method that weighs its inputs itself refuses them)
+        merge_models(z["base"], out_dir=tmp_path / "cpu", weights=weights, seed=3, progress=False, **kw)
+    except ValueError as exc:
+        assert "drop --weights" in str(exc)
+        weights = None
+        merge_models(z["base"], out_dir=tmp_path / "cpu", seed=3, progress=False, **kw)
+    merge_models(z["base"], out_dir=tmp_path / "gpu", weights=weights, seed=3, device="cuda", progress=False, **kw)
     assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == (tmp_path / "gpu" / "model.safetensors").read_bytes()
 
 
 # --- names, parameters and bad input --------------------------------------------------------------
 
 def test_method_keys_round_trip():
-    for method in ("average", "select", "task_arithmetic", "ties", "dare", "model_stock"):
-        assert parse_method_key(method_key(method)) == (method, 0)
-    assert parse_method_key("resample3") == ("select", 3)
+    for key in registry.method_keys():
+        method, fixed = registry.parse_key(key)
+        assert registry.method_key(method.name, registry.check_params(method.name, fixed)) == key
+    assert registry.parse_key("resample3") == (registry.METHODS["select"], {"resample": 3})
+    assert registry.method_key("select", {"resample": 0}) == "select"
     with pytest.raises(ValueError, match="unknown merge method 'tie'") as err:  # names every key, from the registry
-        parse_method_key("tie")
-    assert all(m in str(err.value) for m in ("task_arithmetic", "ties", "dare", "model_stock", "resampleN"))
+        registry.parse_key("tie")
+    assert all(m in str(err.value) for m in [*registry.METHODS, "resampleN"])
 
 
 def test_parameters_default_and_apply_to_their_methods_only():
-    assert method_parameters("ties") == {"density": 0.2, "scale": 1.0}
-    assert method_parameters("dare", drop_rate=0.5) == {"drop_rate": 0.5, "scale": 1.0}
-    assert method_parameters("average") == {} and method_parameters("model_stock") == {}
+    assert registry.check_params("ties", {}) == {"density": 0.2, "scale": 1.0}
+    assert registry.check_params("dare", {"drop_rate": 0.5}) == {"drop_rate": 0.5, "scale": 1.0}
+    assert registry.check_params("select", {}) == {"resample": 0}  # a parameter like any other, keyed or not
+    assert registry.check_params("average", {}) == {} and registry.check_params("model_stock", {}) == {}
 
 
 BAD = [

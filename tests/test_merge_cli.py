@@ -74,9 +74,10 @@ def test_threads_do_not_change_bytes(zoo, tmp_path):
     assert (tmp_path / "t1" / "model.safetensors").read_bytes() == (tmp_path / "t3" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("method,resample", [("average", 0), ("select", 0), ("select", 2)])
-def test_streaming_merge_equals_whole_tensor_math(zoo, tmp_path, method, resample):
-    prov = _merge(zoo, tmp_path / "m", method=method, resample=resample, seed=7)
+@pytest.mark.parametrize("method,kw", [("average", {}), ("select", {}), ("select", {"resample": 2})])
+def test_streaming_merge_equals_whole_tensor_math(zoo, tmp_path, method, kw):
+    prov = _merge(zoo, tmp_path / "m", method=method, seed=7, **kw)
+    resample = kw.get("resample", 0)
     merged = _weights(tmp_path / "m")
     for name, b in zoo["state"].items():
         tensors = [ft[name] for ft in zoo["fts"]]

@@ -9,8 +9,9 @@ import random
 import numpy as np
 
 import pytest
-from helpers import merge_zoo
+from helpers import lm_zoo, merge_cases, merge_request, merge_zoo
 
+from ordermerge.merging import registry
 from ordermerge.merging.digests import Budget, StreamingDigest, sha256_of_dir
 from ordermerge.merging.engine import merge_models
 from ordermerge.storage.checkpoint import LazyCheckpoint
@@ -31,13 +32,21 @@ def zoo(tmp_path_factory):
     return merge_zoo(tmp_path_factory.mktemp("digests"), 3, model_shards=lambda i: 2 if i == 1 else 1)
 
 
-@pytest.mark.parametrize("method,kw", [("average", {}), ("select", {"resample": 2}), ("ties", {}),
-                                       ("tsv", {}), ("model_stock", {})])
-def test_recorded_digests_are_the_sha256_of_the_input_files(zoo, tmp_path, method, kw):
-    merge_models(zoo["base"], zoo["models"], tmp_path / "m", method=method, progress=False, **kw)
+@pytest.fixture(scope="module")
+def lm(tiny_base, tmp_path_factory):
+    """Loadable models and held-out data, for the methods that score candidates on data."""
+    return lm_zoo(tmp_path_factory.mktemp("digests-lm"), tiny_base, 3)
+
+
+@pytest.mark.parametrize("key", merge_cases())  # every registered method: a new one is tested here too
+def test_recorded_digests_are_the_sha256_of_the_input_files(zoo, tmp_path, key, request, monkeypatch):
+    monkeypatch.setenv("ORDERMERGE_CACHE_DIR", "off")  # hashed by this merge, not taken from the cache
+    z = request.getfixturevalue("lm") if registry.parse_key(key)[0].needs_data else zoo
+    kw = merge_request(key, z)
+    merge_models(z["base"], out_dir=tmp_path / "m", progress=False, **kw)
     p = json.loads((tmp_path / "m" / "merge.json").read_text())
-    assert p["base"]["sha256"] == _reference(zoo["base"])
-    assert [i["sha256"] for i in p["inputs"]] == [_reference(d) for d in zoo["models"]]
+    assert p["base"]["sha256"] == _reference(z["base"])
+    assert [i["sha256"] for i in p["inputs"]] == [_reference(d) for d in kw["model_dirs"]]
 
 
 def test_the_inputs_are_hashed_while_read_not_in_a_second_pass(zoo, tmp_path, monkeypatch):

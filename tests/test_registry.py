@@ -12,7 +12,7 @@ import yaml
 from helpers import fine_tuned_state, merge_base_state, save_model_dir
 
 from ordermerge.cli import build_parser
-from ordermerge.config import MERGE_METHODS, ConfigError, load_schema, validate_config
+from ordermerge.config import ConfigError, load_schema, validate_config
 from ordermerge.merging import registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,7 @@ def test_cli_choices_and_flags_come_from_the_registry():
         flag = actions[p.name]
         assert flag.option_strings == [p.flag]
         assert p.bounds() in flag.help
-        keyed = p.name in {m.key_param for m in registry.METHODS.values()}
-        assert flag.default == (p.default if keyed else None)  # None: the engine fills the registry's default
+        assert flag.default is None  # the engine fills in the registry's default, keyed parameters too
     assert "data" in actions and "task_spec" in actions
 
 
@@ -57,7 +56,6 @@ def test_schema_gets_keys_and_parameters_from_the_registry():
     assert merge["methods"]["items"]["pattern"] == f"^({registry.key_pattern()})$"
     for name in registry.workflow_params():
         assert merge[name] == registry.PARAMETERS[name].schema()
-    assert tuple(registry.method_keys()) == MERGE_METHODS
     yaml_text = (ROOT / "workflow/schemas/config.schema.yaml").read_text()
     assert "model_stock" not in yaml_text.split("description")[0]  # the pattern is not restated in the YAML
     heldout = schema["properties"]["tasks"]["additionalProperties"]["properties"]["n_heldout"]
@@ -76,7 +74,6 @@ def test_methods_that_choose_on_data_need_heldout_samples(monkeypatch):
     """The cross-key rule: a needs_data method in merge.methods requires tasks.<name>.n_heldout >= 1."""
     chooser = registry.Method("chooser", "test only", "none", needs_data=True, needs_base=False)
     monkeypatch.setitem(registry.METHODS, "chooser", chooser)
-    monkeypatch.setattr("ordermerge.config.MERGE_METHODS", tuple(registry.method_keys()))
     cfg = yaml.safe_load(yaml.safe_dump(DEFAULT))
     cfg["merge"]["methods"] = ["average", "chooser"]
     task = next(iter(cfg["tasks"]))

@@ -112,7 +112,7 @@ def test_smoke_run_checkpoints_and_merge_provenance(smoke_run):
     steps = pd.read_csv(base / "runs" / "run0" / "steps.csv")
     assert len(steps) == 4  # 8 samples / batch 4 x 2 epochs
     prov = json.loads((base / "bf16" / "merged" / "epoch2" / "resample1" / "seed1" / "merge.json").read_text())
-    assert prov["method"] == "select" and prov["resample"] == 1 and prov["seed"] == 1
+    assert prov["method"] == "select" and prov["parameters"] == {"resample": 1} and prov["seed"] == 1
     assert len(prov["inputs"]) == 2 and all(len(i["sha256"]) == 64 for i in prov["inputs"])
     assert prov["stats"]["resampled_per_round"][0] > 0
     assert not list(smoke_run.rglob(".tmp-*"))

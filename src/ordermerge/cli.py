@@ -85,16 +85,16 @@ def cmd_merge(a):
 
     try:
         weights = [float(w) for w in a.weights.split(",")] if a.weights else None
-        params = {p: getattr(a, p) for p in registry.workflow_params()}
-        prov = merge_models(a.base, a.models, a.out, method=a.method, resample=a.resample, seed=a.seed,
-                            weights=weights, shard_size=a.shard_size, force=a.force, device=a.device,
-                            data=a.data, task_spec=a.task_spec, **params)
+        params = {p: getattr(a, p) for p in registry.PARAMETERS}
+        prov = merge_models(a.base, a.models, a.out, method=a.method, seed=a.seed, weights=weights,
+                            shard_size=a.shard_size, force=a.force, device=a.device, data=a.data,
+                            task_spec=a.task_spec, **params)
     except (CheckpointError, ValueError, FileExistsError) as exc:
         print(f"ordermerge merge: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    s = prov["stats"]
-    print(f"merged {len(a.models)} models ({prov['method_key']}, seed {a.seed}) into {a.out}; "
-          f"resampled per round: {s['resampled_per_round']}")
+    # the method's own headline (its summary's stats), whatever the method
+    headline = "".join(f"; {k.replace('_', ' ')}: {v}" for k, v in prov["stats"].items() if k != "elements")
+    print(f"merged {len(a.models)} models ({prov['method_key']}, seed {a.seed}) into {a.out}{headline}")
 
 
 def cmd_round(a):
@@ -117,10 +117,9 @@ def _merge_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--weights", help="comma-separated, one per model (normalised); default uniform")
     s.add_argument("--shard-size", default="5GB")
-    keyed = {m.key_param for m in registry.METHODS.values()}
-    for p in registry.PARAMETERS.values():
+    for p in registry.PARAMETERS.values():  # default None: the engine fills in the registry's default
         users = ", ".join(m.name for m in registry.METHODS.values() if p.name in m.params)
-        s.add_argument(p.flag, type=int if p.integer else float, default=p.default if p.name in keyed else None,
+        s.add_argument(p.flag, type=int if p.integer else float, default=None,
                        help=f"{users}: {p.help} (default {p.default}; {p.bounds()})".replace("%", "%%"))
     data_users = ", ".join(m.name for m in registry.METHODS.values() if m.needs_data) or "no method yet"
     s.add_argument("--data", help=f"held-out JSONL, for methods that choose on data ({data_users}) only")

@@ -21,7 +21,6 @@ from ordermerge.storage import precisions
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "array": "a list",
               "object": "a mapping (key: value lines)", "boolean": "true or false", "null": "null (empty)"}
-MERGE_METHODS = tuple(registry.method_keys())
 HINTS = {"runs": "K fine-tunes to merge: K < 2 cannot merge"}
 RESERVED_NAMES = {"models": {"tables", "figures"}, "tasks": {"base", "multitask"}}  # directories beside them
 
@@ -108,7 +107,7 @@ def _method_key_problem(value: str) -> str:
             lo, hi = int(registry.PARAMETERS[m.key_param].low) + 1, int(registry.PARAMETERS[m.key_param].high)
             return (f"{m.key_prefix}N needs n in {lo}..{hi} (n must be {lo}..{hi}; plain `{m.name}` is n=0); "
                     f"use {m.key_prefix}{lo} ... {m.key_prefix}{hi}, or {m.name}")
-    return f"unknown merge method{_did_you_mean(value, MERGE_METHODS)}; use {registry.describe_keys()}"
+    return f"unknown merge method{_did_you_mean(value, registry.method_keys())}; use {registry.describe_keys()}"
 
 
 def _explain(error) -> list[str]:

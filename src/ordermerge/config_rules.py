@@ -206,6 +206,32 @@ def _rule_multitask_data(cfg):
                    "spans several tasks; use it in merge.methods (per task), or drop it here")
 
 
+def _rule_method_inputs(cfg):
+    """A method that merges at most n inputs (registry ``max_models``; slerp: 2) only where each of its
+    merges has that many: K runs (merge.methods), every subset size (ksweep), every task (multitask)."""
+    from ordermerge.merging.subsets import sweep_sizes
+
+    runs = _int(cfg["runs"])
+    places = [("merge.methods", cfg["merge"]["methods"], runs, f"runs is {runs}", "set runs: {n}")]
+    if cfg["ksweep"].get("enabled"):
+        sizes = [n for n in cfg["ksweep"]["sizes"] or [] if isinstance(n, int)] or None
+        places.append(("ksweep.methods", cfg["ksweep"]["methods"], max(sweep_sizes(runs, sizes)),
+                       f"ksweep merges subsets of up to {max(sweep_sizes(runs, sizes))}", "set ksweep.sizes: [{n}]"))
+    if cfg["multitask"].get("tasks"):
+        n_tasks = len(cfg["multitask"]["tasks"])
+        places.append(("multitask.methods", cfg["multitask"]["methods"], n_tasks,
+                       f"multitask merges {n_tasks} tasks", "list {n} multitask.tasks"))
+    keys = set(registry.method_keys())
+    for where, methods, k, why, fix in places:
+        for i, key in enumerate(methods):
+            if not isinstance(key, str) or key not in keys:
+                continue
+            n = registry.parse_key(key)[0].max_models
+            if n is not None and k > n:
+                yield (f"{where}[{i}]", f"{key!r} — merges at most {n} models, but {why}; {fix.format(n=n)}, or drop "
+                       f"{key} (methods for any K: {', '.join(registry.any_k_methods())})")
+
+
 def _rule_heldout(cfg):
     """A method that chooses on data (registry ``needs_data``) needs every task's held-out split."""
     choosers = sorted({m for m in _configured_methods(cfg) if registry.needs_data(m)})
@@ -299,8 +325,8 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
 
 RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
          _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate,
-         _rule_multitask_data, _rule_report_to, _rule_harness, _rule_precisions,
-         _rule_loss_methods)
+         _rule_multitask_data, _rule_report_to, _rule_harness, _rule_precisions, _rule_loss_methods,
+         _rule_method_inputs)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

@@ -63,6 +63,27 @@ def weighted_average(tensors, weights: list[float], scratch=None) -> torch.Tenso
     return acc.to(tensors[0].dtype, copy=True)  # never the (reused) buffer itself, fp32 inputs too
 
 
+def gram_fp64(rows: torch.Tensor, scratch=None) -> np.ndarray:
+    """(K, K) float64 ⟨r_i, r_j⟩ of (K, n) float rows (one chunk), on the CPU whatever the merge's device.
+
+    Elementwise products and torch's own sum, no BLAS (whose order varies with alignment and threads),
+    so whole-tensor quantities summed from it, and every byte after them, are the same on any device.
+    With ``scratch`` the temporaries are reused per-thread buffers; same ops, same sums."""
+    rows = rows.cpu()
+    shape = (rows.shape, rows.shape[1:])
+    if scratch is None:
+        wide, product = (torch.empty(s, dtype=torch.float64) for s in shape)
+    else:
+        wide, product = (scratch(key, s, torch.float64, "cpu") for key, s in zip(("gram_f64", "gram_product"), shape))
+    wide.copy_(rows)
+    k = rows.shape[0]
+    gram = np.zeros((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            gram[i, j] = gram[j, i] = float(torch.mul(wide[i], wide[j], out=product).sum())
+    return gram
+
+
 def _raw_bytes(rng: np.random.PCG64, n: int) -> np.ndarray:
     return rng.random_raw(-(-n // 8)).astype("<u8", copy=False).view(np.uint8)[:n]
 

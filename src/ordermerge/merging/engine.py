@@ -35,27 +35,6 @@ from ordermerge.storage.guards import refuse_duplicates
 from ordermerge.storage.checkpoint import (CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size,
                                          widened_base)
 
-METHODS = tuple(registry.METHODS)
-
-
-def method_key(method: str, resample: int = 0) -> str:
-    """The name used in paths and tables: average, select, resample1, ..., ties, dare, ..."""
-    return registry.method_key(method, {"resample": resample})
-
-
-def parse_method_key(key: str) -> tuple[str, int]:
-    """(method, resample) of a key: resample2 -> (select, 2)."""
-    m, fixed = registry.parse_key(key)
-    return m.name, int(fixed.get("resample", 0))
-
-
-def method_parameters(method: str, **given) -> dict:
-    """The method's parameters (defaults filled in, the key's ``resample`` aside), refusing ones it
-    does not take or out of bounds."""
-    params = registry.check_params(method, given)
-    return {k: v for k, v in params.items() if k != registry.get(method).key_param}
-
-
 def _check_device(device: str) -> None:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}; use cpu or cuda")
@@ -84,10 +63,10 @@ class MergeContext:
     statistics from its ``prepare``; and, for methods that choose on data, ``data`` and ``task_spec``.
     """
 
-    def __init__(self, base, models, writer, probs, seed, resample, params=None, device="cpu",
+    def __init__(self, base, models, writer, probs, seed, params=None, device="cpu",
                  weights=None, data=None, task_spec=None):
         self.base, self.models, self.writer = base, models, writer
-        self.probs, self.seed, self.resample, self.weights = probs, seed, resample, weights
+        self.probs, self.seed, self.weights = probs, seed, weights
         self.params, self.device = params or {}, torch.device(device)
         self.data, self.task_spec = data, task_spec
         self.tensor_stats: dict[str, dict] = {}  # per-tensor quantities from prepare, for merge.json
@@ -247,7 +226,6 @@ def merge_models(
     model_dirs: list[str | Path],
     out_dir: str | Path,
     method: str = "select",
-    resample: int = 0,
     seed: int = 0,
     weights: list[float] | None = None,
     shard_size: str | int = "5GB",
@@ -260,13 +238,14 @@ def merge_models(
 ) -> dict:
     """Merge ``model_dirs`` (fine-tunes of ``base_dir``) into ``out_dir``; returns the provenance.
 
-    ``params`` are the method's parameters from the registry (``scale``, ``density``, ``drop_rate``,
-    ...; None or absent: the default); ``data`` (a JSONL file) and ``task_spec`` are for methods that
-    choose on held-out data, and refused for the others. ``device="cuda"`` runs the float math on the
-    GPU with the same bytes as the CPU (select's bit gathers stay on the CPU, where its draws are made).
+    ``params`` are the method's parameters as the registry defines them (None or absent: the default;
+    one the method does not take, or out of its bounds, is refused); ``data`` (a JSONL file) and
+    ``task_spec`` are for methods that choose on held-out data, and refused for the others.
+    ``device="cuda"`` runs the float math on the GPU with the same bytes as the CPU (a method's random
+    draws, and select's bit gathers, stay on the CPU).
     """
     out_dir = Path(out_dir)
-    params = _check_request(method, resample, params, device, model_dirs, data, task_spec)
+    params = _check_request(method, params, device, model_dirs, data, task_spec)
     if out_dir.exists() and not force:
         raise FileExistsError(f"{out_dir} exists; pass --force to replace it")
     probs = normalized_weights(weights, len(model_dirs))
@@ -276,7 +255,7 @@ def merge_models(
         base = widened_base(base, models)  # fp32 fine-tunes of a bf16 base: against the base's exact values
         _check_compatible(base, models)
         impl = load(method)
-        ctx = MergeContext(base, list(models), None, list(probs), seed, resample, params, device, weights, data, task_spec)
+        ctx = MergeContext(base, list(models), None, list(probs), seed, params, device, weights, data, task_spec)
         impl.check(ctx)
         provenance = _write(ctx, impl, method, base_dir, model_dirs, out_dir, shard_size, progress)
     finally:
@@ -285,25 +264,19 @@ def merge_models(
     return provenance
 
 
-def _check_request(method, resample, params, device, model_dirs, data, task_spec) -> dict:
+def _check_request(method, params, device, model_dirs, data, task_spec) -> dict:
     """Everything about the request that can be refused before reading a byte; returns the parameters."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    params = method_parameters(method, **params)
+    m = registry.get(method)
+    params = registry.check_params(method, params)
     _check_device(device)
-    spec = registry.PARAMETERS["resample"]
-    if not spec.low <= resample <= spec.high:
-        raise ValueError(f"resample must be in {int(spec.low)}..{int(spec.high)}, got {resample}")
-    users = [m.name for m in registry.METHODS.values() if "resample" in m.params]
-    if resample and method not in users:
-        raise ValueError(f"resample applies to method {' or '.join(map(repr, users))} only")
     if len(model_dirs) < 2:
         raise ValueError(f"need at least 2 models to merge, got {len(model_dirs)}; pass K >= 2 MODEL_DIRs")
     if len(model_dirs) > 255:
         raise ValueError("at most 255 models can be merged at once")
-    if registry.get(method).needs_data and (data is None or task_spec is None):
+    registry.check_models(method, len(model_dirs))
+    if m.needs_data and (data is None or task_spec is None):
         raise ValueError(f"{method} chooses on held-out data: pass --data HELDOUT.jsonl and --task-spec JSON")
-    if not registry.get(method).needs_data and (data is not None or task_spec is not None):
+    if not m.needs_data and (data is not None or task_spec is not None):
         raise ValueError(f"{method} uses no data; drop --data and --task-spec")
     return params
 
@@ -317,7 +290,7 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
         size = impl.chunk_size(info) if info.torch_dtype.is_floating_point else CHUNK
         tasks += [(name, lo, min(size, info.numel - lo)) for lo in range(0, info.numel, size)]
     tasks.sort(key=_file_order(base))  # chunks of a tensor stay in order: per-tensor sums keep their order
-    key = method_key(method, ctx.resample)
+    key = registry.method_key(method, ctx.params)
     with atomic_path(out_dir, directory=True) as tmp:
         ctx.writer = ShardedWriter(tmp, parse_size(shard_size), [(n, *base.meta(n)) for n in names])
         weights = list(ctx.probs)
@@ -335,7 +308,7 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
         refuse_duplicates("ordermerge merge", model_dirs, digests[1:])  # nothing is renamed into place
         copy_sidecars(Path(base_dir), tmp)
         stats, per_tensor, extra = impl.summary(ctx, tasks, results)
-        provenance = _provenance(base_dir, model_dirs, method, ctx.resample, ctx.seed, weights, digests)
+        provenance = _provenance(base_dir, model_dirs, method, key, ctx.seed, weights, digests)
         provenance["stats"] = {"elements": sum(base.info(n).numel for n in names), **stats}
         provenance["per_tensor"] = per_tensor
         provenance.update({"parameters": ctx.params, "device": str(ctx.device), **extra})
@@ -344,15 +317,14 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
     return provenance
 
 
-def _provenance(base_dir, model_dirs, method, resample, seed, probs, digests) -> dict:
+def _provenance(base_dir, model_dirs, method, key, seed, probs, digests) -> dict:
     return {
         "tool": f"ordermerge {__version__}",
         "torch": torch.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
         "method": method,
-        "method_key": method_key(method, resample),
-        "resample": resample,
+        "method_key": key,
         "seed": seed,
         "weights": probs,
         "rng": f"numpy PCG64 per (seed, tensor, chunk of {CHUNK} elements)",
@@ -366,7 +338,7 @@ def _model_card(p: dict) -> str:
         "---", "tags: [ordermerge, merge]", "---", "",
         f"# Merged model ({p['method_key']})", "",
         f"Merged by {p['tool']} from {len(p['inputs'])} fine-tunes of `{p['base']['path']}` "
-        f"with method `{p['method']}`, resample={p['resample']}, seed={p['seed']}, parameters {p['parameters']}.",
+        f"with method `{p['method']}`, seed={p['seed']}, parameters {p['parameters']}.",
         f"Method: {registry.get(p['method']).citation}.", "",
         "Inputs:", *[f"- `{i['path']}` (sha256 {i['sha256'][:16]}…)" for i in p["inputs"]], "",
         "Full provenance and per-tensor statistics: `merge.json`.", "",

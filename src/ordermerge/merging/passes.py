@@ -42,3 +42,13 @@ def gather(pool: ThreadPoolExecutor, fn, tasks: list[tuple], progress: bool, des
     for f in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="chunk", disable=not progress):
         f.result()
     return [f.result() for f in futures]
+
+
+def tensor_totals(pool: ThreadPoolExecutor, fn, tasks: list[tuple], progress: bool, desc: str) -> dict[str, object]:
+    """Per tensor: the sum of ``fn(*task)`` over its chunks, added in chunk order (``tasks`` keep a tensor's
+    chunks in order), so floating-point totals depend on neither threads nor the order chunks finish.
+    A method's whole-tensor quantities (norms, dot products, Gram matrices) come from here."""
+    total: dict[str, object] = {}
+    for (name, _, _), part in zip(tasks, gather(pool, fn, tasks, progress, desc)):
+        total[name] = total[name] + part if name in total else part
+    return total

@@ -11,16 +11,16 @@ Everything else is derived from :data:`METHODS` and :data:`PARAMETERS`:
 - the config schema's enum and parameter keys (``schema_fragment``);
 - which merges are built once and which once per merge seed (``merge_variants``);
 - the command-line flags a workflow rule passes for a key (``cli_flags``);
-- which need held-out data (``needs_data``).
+- which need held-out data (``needs_data``), and how many inputs a method merges (``check_models``).
 
-Adding a method: one file in ``methods/`` and one line in :data:`METHODS`.
+Adding a method: one file in ``methods/`` and one line in :data:`METHODS` (docs/adding-a-merge-method.md).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,10 @@ PARAMETERS = {p.name: p for p in (
           help="fraction of each task vector's largest magnitudes kept, per tensor (TIES keeps 20 %)"),
     Param("drop_rate", 0.9, 0, 1, high_open=True,
           help="probability of dropping each task-vector element, the rest rescaled by 1/(1-p) (DARE drops 90 %)"),
+    Param("t", 0.5, 0, 1, help="interpolation from the first model (0) to the second (1), along the arc between them"),
+    Param("max_iter", 10, 1, 1000, integer=True, help="iterations of the Karcher mean at most (mergekit's default 10)"),
+    Param("tol", 1e-5, 0, 1, low_open=True,
+          help="Karcher mean: stop when the tangent step is shorter; angles and norms below it count as 0"),
 )}
 
 
@@ -91,7 +95,8 @@ class Method:
     """One merge method. ``seeded``: it draws random numbers, so each merge seed gives another merge.
     ``needs_base``: it reads the base's values (task vectors). ``needs_data``: it scores candidate
     merges on held-out data (the ``heldout`` split,
-    ``<data dir>/heldout.jsonl``, which Table 1 never scores). ``uniform``: it ignores weights."""
+    ``<data dir>/heldout.jsonl``, which Table 1 never scores). ``max_models``: it merges at most this
+    many inputs (slerp: 2); every method merges at least 2."""
 
     name: str
     summary: str
@@ -100,10 +105,9 @@ class Method:
     seeded: bool = False
     needs_base: bool = True
     needs_data: bool = False
-    uniform: bool = False
+    max_models: int | None = None
     key_param: str | None = None  # select: the key resampleN means resample = N
     key_prefix: str | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 PAPER = "Ju et al., arXiv 2410.03743"
@@ -118,9 +122,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dare", "drop τ elements with probability p, rescale by 1/(1-p), add", "Yu et al., ICML 2024 (DARE)",
            params=("drop_rate", "scale"), seeded=True),
     Method("model_stock", "interpolate the average toward the base by the task vectors' angle, per tensor",
-           "Jang et al., ECCV 2024 (Model Stock)", uniform=True),
+           "Jang et al., ECCV 2024 (Model Stock)"),
     Method("tsv", "per 2-D tensor: top 1/K singular triplets of each τ_i, decorrelated (Procrustes), summed; 1-D: task arithmetic", "Gargiulo et al., CVPR 2025 (TSV-Merge)", params=("scale",)),
-    Method("greedy_soup", "rank the K by held-out loss; add each to the uniform soup only if its held-out loss does not rise", "Wortsman et al., ICML 2022 (Model soups, greedy soup)", needs_base=False, needs_data=True, uniform=True),
+    Method("greedy_soup", "rank the K by held-out loss; add each to the uniform soup only if its held-out loss does "
+           "not rise", "Wortsman et al., ICML 2022 (Model soups, greedy soup)", needs_base=False, needs_data=True),
+    Method("slerp", "per tensor: the arc between the 2 models' weights at t (lerp where their cosine exceeds 0.9995)",
+           "Shoemake, SIGGRAPH 1985; mergekit's slerp (Goddard et al., EMNLP 2024)", params=("t",), needs_base=False,
+           max_models=2),
+    Method("karcher", "per tensor: the weighted Karcher mean of the K weight directions on the sphere, times "
+           "the mean norm",
+           "Karcher, CPAM 1977; mergekit's karcher (Goddard et al., EMNLP 2024)", params=("max_iter", "tol"),
+           needs_base=False),
 )}
 
 
@@ -206,6 +218,18 @@ def check_params(name: str, given: dict) -> dict:
     return {p: PARAMETERS[p].check(PARAMETERS[p].default if given.get(p) is None else given[p]) for p in m.params}
 
 
+def check_models(name: str, k: int) -> None:
+    """Refuses ``k`` inputs for method ``name`` when it merges fewer (slerp: exactly 2)."""
+    m = get(name)
+    if m.max_models is not None and k > m.max_models:
+        raise ValueError(f"{name} merges at most {m.max_models} models, got {k}; pass {m.max_models} MODEL_DIRs, "
+                         f"or use a method that merges any K ({', '.join(any_k_methods())})")
+
+
+def any_k_methods() -> list[str]:
+    return [m.name for m in METHODS.values() if m.max_models is None]
+
+
 def is_seeded(key: str) -> bool:
     return parse_key(key)[0].seeded
 
@@ -248,7 +272,8 @@ def markdown_table() -> str:
     for m in METHODS.values():
         name = f"`{m.name}`" + (f", `{m.key_prefix}N`" if m.key_prefix else "")
         params = ", ".join(f"`{PARAMETERS[p].flag}` ({PARAMETERS[p].default})" for p in m.params) or "—"
-        needs = ", ".join(w for w, flag in (("base", m.needs_base), ("held-out data", m.needs_data)) if flag) or "—"
+        needs = ", ".join(w for w, flag in (("base", m.needs_base), ("held-out data", m.needs_data),
+                                            (f"K = {m.max_models}", m.max_models)) if flag) or "—"
         what = m.summary.replace("|", "\\|")
         rows.append(f"| {name} | {what} | {params} | {'yes' if m.seeded else 'no (built once)'} | {needs} | {m.citation} |")
     return "\n".join(rows)

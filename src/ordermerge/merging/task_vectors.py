@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ordermerge.merging import bits
+
 _HIGH_BINS, _LOW_BINS = 1 << 15, 1 << 16  # |τ| as fp32 bits, sign bit clear: 15 high bits, 16 low
 
 
@@ -232,21 +234,9 @@ def ties(rows, base, weights, scale, thresholds: torch.Tensor, scratch=None) -> 
 
 
 def gram_fp64(rows: torch.Tensor, base: torch.Tensor, scratch=None) -> np.ndarray:
-    """(K, K) float64 ⟨τ_i, τ_j⟩ over one chunk, on the CPU whatever the merge's device.
-
-    Elementwise products and torch's own sum, no BLAS (whose order varies with alignment and
-    threads), so the per-tensor ratio, and every byte after it, is the same on any device.
-    With ``scratch`` the temporaries are reused per-thread buffers; same ops, same sums.
-    """
-    taus32 = task_vectors(rows.cpu(), base.cpu(), scratch)
-    taus = _empty(scratch, "gram_f64", taus32.shape, torch.float64, taus32.device).copy_(taus32)
-    product = _empty(scratch, "gram_product", taus.shape[1:], torch.float64, taus.device)
-    k = taus.shape[0]
-    gram = np.zeros((k, k))
-    for i in range(k):
-        for j in range(i, k):
-            gram[i, j] = gram[j, i] = float(torch.mul(taus[i], taus[j], out=product).sum())
-    return gram
+    """(K, K) float64 ⟨τ_i, τ_j⟩ over one chunk, on the CPU whatever the merge's device (:func:`bits.gram_fp64`
+    of the fp32 task vectors)."""
+    return bits.gram_fp64(task_vectors(rows.cpu(), base.cpu(), scratch), scratch)
 
 
 def model_stock_ratio(gram: np.ndarray) -> tuple[float, float]:

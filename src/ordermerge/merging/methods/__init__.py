@@ -1,7 +1,10 @@
 """One module per merge method; ``ordermerge.merging.methods.<name>`` defines ``Merger``.
 
 The engine (:mod:`ordermerge.merging.engine`) streams every tensor through a :class:`MergeMethod`
-and knows nothing of any particular method. The hooks, each with a do-nothing default:
+and knows nothing of any particular method: its name, parameters and flags live in the registry
+(:mod:`ordermerge.merging.registry`), and the method reads its parameters from ``ctx.params``
+(checked, defaults filled in). The hooks, each with a do-nothing default
+(docs/adding-a-merge-method.md walks through one method):
 
 - ``check(ctx)``: refuse inputs the method cannot merge (before anything is written);
 - ``prepare(ctx, pool, tasks, progress)``: passes before the merge, over the same chunks (whole-tensor
@@ -10,7 +13,9 @@ and knows nothing of any particular method. The hooks, each with a do-nothing de
 - ``chunk_size(info)``: elements per task of a float tensor (``CHUNK``; ``info.numel`` for methods that
   need whole tensors, e.g. an SVD: the engine then reads the K full tensors of that one name);
 - ``merge_chunk(ctx, name, start, count)``: the output bits of one chunk and its statistics;
-- ``summary(ctx, tasks, results)``: (stats, per_tensor, extra) for ``merge.json``.
+- ``summary(ctx, tasks, results)``: (stats, per_tensor, extra) for ``merge.json``: ``stats`` is the
+  method's headline (the CLI prints each of its keys), ``per_tensor`` its per-tensor record, ``extra``
+  further top-level keys.
 
 Non-float tensors never reach a method: the engine copies them from the first input.
 """
@@ -38,12 +43,18 @@ class MergeMethod:
 
     def summary(self, ctx, tasks: list[tuple], results: list) -> tuple[dict, dict, dict]:
         """(what goes into ``stats`` after ``elements``, ``per_tensor``, further top-level keys)."""
-        return {"fraction_from": None, "resampled_per_round": [0] * ctx.resample, "zero_task_vector_after": 0}, {}, {}
+        return {}, {}, {}
 
 
 def load(name: str) -> MergeMethod:
     """The implementation of registry method ``name``."""
     return importlib.import_module(f"{__name__}.{name}").Merger()
+
+
+def require_uniform_weights(ctx, why: str) -> None:
+    """Refuses non-uniform ``--weights`` for a method that weighs its inputs by itself (``why`` says how)."""
+    if ctx.weights is not None and len(set(ctx.weights)) > 1:
+        raise ValueError(f"{why}; drop --weights")
 
 
 class TaskVectorMethod(MergeMethod):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ordermerge.merging.methods import MergeMethod
+from ordermerge.merging.methods import MergeMethod, require_uniform_weights
 from ordermerge.merging.methods.average import Merger as Average
 
 
@@ -32,8 +32,7 @@ def heldout_loss(model_dir: Path, records: list[dict], task_spec: dict, device) 
 
 class Merger(MergeMethod):
     def check(self, ctx):
-        if ctx.weights is not None and len(set(ctx.weights)) > 1:
-            raise ValueError("greedy_soup averages the chosen inputs uniformly (Wortsman et al.); drop --weights")
+        require_uniform_weights(ctx, "greedy_soup averages the chosen inputs uniformly (Wortsman et al.)")
 
     def prepare(self, ctx, pool, tasks, progress):
         from ordermerge.data.prepare import read_jsonl

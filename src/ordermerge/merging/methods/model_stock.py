@@ -3,27 +3,21 @@ vectors' mean pairwise cosine, per tensor (a Gram matrix summed over chunks firs
 
 from __future__ import annotations
 
-import numpy as np
-
 from ordermerge.merging import task_vectors as tv
 from ordermerge.merging.bits import stored_bits
-from ordermerge.merging.methods import TaskVectorMethod
-from ordermerge.merging.passes import gather
+from ordermerge.merging.methods import TaskVectorMethod, require_uniform_weights
+from ordermerge.merging.passes import tensor_totals
 
 
 class Merger(TaskVectorMethod):
     def check(self, ctx):
-        if ctx.weights is not None and len(set(ctx.weights)) > 1:
-            raise ValueError("model_stock averages the inputs uniformly (Jang et al.); drop --weights")
+        require_uniform_weights(ctx, "model_stock averages the inputs uniformly (Jang et al.)")
 
     def prepare(self, ctx, pool, tasks, progress):
         """Per tensor: the Gram matrix of task vectors, summed over chunks in chunk order (fp64, CPU)."""
-        grams = gather(pool, lambda n, lo, c: tv.gram_fp64(*ctx.rows(n, lo, c, device="cpu"), ctx.scratch),
-                       tasks, progress, "model_stock angles")
-        total: dict[str, np.ndarray] = {}
-        for (name, _, _), gram in zip(tasks, grams):  # tasks are in chunk order within a tensor
-            total[name] = total[name] + gram if name in total else gram
-        for name, gram in total.items():
+        grams = tensor_totals(pool, lambda n, lo, c: tv.gram_fp64(*ctx.rows(n, lo, c, device="cpu"), ctx.scratch),
+                              tasks, progress, "model_stock angles")
+        for name, gram in grams.items():
             ratio, cosine = tv.model_stock_ratio(gram)
             ctx.per_tensor[name] = ratio
             ctx.tensor_stats[name] = {"ratio": ratio, "cosine": cosine}

@@ -1,6 +1,8 @@
 """``select`` (Ju et al., Eq. 2) and ``resampleN`` (Eq. 3): every element taken whole from one input.
 
 Raw bits gathered on the CPU (where the per-chunk random draws are made) whatever the device.
+``resample`` is this method's parameter (``ctx.params``); the registry spells select with
+``resample = N`` as the key ``resampleN`` in paths and configs.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ from ordermerge.merging.methods import MergeMethod
 
 class Merger(MergeMethod):
     def merge_chunk(self, ctx, name, start, count):
-        with_base = ctx.resample > 0
-        stack = ctx.read(name, start, count, with_base=with_base)
+        resample = ctx.params["resample"]
+        stack = ctx.read(name, start, count, with_base=resample > 0)
         k = len(ctx.models)
         rng = chunk_rng(ctx.seed, name, start // CHUNK)
-        return select_bits(stack[:k], ctx.probs, rng, stack[k] if with_base else None, ctx.resample)
+        return select_bits(stack[:k], ctx.probs, rng, stack[k] if resample else None, resample)
 
     def summary(self, ctx, tasks, results):
         per_tensor: dict[str, SelectStats] = {}
         for (name, _, _), stats in zip(tasks, results):
             if isinstance(stats, SelectStats):
                 per_tensor[name] = per_tensor[name] + stats if name in per_tensor else stats
-        total = SelectStats([0] * len(ctx.models), [0] * ctx.resample)
+        total = SelectStats([0] * len(ctx.models), [0] * ctx.params["resample"])
         for stats in per_tensor.values():
             total = total + stats
         selected = sum(total.counts)
