@@ -17,7 +17,6 @@ README_LIMIT = 10_000  # bytes: the front page; the guide lives in docs/
 # lands (the test then checks the link like any other); delete the list when it is empty.
 COMING_FROM_ANOTHER_BRANCH = {
     "docs/own-data.md",
-    "docs/adding-a-merge-method.md",
     "docs/mergekit.md",
 }
 
