@@ -37,13 +37,17 @@ class _Skip(Exception):
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
-    """The schema file plus what the merge registry says: the method-key pattern and merge parameters."""
+    """The schema file plus what the registries say: the merge-method key pattern and merge parameters,
+    and the answer kinds."""
     with open(path) as fh:
         schema = yaml.safe_load(fh)
     merge = schema["properties"]["merge"]
     fragment = registry.schema_fragment()
     merge["properties"]["methods"]["items"]["pattern"] = fragment["pattern"]
     merge["properties"].update(fragment["params"])
+    from ordermerge.data.kinds import KINDS  # torch-free
+
+    schema["properties"]["tasks"]["additionalProperties"]["properties"]["answer"]["enum"] = list(KINDS)
     return schema
 
 

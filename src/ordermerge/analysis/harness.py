@@ -50,8 +50,10 @@ def _differences(mine: dict[str, dict], theirs: dict[str, dict], lm_metric: str,
         right_b = bool(b.get(lm_metric)) if b else None
         if right_a != right_b:
             ours = a.get("generation")
+            # a text task's row has its extracted answer; a numeric one's is the generation's number
+            answer = a["prediction"] if "prediction" in a else extract_number(ours) if ours is not None else None
             out.append({"sample_id": sid, "filter": filt, "ordermerge_correct": right_a, "lm_eval_correct": right_b,
-                        "gold": a.get("answer"), "ordermerge_answer": extract_number(ours) if ours is not None else None,
+                        "gold": a.get("answer"), "ordermerge_answer": answer,
                         "lm_eval_answer": b.get("answer"), "ordermerge_generation": ours,
                         "lm_eval_generation": b.get("cut")})
     return out
