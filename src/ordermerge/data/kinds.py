@@ -43,7 +43,7 @@ def gold_value(spec: dict, row: dict):
 def infer(task: str, spec: dict, rows: list[dict]) -> tuple[str, str]:
     """The kind of an ``hf`` task's rows when the config does not say, and why; refused when unclear."""
     field = spec.get("choices_field") or DEFAULT_CHOICES_FIELD
-    with_choices = sum(1 for r in rows if field in r)
+    with_choices = sum(1 for r in rows if r.get(field) is not None)  # datasets fills a missing field with None
     if with_choices == len(rows) and rows:
         return "choice", f"every record has a {field!r} field"
     if with_choices:
@@ -68,7 +68,7 @@ def check(task: str, kind: str, records: list[dict]) -> dict:
     sample scores 0 whatever the model says): refused; fewer are counted in the summary (asdiv's default
     test split has 4 of 64). text: a gold alias that normalises to nothing can never be matched: refused."""
     if kind == "numeric":
-        unread = [r["answer"] for r in records if extract_number(str(r["answer"])) is None]
+        unread = [r["answer"] or r["response"] for r in records if extract_number(str(r["answer"])) is None]
         if len(unread) * 2 > len(records):
             raise AnswerError(f"tasks.{task}: {len(unread)} of {len(records)} gold answers hold no number (e.g. "
                               f"{_examples(unread)}); set tasks.{task}.answer: text")
@@ -88,7 +88,7 @@ def describe(task: str, spec: dict, records: list[dict]) -> dict:
     if spec.get("answer"):
         origin = f"set (tasks.{task}.answer)"
     elif SOURCE_KINDS.get(spec.get("source")):
-        origin = f"the source {spec['source']!r}'s"
+        origin = f"fixed by the source {spec['source']!r}"
     elif kind == "choice":
         origin = f"inferred: every record has a {spec.get('choices_field') or DEFAULT_CHOICES_FIELD!r} field"
     else:
