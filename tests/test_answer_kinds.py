@@ -220,3 +220,26 @@ def test_user_multiple_choice_is_scored_as_the_shipped_sets(tiny_base_f32, tmp_p
         assert row["logprobs"] == pytest.approx(ref, abs=1e-4)
         assert row["pred"] == max(range(len(ref)), key=lambda k: ref[k])
     assert choice_logprobs(model, tokenizer, mine, None, 4) == [row["logprobs"] for row in rows_mine]
+
+
+def test_prepare_and_evaluate_a_text_task_end_to_end(tiny_base_f32, tmp_path):
+    """prepare-data logs the inferred kind and writes the aliases; evaluate scores by them (exact match
+    and F1 in its metrics, the extracted answer in each generation row)."""
+    from transformers import AutoTokenizer
+
+    from ordermerge.data.prepare import prepare_task, read_jsonl
+    from ordermerge.scoring.evaluate import evaluate_model
+
+    spec = {**hf_spec(write_jsonl(tmp_path / "words.jsonl", word_rows())), "n_train": 8, "n_val": 4, "n_test": 6,
+            "max_length": 96, "system_prompt": None}
+    summary = prepare_task("words", spec, AutoTokenizer.from_pretrained(tiny_base_f32), 0, tmp_path / "data")
+    assert summary["answer"] == "text" and summary["answer_from"].startswith("inferred: 0 of 19")
+    test = read_jsonl(tmp_path / "data" / "test.jsonl")
+    assert all(r["answers"] and r["answer"] == r["answers"][0] for r in test)
+    metrics = evaluate_model(tiny_base_f32, tmp_path / "data" / "val.jsonl", tmp_path / "data" / "test.jsonl", spec,
+                             {"batch_size": 4, "max_new_tokens": 8, "n_generate": None}, tmp_path / "m.json",
+                             tmp_path / "g.jsonl", {"model": "tiny", "task": "words"})
+    assert metrics["task_metric"] == "exact_match" and {"exact_match", "f1"} <= set(metrics)
+    rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in rows] == [extract_text_answer(r["generation"]) for r in rows]
+    assert metrics["f1"] == pytest.approx(sum(r["f1"] for r in rows) / len(rows))

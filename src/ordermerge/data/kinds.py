@@ -50,12 +50,13 @@ def infer(task: str, spec: dict, rows: list[dict]) -> tuple[str, str]:
         raise AnswerError(f"tasks.{task}: {with_choices} of {len(rows)} records have a {field!r} field and the rest "
                           f"do not; set tasks.{task}.answer: choice (and fix the records without it) or text/numeric")
     golds = [g[0] if isinstance(g, list) and g else g for g in (gold_value(spec, r) for r in rows)]
-    numeric = [g for g in golds if g is not None and extract_number(str(g)) is not None]
+    golds = [g for g in golds if g is not None and str(g).strip()]  # empty: no evidence (``check`` reads them)
+    numeric = [g for g in golds if extract_number(str(g)) is not None]
     if len(numeric) == len(golds):
         return "numeric", f"all {len(golds)} gold answers hold a number"
     if not numeric:
         return "text", f"none of the {len(golds)} gold answers holds a number"
-    words = [g for g in golds if g is None or extract_number(str(g)) is None]
+    words = [g for g in golds if extract_number(str(g)) is None]
     raise AnswerError(f"tasks.{task}: {len(numeric)} of {len(golds)} gold answers hold a number and {len(words)} do "
                       f"not (e.g. {_examples(words)}), so the kind is unclear; set tasks.{task}.answer: numeric "
                       f"(score the final number) or text (score the whole answer)")
