@@ -115,9 +115,11 @@ def test_lm_eval_text_exact_match_and_f1_equal_ours_per_sample(peaky, tmp_path, 
         r["answer"] = r["answers"][0]
     right = [exact_match_text(extract_text_answer(g), r["answers"]) for g, r in zip(ours, records)]
     assert 0 < sum(right) < len(right)
-    out = harness.harness_stage(peaky, write_jsonl(tmp_path / "test.jsonl", records), SPEC, EVAL,
-                                {"model": "tiny", "task": "words"}, tmp_path / "m.json", tmp_path / "s.jsonl")
-    samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "s.jsonl")}
+    ident = {"model": "tiny", "task": "words", "scheme": "shuffle", "kind": "single", "method": "single", "seed": None,
+             "run": 0, "epoch": 1}
+    out = harness.harness_stage(peaky, write_jsonl(tmp_path / "test.jsonl", records), SPEC, EVAL, ident,
+                                tmp_path / "m.json", tmp_path / "m.samples.jsonl")
+    samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "m.samples.jsonl")}
     assert {s["filter"] for s in samples.values()} == {harness.FILTER}  # no GSM8K extraction for words
     for r, g, ok in zip(records, ours, right):
         s = samples[r["sample_id"]]
@@ -127,6 +129,18 @@ def test_lm_eval_text_exact_match_and_f1_equal_ours_per_sample(peaky, tmp_path, 
     assert values["exact_match"] == pytest.approx(sum(right) / len(right))
     assert values["f1"] == pytest.approx(sum(s["f1"] for s in samples.values()) / len(samples))
     assert 0 < values["f1"] < 1
+    # the agreement table (analysis/harness.py) of the two: the same score, no sample scored differently
+    from ordermerge.analysis.harness import agreement_table
+    from ordermerge.scoring.evaluate import text_scores
+
+    metrics, rows = text_scores(model, tokenizer, records, SPEC, EVAL)
+    (tmp_path / "e.json").write_text(json.dumps({**ident, **metrics}))
+    write_jsonl(tmp_path / "e.generations.jsonl", rows)
+    table, differ = agreement_table([(tmp_path / "e", tmp_path / "m")])
+    [row] = table.to_dict("records")
+    assert (row["metric"], row["ordermerge"], row["lm_eval"]) == ("exact_match", metrics["exact_match"],
+                                                                 pytest.approx(values["exact_match"]))
+    assert (row["disagree"], row["other_text"], differ) == (0, 0, {})
 
 
 def test_lm_eval_mc_accuracy_equals_ours(peaky, tmp_path, no_network):
