@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from helpers import ROOT
 
 from ordermerge.cli import main
 from ordermerge.data import kinds
@@ -243,3 +244,31 @@ def test_prepare_and_evaluate_a_text_task_end_to_end(tiny_base_f32, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in rows] == [extract_text_answer(r["generation"]) for r in rows]
     assert metrics["f1"] == pytest.approx(sum(r["f1"] for r in rows) / len(rows))
+
+
+def test_the_docs_examples_load_as_their_kind_set_and_inferred(tmp_path):
+    """docs/own-data.md: each worked JSONL with its config validates and loads as the kind it names, and
+    the kind inferred without the key is the same."""
+    import re
+
+    import yaml
+
+    from ordermerge.config import validate_config
+
+    text = (ROOT / "docs" / "own-data.md").read_text()
+    blocks = re.findall(r"```(jsonl|yaml)\n(.*?)```", text, re.S)
+    pairs = [(blocks[i][1], blocks[i + 1][1]) for i in range(len(blocks) - 1)
+             if blocks[i][0] == "jsonl" and blocks[i + 1][0] == "yaml"]
+    assert len(pairs) == len(kinds.KINDS)
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+    base["eval"]["n_generate"] = None
+    seen = []
+    for jsonl, config in pairs:
+        (name, spec), = yaml.safe_load(config)["tasks"].items()
+        spec["data_files"] = str(write_jsonl(tmp_path / spec["data_files"], [json.loads(x) for x in jsonl.splitlines()]))
+        validate_config({**base, "tasks": {name: spec}})
+        records = load_records(name, spec, 0, 0)
+        unset = {k: v for k, v in spec.items() if k not in ("answer", "choices_field")}
+        assert kinds.kind_of(records[0]) == spec["answer"] == kinds.kind_of(load_records(name, unset, 0, 0)[0])
+        seen.append(spec["answer"])
+    assert sorted(seen) == sorted(kinds.KINDS)
