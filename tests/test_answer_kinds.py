@@ -272,3 +272,26 @@ def test_the_docs_examples_load_as_their_kind_set_and_inferred(tmp_path):
         assert kinds.kind_of(records[0]) == spec["answer"] == kinds.kind_of(load_records(name, unset, 0, 0)[0])
         seen.append(spec["answer"])
     assert sorted(seen) == sorted(kinds.KINDS)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"answer": "text"}, "tasks.asdiv.answer: text — the source 'asdiv' has numeric answers; drop tasks.asdiv.answer, "
+                         "or use source hf for your own data (docs/own-data.md)"),
+    ({"answer": "txt"}, "tasks.asdiv.answer: 'txt' — not an allowed value (did you mean 'text'?); use one of: "
+                        "numeric, text, choice"),
+    ({"choices_field": "options"}, "tasks.asdiv.choices_field: 'options' — ignored: source 'asdiv' is not hf; drop it, "
+                                   "or use source hf with answer: choice"),
+    ({"source": "hf", "path": "json", "answer": "text", "choices_field": "options"},
+     "tasks.asdiv.choices_field: 'options' — ignored: answer is text; drop it, or use source hf with answer: choice"),
+])
+def test_config_refuses_answer_keys_that_cannot_apply(change, says):
+    """Checked with the config, before any data is read; the kinds' names come from kinds.KINDS."""
+    import yaml
+
+    from ordermerge.config import ConfigError, validate_config
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["tasks"]["asdiv"].update(change)
+    with pytest.raises(ConfigError) as exc:
+        validate_config(cfg)
+    assert exc.value.problems == [says]
