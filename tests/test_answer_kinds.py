@@ -149,6 +149,10 @@ def test_bad_choice_records_are_refused_with_the_fix(tmp_path):
     assert text.startswith("tasks.mc: 3 of 4 records cannot be scored as multiple choice (record 2: choices ['x', "
                            "'y'], answer 5; record 3: choices ['x'], answer 0; record 4: choices ['x', 'y'], answer 'z')")
     assert "fix those records, or name the fields with tasks.mc.choices_field / answer_field" in text
+    csv = [{"question": "a", "choices": ["x", "y", "1"], "answer": "1"}, {"question": "b", "choices": ["x", "y"], "answer": "1"}]
+    assert [r["label"] for r in load_records("csv", hf_spec(write_jsonl(tmp_path / "csv.jsonl", csv)), 0, 0)] == [2, 1]
+    with pytest.raises(kinds.AnswerError, match=r"^tasks\.mc\.choices_field: 'options' — no record has that field"):
+        load_records("mc", hf_spec(tmp_path / "csv.jsonl", choices_field="options"), 0, 0)
     some = hf_spec(write_jsonl(tmp_path / "half.jsonl", [rows[0], {"question": "e", "answer": "x"}]))
     with pytest.raises(kinds.AnswerError, match="1 of 2 records have a 'choices' field and the rest do not"):
         load_records("h", some, 0, 0)

@@ -46,6 +46,9 @@ def infer(task: str, spec: dict, rows: list[dict]) -> tuple[str, str]:
     with_choices = sum(1 for r in rows if r.get(field) is not None)  # datasets fills a missing field with None
     if with_choices == len(rows) and rows:
         return "choice", f"every record has a {field!r} field"
+    if not with_choices and spec.get("choices_field"):
+        raise AnswerError(f"tasks.{task}.choices_field: {field!r} — no record has that field; name the field that "
+                          f"holds the choices, or drop choices_field")
     if with_choices:
         raise AnswerError(f"tasks.{task}: {with_choices} of {len(rows)} records have a {field!r} field and the rest "
                           f"do not; set tasks.{task}.answer: choice (and fix the records without it) or text/numeric")

@@ -94,14 +94,15 @@ def _records_hf(task: str, spec: dict, count: int, seed: int) -> list[dict]:
 
 
 def _choice_label(choices: list[str], gold) -> int | None:
-    """The gold index: an index, the gold choice's text, or its letter (A, B, ...) when no choice reads so."""
+    """The gold index: an index, the gold choice's text, or else (no choice reads so) its letter (A, B, ...)
+    or an index written as text ("1", as CSV files hold it)."""
     if isinstance(gold, int) and not isinstance(gold, bool):
         return gold if 0 <= gold < len(choices) else None
     text = str(gold).strip()
     if text in choices:
         return choices.index(text)
-    letter = ord(text) - ord("A") if len(text) == 1 and "A" <= text <= "Z" else -1
-    return letter if 0 <= letter < len(choices) else None
+    index = ord(text) - ord("A") if len(text) == 1 and "A" <= text <= "Z" else int(text) if text.isdigit() else -1
+    return index if 0 <= index < len(choices) else None
 
 
 def _choice_records(task: str, spec: dict, rows: list[dict]) -> list[dict]:
