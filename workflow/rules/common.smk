@@ -468,7 +468,10 @@ def check_data_before_any_job():
                     f"models.{model} / tasks.{task}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
                 )
             # An answer kind inferred from the data (docs/own-data.md) is said before the first job.
-            summary = json.loads(proc.stdout.strip().splitlines()[-1])
+            lines = proc.stdout.strip().splitlines()
+            summary = (
+                json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+            )
             if summary.get("answer_from", "").startswith("inferred"):
                 print(
                     f"tasks.{task}: answer: {summary['answer']} ({summary['answer_from']})",
