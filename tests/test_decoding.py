@@ -1,4 +1,5 @@
-"""Greedy decoding stops once a sequence has its answer line, and cuts the generation there."""
+"""Greedy decoding stops once a sequence has its answer line (numeric: `#### <n>`; text: the first
+non-empty line), and cuts the generation there."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from ordermerge.data.formatting import extract_number
-from ordermerge.scoring.evaluate import ANSWER_LINE, cut_at_answer, greedy_answers
+from ordermerge.scoring.evaluate import ANSWER_LINE, TEXT_LINE, cut_at_answer, greedy_answers
 from ordermerge.scoring.losses import load_model
 
 
@@ -75,3 +76,43 @@ def test_generation_stops_per_sequence_and_per_batch(tiny_base_f32):
     assert stats["decode_steps"] == first_batch + 40
     # row 1 finished earlier and was padded, not decoded further
     assert stats["generated_tokens"] == first_batch + len("7+3=10\n#### 10\n") + 40
+
+
+@pytest.mark.parametrize("text, cut", [
+    ("blue\nThe sky", "blue"),
+    ("\n  Paris.\nmore", "\n  Paris."),  # leading blank lines are not the answer's end
+    ("The answer is cold", "The answer is cold"),  # no newline yet: EOS or max_new_tokens ends it
+    ("\n\n", "\n\n"),
+])
+def test_text_answers_end_at_their_line(text, cut):
+    assert cut_at_answer(text, "text") == cut
+    assert (TEXT_LINE.search(text) is not None) is (cut != text)
+
+
+def test_text_generation_stops_at_the_end_of_the_answer_line(tiny_base_f32):
+    """A text task's sequence stops at the newline after its answer, where a numeric one decodes on
+    (no '#### <n>' line comes) to max_new_tokens."""
+    model, tokenizer = load_model(tiny_base_f32)
+    scripts = ["\nblue\nand more words", "light blue\n"]
+    records = [{"prompt": p, "answer": a} for p, a in (("aa", "blue"), ("bb", "light blue"))]
+    state = {"width": 0, "rows": [0, 1]}
+    original_tokenizer_call = tokenizer.__class__.__call__
+
+    def call(self, texts, **kwargs):
+        enc = original_tokenizer_call(self, texts, **kwargs)
+        state["width"] = enc["input_ids"].shape[1]
+        return enc
+
+    tokenizer.__class__.__call__ = call
+    try:
+        _scripted(model, tokenizer, scripts, state)
+        text_stats: dict = {}
+        text = greedy_answers(model, tokenizer, records, None, 2, 30, text_stats, kind="text")
+        numeric_stats: dict = {}
+        numeric = greedy_answers(model, tokenizer, records, None, 2, 30, numeric_stats)
+    finally:
+        tokenizer.__class__.__call__ = original_tokenizer_call
+    assert text == ["\nblue", "light blue"]
+    assert text_stats["decode_steps"] == len("light blue\n")  # the later of the two lines' ends
+    assert numeric_stats["decode_steps"] == 30
+    assert numeric[0] == ("\nblue\nand more words" + "x" * 30)[:30]

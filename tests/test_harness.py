@@ -1,5 +1,6 @@
 """lm-eval-harness on ordermerge models (scoring/harness.py), offline on the tiny Llama: the mirrored
-task loads in lm-eval, lm-eval's per-sample exact match and MC accuracy equal ours on the same model,
+task loads in lm-eval, lm-eval's per-sample exact match (numeric and text, with text F1) and MC accuracy
+equal ours on the same model,
 standard task names reach lm-eval unchanged, and the CLI refuses to write into its input."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ordermerge.scoring import harness
 from ordermerge.scoring.choices import choice_logprobs, mc_rows
 from ordermerge.scoring.evaluate import cut_at_answer, exact_match, greedy_answers
 from ordermerge.scoring.losses import load_model
+from ordermerge.scoring.text import best_f1, exact_match_text, extract_text_answer
 
 SPEC = {"max_length": 96, "system_prompt": "Solve."}
 EVAL = {"batch_size": 4, "max_new_tokens": 16, "harness": ["mirror"]}
@@ -99,6 +101,46 @@ def test_lm_eval_exact_match_equals_ours_per_sample(peaky, tmp_path, no_network)
     assert [r["filter"] for r in stock] == ["strict-match", "flexible-extract"]
     assert row["value"] == pytest.approx(sum(right) / len(right))
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == out["rows"]
+
+
+def test_lm_eval_text_exact_match_and_f1_equal_ours_per_sample(peaky, tmp_path, no_network):
+    """A text task (answer: text): lm-eval decodes the same line, our filter takes the same answer, and its
+    own copy of SQuAD's normalisation and F1 (process_results) scores it as ours does, alias by alias."""
+    model, tokenizer = load_model(peaky)
+    records = [{"sample_id": f"t{i}", "prompt": f"Name colour {i}." + " ok" * (i % 3), "response": "x"} for i in range(8)]
+    ours = greedy_answers(model, tokenizer, records, SPEC["system_prompt"], 4, EVAL["max_new_tokens"], kind="text")
+    for i, (r, g) in enumerate(zip(records, ours)):  # right: our own answer among the aliases; else a partial one
+        words = extract_text_answer(g).split()
+        r["answers"] = ["zzz", extract_text_answer(g)] if i % 2 == 0 else ["zzz " + (words[0] if words else "q")]
+        r["answer"] = r["answers"][0]
+    right = [exact_match_text(extract_text_answer(g), r["answers"]) for g, r in zip(ours, records)]
+    assert 0 < sum(right) < len(right)
+    ident = {"model": "tiny", "task": "words", "scheme": "shuffle", "kind": "single", "method": "single", "seed": None,
+             "run": 0, "epoch": 1}
+    out = harness.harness_stage(peaky, write_jsonl(tmp_path / "test.jsonl", records), SPEC, EVAL, ident,
+                                tmp_path / "m.json", tmp_path / "m.samples.jsonl")
+    samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "m.samples.jsonl")}
+    assert {s["filter"] for s in samples.values()} == {harness.FILTER}  # no GSM8K extraction for words
+    for r, g, ok in zip(records, ours, right):
+        s = samples[r["sample_id"]]
+        assert s["cut"] == g and s["answer"] == extract_text_answer(g)
+        assert (bool(s["exact_match"]), s["f1"]) == (ok, pytest.approx(best_f1(extract_text_answer(g), r["answers"])))
+    values = {row["metric"]: row["value"] for row in out["rows"]}
+    assert values["exact_match"] == pytest.approx(sum(right) / len(right))
+    assert values["f1"] == pytest.approx(sum(s["f1"] for s in samples.values()) / len(samples))
+    assert 0 < values["f1"] < 1
+    # the agreement table (analysis/harness.py) of the two: the same score, no sample scored differently
+    from ordermerge.analysis.harness import agreement_table
+    from ordermerge.scoring.evaluate import text_scores
+
+    metrics, rows = text_scores(model, tokenizer, records, SPEC, EVAL)
+    (tmp_path / "e.json").write_text(json.dumps({**ident, **metrics}))
+    write_jsonl(tmp_path / "e.generations.jsonl", rows)
+    table, differ = agreement_table([(tmp_path / "e", tmp_path / "m")])
+    [row] = table.to_dict("records")
+    assert (row["metric"], row["ordermerge"], row["lm_eval"]) == ("exact_match", metrics["exact_match"],
+                                                                 pytest.approx(values["exact_match"]))
+    assert (row["disagree"], row["other_text"], differ) == (0, 0, {})
 
 
 def test_lm_eval_mc_accuracy_equals_ours(peaky, tmp_path, no_network):

@@ -64,6 +64,27 @@ def test_impossible_data_fails_before_the_first_job(tmp_path, case):
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()  # no job ran
 
 
+def test_unreadable_gold_answers_fail_before_the_first_job(tmp_path):
+    """A user's JSONL of word answers: inferred as text and said so; scored as numeric, refused with the
+    counts and the key to set, before any job (docs/own-data.md)."""
+    words = tmp_path / "words.jsonl"
+    words.write_text("".join(json.dumps({"question": f"Repeat the word: w{chr(97 + i % 26)}{i}x", "answer": "blue"}) + "\n"
+                             for i in range(20)))
+    cfg = yaml.safe_load(SMOKE.read_text())
+    spec = {"source": "hf", "path": "json", "data_files": str(words), "max_length": 64, "n_train": 8, "n_val": 4,
+            "n_test": 4}
+    cfg["tasks"] = {"inferred": spec, "numbers": {**spec, "answer": "numeric"}}  # checked in this (sorted) order
+    bad = tmp_path / "words.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, configfile=bad, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "tasks.inferred: answer: text (inferred: 0 of 20 gold answers hold a number; " in out
+    assert ("tasks.numbers: ordermerge check-data: error: tasks.numbers: 20 of 20 gold answers hold no number "
+            "(e.g. 'blue', 'blue', 'blue', ...); set tasks.numbers.answer: text") in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()  # no job ran
+
+
 # smoke_run: the session fixture in conftest.py (one real run, shared with test_determinism.py).
 
 

@@ -37,7 +37,8 @@ class _Skip(Exception):
 
 
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
-    """The schema file plus what the merge registry says: the method-key pattern and merge parameters."""
+    """The schema file plus what the registries say: the merge-method key pattern and merge parameters,
+    and the answer kinds."""
     with open(path) as fh:
         schema = yaml.safe_load(fh)
     merge = schema["properties"]["merge"]
@@ -45,6 +46,9 @@ def load_schema(path: Path = SCHEMA_PATH) -> dict:
     merge["properties"]["methods"]["items"]["pattern"] = fragment["pattern"]
     merge["properties"].update(fragment["params"])
     schema["properties"]["precisions"]["items"] = precisions.schema_fragment()
+    from ordermerge.data.kinds import KINDS  # torch-free
+
+    schema["properties"]["tasks"]["additionalProperties"]["properties"]["answer"]["enum"] = list(KINDS)
     return schema
 
 

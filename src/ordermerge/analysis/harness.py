@@ -2,8 +2,9 @@
 ordermerge's own scores of the same models on the same test samples (tables/harness_agreement).
 
 Beside the mirror's own filter (our extraction), lm-eval's GSM8K extraction (strict-match,
-flexible-extract) scores the same generations; every sample that one of them scores differently from
-ordermerge is listed with both answers, so each disagreement can be explained.
+flexible-extract) scores a numeric task's generations; every sample that one of them scores differently from
+ordermerge is listed with both answers, so each disagreement can be explained. A text task's exact match is
+compared the same way (lm-eval normalising with its own copy of SQuAD's ``normalize_answer``).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def _differences(mine: dict[str, dict], theirs: dict[str, dict], lm_metric: str,
         right_b = bool(b.get(lm_metric)) if b else None
         if right_a != right_b:
             ours = a.get("generation")
+            # a text task's row has its extracted answer; a numeric one's is the generation's number
+            answer = a["prediction"] if "prediction" in a else extract_number(ours) if ours is not None else None
             out.append({"sample_id": sid, "filter": filt, "ordermerge_correct": right_a, "lm_eval_correct": right_b,
-                        "gold": a.get("answer"), "ordermerge_answer": extract_number(ours) if ours is not None else None,
+                        "gold": a.get("answer"), "ordermerge_answer": answer,
                         "lm_eval_answer": b.get("answer"), "ordermerge_generation": ours,
                         "lm_eval_generation": b.get("cut")})
     return out

@@ -11,9 +11,10 @@ from ordermerge.analysis.stats import bootstrap_ci
 METRICS = ("val_loss", "exact_match", "task_score")
 # One set of K runs and its merges: a model, task and order scheme, in one stored precision.
 GROUP = ["model", "task", "scheme", "precision"]
-# Accuracy metrics by kind of task: exact match of the numeric answer, or for multiple-choice tasks
-# accuracy by log-likelihood (raw and per character). A task's headline one is its `task_metric`.
-TASK_METRICS = ("exact_match", "mc_accuracy", "mc_accuracy_norm")
+# Accuracy metrics by kind of answer (data/kinds.py): exact match of the numeric or text answer, token F1 of
+# a text answer, or for multiple-choice tasks accuracy by log-likelihood (raw and per character). A task's
+# headline one is its `task_metric`.
+TASK_METRICS = ("exact_match", "f1", "mc_accuracy", "mc_accuracy_norm")
 
 
 def with_task_score(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ordermerge.data import kinds
 from ordermerge.data.formatting import encode_example
 from ordermerge.data.sources import load_records
 from ordermerge.seeding import numpy_rng
@@ -38,7 +39,10 @@ def split_records(records: list[dict], sizes: dict[str, int], seed: int, task: s
 def _fitting_pool(task: str, spec: dict, tokenizer, seed: int) -> tuple[list[dict], list[dict], dict[str, int]]:
     """The task's pool, the samples of it within ``max_length`` tokens, and the split sizes asked for."""
     sizes = {k: spec[f"n_{k}"] for k in ("train", "val", "test")}
-    pool = load_records(task, spec, spec.get("pool_size", 4 * sum(sizes.values())), seed)
+    try:
+        pool = load_records(task, spec, spec.get("pool_size", 4 * sum(sizes.values())), seed)
+    except kinds.AnswerError as exc:  # an unclear or unreadable answer kind: the same clean refusal
+        raise DataError(str(exc)) from None
     if spec.get("n_heldout", 0) > 0:
         sizes["heldout"] = spec["n_heldout"]
     fitting = []
@@ -52,7 +56,8 @@ def _fitting_pool(task: str, spec: dict, tokenizer, seed: int) -> tuple[list[dic
 
 
 def check_task(task: str, spec: dict, tokenizer, seed: int) -> dict:
-    """Does the task have enough samples within max_length for its splits? The workflow asks before its
+    """Can the task's answers be scored (``kinds.check``: refused with the counts and the key to set), and
+    does it have enough samples within max_length for its splits? The workflow asks before its
     first job (``onstart`` in common.smk, with the source's tokenizer alone), so that a config that would
     only fail in prepare-data, after the base model is built, fails at once with the counts and the fix."""
     pool, fitting, sizes = _fitting_pool(task, spec, tokenizer, seed)
@@ -62,7 +67,8 @@ def check_task(task: str, spec: dict, tokenizer, seed: int) -> dict:
             f"task {task}: only {len(fitting)} of the {len(pool)} samples in the pool fit in max_length "
             f"{spec['max_length']} tokens, but {'+'.join(sizes)} = {need} are needed; raise tasks.{task}.max_length, "
             f"raise tasks.{task}.pool_size (where the source generates its samples), or lower the split sizes")
-    return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), "needed": need}
+    return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), "needed": need,
+            **kinds.describe(task, spec, pool)}
 
 
 def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Path) -> dict:
@@ -76,7 +82,8 @@ def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Pat
     for name, rows in splits.items():
         with atomic_path(out_dir / f"{name}.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), **{k: len(v) for k, v in splits.items()}}
+    return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), **{k: len(v) for k, v in splits.items()},
+            **kinds.describe(task, spec, pool)}
 
 
 class Records(list):

