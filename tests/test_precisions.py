@@ -117,10 +117,9 @@ def test_stochastic_twin_keeps_small_updates_that_nearest_erases(zoo, tmp_path):
 @pytest.mark.parametrize("method", ["average", "select", "resample1", "ties"])
 def test_fp32_fine_tunes_merge_against_the_bf16_base_widened(zoo, tmp_path, method):
     """A bf16 base widens exactly: merging fp32 fine-tunes against it equals merging against its fp32 copy."""
-    key = {"resample1": ("select", 1)}.get(method, (method, 0))
-    a = merge_models(zoo["base"], zoo["models"], tmp_path / "a", method=key[0], resample=key[1], seed=1, progress=False)
-    b = merge_models(zoo["base32"], zoo["models"], tmp_path / "b", method=key[0], resample=key[1], seed=1,
-                     progress=False)
+    name, params = {"resample1": ("select", {"resample": 1})}.get(method, (method, {}))
+    a = merge_models(zoo["base"], zoo["models"], tmp_path / "a", method=name, seed=1, progress=False, **params)
+    b = merge_models(zoo["base32"], zoo["models"], tmp_path / "b", method=name, seed=1, progress=False, **params)
     wa, wb = read_weights(tmp_path / "a"), read_weights(tmp_path / "b")
     for name in wa:
         assert wa[name].dtype == wb[name].dtype and torch.equal(wa[name], wb[name]), name
