@@ -116,6 +116,8 @@ def _rule_precisions(cfg):
     (whose stored dtype must widen exactly to it: bf16 or fp16 to fp32, or be the same)."""
     save = cfg["train"]["save_dtype"]
     for i, name in enumerate(cfg["precisions"]):
+        if name not in precisions.PRECISIONS:
+            continue  # the schema reports it
         p = precisions.get(name)
         if not precisions.reachable(name, save):
             yield (f"precisions[{i}]", f"{name} — cannot be made from checkpoints saved in {save} "
