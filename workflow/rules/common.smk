@@ -31,10 +31,14 @@ THREADS = config["threads_per_job"]
 MODELS = list(config["models"])
 TASKS = list(config["tasks"])
 SCHEMES = config["schemes"]
-PRECISIONS = config["precisions"]  # stored forms of every fine-tune; the first is the headline
+PRECISIONS = config[
+    "precisions"
+]  # stored forms of every fine-tune; the first is the headline
 SAVE_DTYPE = config["train"]["save_dtype"]
 ORDER_SEED = config["seed"] if config["order_seed"] is None else config["order_seed"]
-LOSS_METHODS = config["losses"]["methods"] or config["merge"]["methods"]  # Fig. 3/4's merges
+LOSS_METHODS = (
+    config["losses"]["methods"] or config["merge"]["methods"]
+)  # Fig. 3/4's merges
 P = paths.Paths(R)  # every artefact path: src/ordermerge/paths.py
 HARNESS = config["eval"]["harness"]  # lm-eval on every evaluated model; [] = off
 
@@ -104,7 +108,12 @@ def stored(model, task, scheme, precision, run, epoch):
 def stored_checkpoint(w, epoch=None):
     """Input function: the checkpoint of w.run at ``epoch`` (default w.epoch) in w.precision."""
     return stored(
-        w.model, w.task, w.scheme, w.precision, w.run, w.epoch if epoch is None else epoch
+        w.model,
+        w.task,
+        w.scheme,
+        w.precision,
+        w.run,
+        w.epoch if epoch is None else epoch,
     )
 
 
@@ -233,11 +242,19 @@ ROUNDED = [p for p in PRECISIONS if not precisions.is_saved_form(p, SAVE_DTYPE)]
 
 def rounding_files(model, task, scheme):
     """Every rounded final checkpoint: the storage-loss figure reads their round.json."""
-    return [stored(model, task, scheme, p, k, EPOCHS) for p in ROUNDED for k in range(K)]
+    return [
+        stored(model, task, scheme, p, k, EPOCHS) for p in ROUNDED for k in range(K)
+    ]
 
 
 def table_names():
-    names = ["table1", "imbalance", "metrics", "fig3_rho", *(["storage"] * bool(ROUNDED))]
+    names = [
+        "table1",
+        "imbalance",
+        "metrics",
+        "fig3_rho",
+        *(["storage"] * bool(ROUNDED)),
+    ]
     if len(MODELS) > 1:
         names.append("table2")
     if set(SCHEMES) == {"shuffle", "fixbatch"}:
@@ -363,7 +380,9 @@ def fine_tune_launcher(resources, threads):
 
 
 def merge_inputs(w):
-    return [stored(w.model, w.task, w.scheme, w.precision, k, w.epoch) for k in range(K)]
+    return [
+        stored(w.model, w.task, w.scheme, w.precision, k, w.epoch) for k in range(K)
+    ]
 
 
 def merge_flags(w, input):
