@@ -253,7 +253,7 @@ def table_names():
         "imbalance",
         "metrics",
         "fig3_rho",
-        *(["storage"] * bool(ROUNDED)),
+        *(["storage", "updates"] * bool(ROUNDED)),
     ]
     if len(MODELS) > 1:
         names.append("table2")
@@ -506,6 +506,21 @@ def analysis_inputs(w):
                     P.of("order", model=m, task=t, scheme=s, run=k) for k in range(K)
                 ]
                 files += rounding_files(m, t, s)
+                # the storage tables compare every stored model's task vector (analysis/storage.py)
+                files += [
+                    P.of(
+                        "merged",
+                        model=m,
+                        task=t,
+                        scheme=s,
+                        precision=p,
+                        epoch=MERGE_EPOCH,
+                        method=meth,
+                        mseed=seed,
+                    )
+                    for p in PRECISIONS
+                    for meth, seed in merge_variants()
+                ] * bool(ROUNDED)
                 for p in PRECISIONS:
                     files += single_eval_files(m, t, s, p)
                     files += merged_eval_files(m, t, s, p)

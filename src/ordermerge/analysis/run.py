@@ -21,7 +21,8 @@ from ordermerge.analysis.figures import plot_fig1, plot_fig3, plot_fig4
 from ordermerge.data.orders import first_epoch_positions, load_order
 from ordermerge.analysis.stats import (paired_rho, paired_rho_ci, permutation_p, residual_rho_ci, spearman,
                                        verdict)
-from ordermerge.analysis.storage import plot_storage, storage_applies, storage_markdown, storage_table
+from ordermerge.analysis.storage import (plot_storage, storage_applies, storage_markdown, storage_table, update_markdown,
+                                         update_table)
 from ordermerge.analysis.tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
 from ordermerge.merging.registry import merge_variants
 from ordermerge.paths import EVAL_FILES, Paths
@@ -210,6 +211,10 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
         for (model, task, scheme), g in st.groupby(["model", "task", "scheme"], sort=False):
             plot_storage(g, f"What storage precision lost — {model} / {task} / {scheme}: final checkpoints of the "
                          f"{runs} runs", out / "figures" / f"storage_{model}_{task}_{scheme}.png")
+        up = update_table(cfg, results)
+        _write_table(out, "updates", up, update_markdown(up) if len(up) else
+                     "# What each stored model keeps of the update\n\nNeeds the saved precision and `average` among "
+                     "the merges (the reference update).\n")
     best = cfg["merge"]["methods"][-1]
     if len(cfg["models"]) > 1:
         t2 = comparison(t1, "model", best)

@@ -106,3 +106,72 @@ def plot_storage(t: pd.DataFrame, title: str, path: Path) -> None:
     axes[2].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
+
+
+def update_table(cfg: dict, results: Path) -> pd.DataFrame:
+    """What each stored model keeps of the fine-tuning update, the mechanism behind Table 1's precision gap:
+    per precision, every single run's and each merge's (first merge seed) task vector τ = θ − θ_base against
+    the reference τ_ref of the fp32 `average` merge (the runs' mean update, nothing rounded): the share of
+    elements exactly equal to the base, ‖τ‖ / ‖τ_ref‖ and cos(τ, τ_ref). Tensor by tensor (one tensor of
+    each model in memory); empty when fp32 or average is not configured."""
+    import torch
+
+    from ordermerge.storage.checkpoint import LazyCheckpoint
+
+    saved_p, methods = saved(cfg), cfg["merge"]["methods"]
+    if saved_p is None or "average" not in methods:
+        return pd.DataFrame()
+    p, epoch, seed = Paths(str(results)), cfg["merge"]["epoch"] or cfg["train"]["epochs"], cfg["merge"]["seeds"][0]
+    rows = []
+    for model in cfg["models"]:
+        base = LazyCheckpoint(p.of("base", model=model))
+        for task in cfg["tasks"]:
+            for scheme in cfg["schemes"]:
+                w = {"model": model, "task": task, "scheme": scheme}
+                ref = LazyCheckpoint(p.of("merged", **w, precision=saved_p, epoch=epoch, method="average", mseed=seed))
+                for precision in cfg["precisions"]:
+                    dirs = {f"run{k}": (Path(p.of("checkpoint", **w, run=k, epoch=epoch)) if precision == saved_p
+                                        else Path(p.of("rounded", **w, precision=precision, run=k, epoch=epoch)))
+                            for k in range(cfg["runs"])}
+                    dirs |= {m: Path(p.of("merged", **w, precision=precision, epoch=epoch, method=m, mseed=seed))
+                             for m in methods}  # the first merge seed: every method is built for it
+                    for name, d in dirs.items():
+                        ck = LazyCheckpoint(d)
+                        zeros = total = 0
+                        dot = nn = rr = 0.0
+                        for t in base.keys():
+                            b = base.get(t)
+                            if not b.is_floating_point():
+                                continue
+                            b = b.to(torch.float64)
+                            tau, tau_ref = ck.get(t).to(torch.float64) - b, ref.get(t).to(torch.float64) - b
+                            zeros += int((tau == 0).sum())
+                            total += tau.numel()
+                            dot += float((tau * tau_ref).sum())
+                            nn += float((tau * tau).sum())
+                            rr += float((tau_ref * tau_ref).sum())
+                        ck.close()
+                        rows.append({**w, "precision": precision, "model_kind": "single" if name.startswith("run")
+                                     else "merged", "method": "single" if name.startswith("run") else name,
+                                     "run": int(name[3:]) if name.startswith("run") else None,
+                                     "zero_fraction": zeros / max(1, total), "norm_ratio": (nn / rr) ** 0.5,
+                                     "cosine": dot / (nn * rr) ** 0.5 if nn and rr else float("nan")})
+                ref.close()
+        base.close()
+    return pd.DataFrame(rows)
+
+
+def update_markdown(t: pd.DataFrame) -> str:
+    lines = ["# What each stored model keeps of the update", "",
+             "τ = θ − θ_base against τ_ref, the fp32 `average` merge's τ (the runs' mean update, nothing rounded).",
+             "zero: elements exactly equal to the base; ‖τ‖/‖τ_ref‖; cos(τ, τ_ref). Single runs: mean ± std over K.",
+             "", "| model | task | scheme | precision | method | zero % | ‖τ‖ / ‖τ_ref‖ | cos(τ, τ_ref) |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = ["model", "task", "scheme", "precision", "method"]
+    for key, g in t.groupby(keys, sort=False):
+        def cell(col, scale=1.0, fmt=".3f"):
+            v = g[col] * scale
+            return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else f"{v.mean():{fmt}}"
+        lines.append("| " + " | ".join(map(str, key)) + f" | {cell('zero_fraction', 100, '.1f')} | "
+                     f"{cell('norm_ratio')} | {cell('cosine')} |")
+    return "\n".join(lines) + "\n"
