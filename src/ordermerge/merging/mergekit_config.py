@@ -224,6 +224,9 @@ def _from_mergekit(name: str, row: Mergekit, base: Path | None, entries: list, s
     _known_keys(shared, known, "parameters", name)
     if base is None and row.base_required:
         raise ConfigError(f"base_model: mergekit's {name} needs one (the fine-tunes' common base); add base_model: DIR")
+    if base is None:
+        differences.append("no base_model: config.json and the tokenizer are copied from models[0] (mergekit: from "
+                           "the first of its unordered set of models)")
     if row.task_vectors:
         entries = _drop_base(entries, base, name, differences)
     elif base is not None and base.resolve() not in [p.resolve() for _, p, _ in entries]:
