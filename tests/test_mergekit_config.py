@@ -211,6 +211,8 @@ REFUSED = {  # name: (edit of a config, the key the message must name)
     "normalize false": (lambda t: t.replace("normalize: true", "normalize: false"), "parameters.normalize"),
     "rescale": (lambda t: t.replace("int8_mask: true", "rescale: true"), "parameters.rescale"),
     "negative weight": (lambda t: t.replace("weight: 0.3", "weight: -0.3"), "non-negative"),
+    "nan weight": (lambda t: t.replace("weight: 0.3", "weight: .nan"), "finite number"),
+    "string weight": (lambda t: t.replace("weight: 0.3", "weight: '0.3'"), "models[2].parameters.weight"),
     "unknown per-model key": (lambda t: t.replace("weight: 0.3", "weight: 0.3\n      gamma: 0.01"),
                               "models[2].parameters.gamma"),
     "dare_ties": (lambda t: t.replace("merge_method: ties", "merge_method: dare_ties"), "dare_ties"),

@@ -372,9 +372,10 @@ def _scalar(value, where: str, kind: type):
     if isinstance(value, (list, dict)):
         raise ConfigError(f"{where}: {value!r}: per-layer gradients and filtered values vary the parameter across "
                           "tensors; ordermerge applies one value to every tensor: give a single value")
-    ok = isinstance(value, bool) if kind is bool else isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, bool) if kind is bool else (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                       and math.isfinite(value))
     if not ok:
-        raise ConfigError(f"{where}: {value!r}: expected {'true or false' if kind is bool else 'a number'}")
+        raise ConfigError(f"{where}: {value!r}: expected {'true or false' if kind is bool else 'a finite number'}")
     return value if kind is bool else float(value)
 
 
