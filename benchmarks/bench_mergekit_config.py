@@ -23,6 +23,7 @@ mergekit 0.1.5 lives in its own environment (/tmp/mk, bench_merge.MERGEKIT_PYTHO
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -47,8 +48,8 @@ def configs(base: Path, models: list[Path]) -> dict[str, str]:
     k = len(models)
     return {
         "linear": _models(models, weight=1.0) + "merge_method: linear\ndtype: bfloat16\n",
-        "task_arithmetic": _models(models, weight=round(1 / k, 6)) + f"merge_method: task_arithmetic\nbase_model: {base}\n"
-                           "dtype: float32\nout_dtype: bfloat16\n",
+        "task_arithmetic": _models(models, weight=round(1 / k, 6)) + "merge_method: task_arithmetic\n"
+                           f"base_model: {base}\ndtype: float32\nout_dtype: bfloat16\n",
         "ties": _models(models, weight=1.0, density=0.2) + f"merge_method: ties\nbase_model: {base}\n"
                 "parameters:\n  normalize: true\n  int8_mask: true\ndtype: float32\nout_dtype: bfloat16\n",
         "ties_density1": _models(models, weight=1.0, density=1.0) + f"merge_method: ties\nbase_model: {base}\n"
@@ -66,7 +67,8 @@ def run_ordermerge(config: Path, out: Path) -> tuple[float, float, int]:
 
 def run_mergekit(config: Path, out: Path) -> tuple[float, float, int]:
     shutil.rmtree(out, ignore_errors=True)
-    return command(MERGEKIT_PYTHON, "mergekit.scripts.run_yaml:main", [config, out, "--quiet", "--random-seed", "0", "--no-copy-tokenizer"])
+    return command(MERGEKIT_PYTHON, "mergekit.scripts.run_yaml:main",
+                   [config, out, "--quiet", "--random-seed", "0", "--no-copy-tokenizer"])
 
 
 def best(run, config: Path, out: Path, repeats: int) -> tuple[float, float, int]:
@@ -90,6 +92,19 @@ def update_stats(merged: Path, base: Path, reference: Path) -> dict:
     mean = s1 / n
     return {"changed": changed / n, "mean": mean, "std": (s2 / n - mean ** 2) ** 0.5, "norm_ratio": (s2 / ref2) ** 0.5,
             "rel_l2_to_ta": (dist2 / ref2) ** 0.5}
+
+
+def zero_elections(base: Path, models: list[Path]) -> float:
+    """The fraction of elements where Σ τ_i is exactly 0 while some τ_i is not (equal weights, no trimming):
+    there mergekit elects + and takes the positive entries, ordermerge keeps the base (docs/mergekit.md)."""
+    b, ms = LazyCheckpoint(base), [LazyCheckpoint(m) for m in models]
+    n = zero = 0
+    for name in b.keys():
+        tb = b.get(name).float()
+        taus = torch.stack([m.get(name).float() - tb for m in ms])
+        zero += int(((taus.sum(0) == 0) & (taus != 0).any(0)).sum())
+        n += tb.numel()
+    return zero / n
 
 
 def main() -> None:
@@ -129,6 +144,13 @@ def main() -> None:
                 f"{g['rel_l2']:.2e}" + (f", {g['only_in_one']} tensors in one only" if g["only_in_one"] else ""))
         print(f"{name:16s} {ts:6.2f}s {tc:6.2f}s CPU {tr:5d} MB {ms:6.2f}s {mc:6.2f}s CPU {mr:5d} MB "
               f"{ms / ts:5.2f}x   {note}", flush=True)
+        if name in ("ties", "ties_bf16"):
+            kept = json.loads((om / "merge.json").read_text())["kept_fraction"]
+            print(f"{'':16s} ordermerge kept {min(kept):.2%}-{max(kept):.2%} of each task vector: every element tied "
+                  "with the k-th largest |τ| (mergekit: exactly floor(density·n), 20.00%)", flush=True)
+        if name == "ties_density1":
+            print(f"{'':16s} of which explained: Σ τ_i = 0 exactly with some τ_i != 0 (mergekit elects +, "
+                  f"ordermerge keeps the base) at {zero_elections(base, models):.2%} of elements", flush=True)
     if "dare_linear" in outputs:
         reference = work / "expected-ta"
         ta = texts["dare_linear"].replace("merge_method: dare_linear", "merge_method: task_arithmetic")
@@ -137,7 +159,8 @@ def main() -> None:
         run_ordermerge(work / "expected-ta.yml", reference)
         print("\ndare_linear (density 0.1): random in both tools, different generators, so distributions, not bytes. "
               "Δ = merged − base; reference: task arithmetic with the same weights (what DARE estimates)")
-        print(f"{'':12s} {'changed':>9s} {'mean(Δ)':>11s} {'std(Δ)':>11s} {'|Δ|/|Δ_TA|':>11s} {'|Δ-Δ_TA|/|Δ_TA|':>16s}")
+        print(f"{'':12s} {'changed':>9s} {'mean(Δ)':>11s} {'std(Δ)':>11s} {'|Δ|/|Δ_TA|':>11s} "
+              f"{'|Δ-Δ_TA|/|Δ_TA|':>16s}")
         for label, out in zip(("ordermerge", "mergekit"), outputs["dare_linear"]):
             s = update_stats(out, base, reference)
             print(f"{label:12s} {s['changed']:9.4f} {s['mean']:11.3e} {s['std']:11.3e} {s['norm_ratio']:11.4f} "

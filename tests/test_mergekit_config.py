@@ -194,7 +194,8 @@ def test_ties_record_says_where_it_differs_from_mergekit(zoo, tmp_path):
          "--out", tmp_path / "ties16")
     record = json.loads((tmp_path / "ties16" / "merge.json").read_text())["config"]
     assert any("arithmetic in bfloat16" in n for n in record["differences_from_mergekit"])
-    assert (tmp_path / "ties" / "model.safetensors").read_bytes() == (tmp_path / "ties16" / "model.safetensors").read_bytes()
+    assert (tmp_path / "ties" / "model.safetensors").read_bytes() == \
+        (tmp_path / "ties16" / "model.safetensors").read_bytes()
 
 
 REFUSED = {  # name: (edit of a config, the key the message must name)
@@ -202,7 +203,8 @@ REFUSED = {  # name: (edit of a config, the key the message must name)
     "tokenizer_source": (lambda t: t + "tokenizer_source: union\n", "tokenizer_source"),
     "chat_template": (lambda t: t + "chat_template: chatml\n", "chat_template"),
     "unknown top key": (lambda t: t + "merge_seed: 3\n", "merge_seed"),
-    "density gradient": (lambda t: t.replace("density: 0.5\n      weight: 0.5", "density: [1, 0.7, 0.1]\n      weight: 0.5"),
+    "density gradient": (lambda t: t.replace("density: 0.5\n      weight: 0.5",
+                                             "density: [1, 0.7, 0.1]\n      weight: 0.5"),
                          "models[1].parameters.density"),
     "filtered weight": (lambda t: t.replace("weight: 0.3", "weight:\n        - filter: mlp\n          value: 0.5\n"
                                             "        - value: 0"), "models[2].parameters.weight"),
@@ -240,12 +242,14 @@ def test_keys_it_cannot_honour_are_refused_by_name(zoo, tmp_path, capsys, case):
 
 
 OTHER_REFUSALS = {
-    "linear without weights": (LINEAR.replace("    parameters:\n      weight: 0.3\n", ""), "models[1].parameters.weight"),
+    "linear without weights": (LINEAR.replace("    parameters:\n      weight: 0.3\n", ""),
+                               "models[1].parameters.weight"),
     "linear with a base it would merge": (LINEAR + "base_model: base\n", "base_model"),
     "linear unnormalised": (LINEAR + "parameters:\n  normalize: false\n", "parameters.normalize"),
     "task_arithmetic density": (TASK_ARITHMETIC.replace("lambda: 0.8", "density: 0.5"), "parameters.density"),
     "dare_linear no rescale": (DARE_LINEAR + "parameters:\n  rescale: false\n", "parameters.rescale"),
-    "model_stock weights": (MODEL_STOCK.replace("  - model: ft1\n", "  - model: ft1\n    parameters:\n      weight: 2\n"),
+    "model_stock weights": (MODEL_STOCK.replace("  - model: ft1\n",
+                                                "  - model: ft1\n    parameters:\n      weight: 2\n"),
                             "weight"),
     "model_stock filter_wise": (MODEL_STOCK + "parameters:\n  filter_wise: true\n", "parameters.filter_wise"),
     "select with mergekit's lambda": (SELECT.replace("resample: 1", "lambda: 1.0"), "parameters.lambda"),
@@ -274,7 +278,8 @@ def test_paths_are_relative_to_the_config_file(zoo, tmp_path, monkeypatch):
     sub = zoo["base"].parent / "configs"
     sub.mkdir(exist_ok=True)
     config = sub / "ta.yml"
-    config.write_text(TASK_ARITHMETIC.replace("model: ft", "model: ../ft").replace("base_model: base", "base_model: ../base"))
+    config.write_text(TASK_ARITHMETIC.replace("model: ft", "model: ../ft")
+                      .replace("base_model: base", "base_model: ../base"))
     monkeypatch.chdir(tmp_path)  # nothing named ft0 here: only the config's directory can resolve them
     _run("--config", config, "--out", tmp_path / "rel")
     record = json.loads((tmp_path / "rel" / "merge.json").read_text())

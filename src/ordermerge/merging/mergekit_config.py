@@ -92,7 +92,8 @@ MERGEKIT: dict[str, Mergekit] = {
                      differences=(TIES_DIFFERENCE,)),
     "dare_linear": Mergekit("dare", normalize=False, unnormalized="scale", density="drop_rate",
                             fixed={"rescale": True}, inert=GTA, differences=(DARE_DIFFERENCE,)),
-    "model_stock": Mergekit("model_stock", weights=False, fixed={"filter_wise": False}, differences=(STOCK_DIFFERENCE,)),
+    "model_stock": Mergekit("model_stock", weights=False, fixed={"filter_wise": False},
+                            differences=(STOCK_DIFFERENCE,)),
     "slerp": Mergekit("slerp", weights=False, shared={"t": "t"}, task_vectors=False),
 }
 
@@ -175,7 +176,8 @@ def load(path: str | Path) -> Plan:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(config, dict):
-        raise ConfigError(f"--config {path}: expected a mapping with merge_method, models, ...; got {type(config).__name__}")
+        raise ConfigError(f"--config {path}: expected a mapping with merge_method, models, ...; "
+                          f"got {type(config).__name__}")
     plan = translate(config, path.resolve().parent)
     plan.path, plan.sha256 = path, hashlib.sha256(raw).hexdigest()
     return plan
@@ -319,8 +321,8 @@ def _models(value, root: Path) -> list[tuple[int, Path, dict]]:
             raise ConfigError(f"models[{i}]: expected {{model: DIR, parameters: {{...}}}}, got {entry!r}")
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
-            raise ConfigError(f"models[{i}].{extra[0]}: not a key of a models entry (model, parameters); "
-                              f"{'layer ranges need slices, which ordermerge refuses' if extra[0] == 'layer_range' else 'drop it'}")
+            fix = "layer ranges need slices, which ordermerge refuses" if extra[0] == "layer_range" else "drop it"
+            raise ConfigError(f"models[{i}].{extra[0]}: not a key of a models entry (model, parameters); {fix}")
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise ConfigError(f"models[{i}].parameters: expected a mapping, got {params!r}")
