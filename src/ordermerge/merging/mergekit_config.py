@@ -240,22 +240,8 @@ def _from_mergekit(name: str, row: Mergekit, base: Path | None, entries: list, s
     weights = _weights(entries, shared, required=row.weights, method=name)
     if not row.weights and weights is not None:
         raise ConfigError(f"weight: mergekit's {name} takes no weights (it averages the inputs uniformly); drop weight")
-    params: dict = {}
-    if row.normalize is not None:
-        normalize = _flag(shared, "normalize", row.normalize)
-        lam = _number(shared, "lambda", 1.0)
-        if lam <= 0:
-            raise ConfigError(f"parameters.lambda: {lam}: ordermerge's scale must be > 0")
-        total = math.fsum(weights)
-        if not normalize and row.unnormalized is None:
-            raise ConfigError(f"parameters.normalize: false: mergekit's {name} then adds the agreeing weighted task "
-                              f"vectors without dividing by their weights; ordermerge's {row.method} always divides. "
-                              "Use normalize: true (the default)")
-        if not normalize and row.unnormalized == "unit_sum" and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-12):
-            raise ConfigError(f"parameters.normalize: false with weights summing to {total}: ordermerge's {row.method} "
-                              "always divides by the sum; use normalize: true, or weights that sum to 1")
-        if "lambda" in known:
-            params["scale"] = lam * (1.0 if normalize else total)
+    scale = _scale(name, row, shared, weights) if row.normalize is not None else None  # checks normalize
+    params = {"scale": scale} if "lambda" in known else {}  # average has no scale (and mergekit's linear no lambda)
     for key, only in row.fixed.items():
         if _flag(shared, key, only) != only:
             raise ConfigError(f"parameters.{key}: {str(not only).lower()}: ordermerge's {row.method} is mergekit's "
@@ -277,6 +263,23 @@ def _from_mergekit(name: str, row: Mergekit, base: Path | None, entries: list, s
         raise ConfigError(f"mergekit {name}: {exc}") from None
     return Plan(Path(), "", {}, f"mergekit {name}", base if base is not None else paths[0], paths, method.name, 0,
                 weights, {k: v for k, v in params.items() if k != method.key_param}, differences=differences)
+
+
+def _scale(name: str, row: Mergekit, shared: dict, weights: list[float]) -> float:
+    """The registry's ``scale`` for mergekit's ``lambda`` and ``normalize``, or a refusal."""
+    normalize = _flag(shared, "normalize", row.normalize)
+    lam = _number(shared, "lambda", 1.0)
+    if lam <= 0:
+        raise ConfigError(f"parameters.lambda: {lam}: ordermerge's scale must be > 0")
+    total = math.fsum(weights)
+    if not normalize and row.unnormalized is None:
+        raise ConfigError(f"parameters.normalize: false: mergekit's {name} then adds the agreeing weighted task "
+                          f"vectors without dividing by their weights; ordermerge's {row.method} always divides. "
+                          "Use normalize: true (the default)")
+    if not normalize and row.unnormalized == "unit_sum" and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-12):
+        raise ConfigError(f"parameters.normalize: false with weights summing to {total}: ordermerge's {row.method} "
+                          "always divides by the sum; use normalize: true, or weights that sum to 1")
+    return lam * (1.0 if normalize else total)
 
 
 def _from_ordermerge(name: str, base: Path | None, entries: list, shared: dict) -> Plan:
