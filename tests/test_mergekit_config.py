@@ -317,3 +317,8 @@ def test_every_row_names_a_registry_method_or_waits_for_one():
         assert row.density is None or row.density in params
         assert all(target in params for target in row.shared.values())
         assert replace(row).keys() == row.keys()
+
+
+def test_without_config_the_merge_flags_are_still_required(tmp_path, capsys):
+    err = _refusal(capsys, "--out", tmp_path / "out", "--method", "average")
+    assert "--base, MODEL_DIR (or --config merge.yml)" in err
