@@ -77,8 +77,9 @@ TIES_DIFFERENCE = ("trimming keeps ceil(density·n) elements per tensor plus eve
                    "where Σ w_i τ̂_i is exactly 0, ordermerge takes no input, mergekit elects +")
 DARE_DIFFERENCE = ("random: ordermerge draws its keep mask from its own stream (--seed) and rescales the kept "
                    "elements by 1/density (Yu et al.); mergekit draws torch.bernoulli (unseeded) and, with "
-                   "rescale: true, scales each tensor by its L1 norm before/after the drop (1/density on "
-                   "average): the same distribution, not the same bytes")
+                   "rescale: true, scales each tensor by its L1 norm before/after the drop (1/density on large "
+                   "tensors, larger and noisier on small ones such as norms): nearly the same distribution, "
+                   "never the same bytes")
 STOCK_DIFFERENCE = ("a tensor whose task vectors have a negative mean cosine: ordermerge keeps the base (t = 0), "
                     "mergekit extrapolates with t = K·cos / (1 + (K−1)·cos)")
 
@@ -232,8 +233,9 @@ def _from_mergekit(name: str, row: Mergekit, base: Path | None, entries: list, s
     if row.task_vectors:
         entries = _drop_base(entries, base, name, differences)
     elif base is not None and base.resolve() not in [p.resolve() for _, p, _ in entries]:
-        raise ConfigError(f"base_model: mergekit's {name} merges a base that is not under models as one more input, "
-                          "weighted by parameters.weight; list it under models: with its weight, or drop base_model")
+        raise ConfigError(f"base_model: mergekit's {name} merges a base that is not under models as one more input "
+                          "(with the top-level parameters); list it under models: (with its weight), or drop "
+                          "base_model")
     for i, _, params in entries:
         _known_keys(params, {"weight", "density"} & known, f"models[{i}].parameters", name)
     paths = [p for _, p, _ in entries]
