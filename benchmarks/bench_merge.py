@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ordermerge.storage.checkpoint import LazyCheckpoint
 from ordermerge.merging import registry
@@ -219,17 +219,45 @@ def has_mergekit() -> bool:
                                                        capture_output=True).returncode == 0
 
 
+def _ulp_line(t: torch.Tensor) -> torch.Tensor:
+    """bf16 bits as sign-magnitude -> a monotone integer line, so differences count ulps."""
+    i = t.view(torch.int16).int()
+    return torch.where(i < 0, -(i & 0x7FFF), i)
+
+
+def agreement(a_dir: Path, b_dir: Path, base_dir: Path | None = None) -> dict:
+    """How far two bf16 merges of the same inputs are apart, over the tensors both have: the largest
+    difference in bf16 ulps, the fraction of elements that differ, and (with ``base_dir``) the L2 norm of
+    the difference relative to that of b's merged update, ||a - b|| / ||b - base||."""
+    a, b = LazyCheckpoint(a_dir), LazyCheckpoint(b_dir)
+    base = LazyCheckpoint(base_dir) if base_dir else None
+    worst, differ, total, diff2, update2 = 0, 0, 0, 0.0, 0.0
+    names = sorted(set(a.keys()) & set(b.keys()))
+    for name in names:
+        ta, tb = a.get(name), b.get(name)
+        if ta.dtype == torch.bfloat16 and tb.dtype == torch.bfloat16:
+            worst = max(worst, int((_ulp_line(ta) - _ulp_line(tb)).abs().max()))
+        differ += int((stored_bits(ta) != stored_bits(tb)).sum()) if ta.dtype == tb.dtype else ta.numel()
+        total += ta.numel()
+        diff2 += float((ta.double() - tb.double()).square().sum())
+        if base is not None:
+            update2 += float((tb.double() - base.get(name).double()).square().sum())
+    out = {"max_ulps": worst, "differ": differ / max(1, total), "tensors": len(names),
+           "only_in_one": len(set(a.keys()) ^ set(b.keys()))}
+    if base is not None:
+        out["rel_l2"] = (diff2 / update2) ** 0.5 if update2 else float("inf") if diff2 else 0.0
+    return out
+
+
 def max_ulps(a_dir: Path, b_dir: Path) -> int:
-    a = {k: v for f in weight_files([a_dir]) for k, v in load_file(str(f)).items()}
-    b = {k: v for f in weight_files([b_dir]) for k, v in load_file(str(f)).items()}
-    worst = 0
-    for name, t in a.items():
-        if name in b:
-            # bf16 bits as sign-magnitude -> a monotone integer line, so differences count ulps
-            ia, ib = (x.view(torch.int16).int() for x in (t, b[name]))
-            ia, ib = (torch.where(x < 0, -(x & 0x7FFF), x) for x in (ia, ib))
-            worst = max(worst, int((ia - ib).abs().max()))
-    return worst
+    return agreement(a_dir, b_dir)["max_ulps"]
+
+
+def bench_inputs(cache: Path, k: int, base: Path | None = None, scale: int = 1) -> tuple[Path, list[Path]]:
+    """The base (``base``, else the synthetic SmolLM2-sized one) and ``k`` cached synthetic fine-tunes of it."""
+    base = base or synthetic_base(cache / ("base-synthetic" + (f"-x{scale}" if scale > 1 else "")), scale)
+    key = hashlib.sha256(f"{base.resolve()} {NOISE}".encode()).hexdigest()[:8]
+    return base, fine_tunes(base, cache / f"fine-tunes-of-{base.name}-{key}", k)
 
 
 METHODS = {  # method key: parameters beyond those the key fixes
@@ -281,9 +309,7 @@ def main() -> None:
     methods = [m for m in a.methods.split(",") if m]
     repeats = 1 if a.quick else 2
     threads = a.threads or torch.get_num_threads()
-    base = a.base or synthetic_base(a.cache / ("base-synthetic" + (f"-x{a.scale}" if a.scale > 1 else "")), a.scale)
-    key = hashlib.sha256(f"{base.resolve()} {NOISE}".encode()).hexdigest()[:8]
-    models = fine_tunes(base, a.cache / f"fine-tunes-of-{base.name}-{key}", max([a.k, *sweep]))
+    base, models = bench_inputs(a.cache, max([a.k, *sweep]), a.base, a.scale)
     out = a.cache / "out"
     out.mkdir(parents=True, exist_ok=True)
     size = sum(p.stat().st_size for p in weight_files([base]))

@@ -46,7 +46,7 @@ def test_cli_choices_and_flags_come_from_the_registry():
         flag = actions[p.name]
         assert flag.option_strings == [p.flag]
         assert p.bounds() in flag.help
-        assert flag.default is None  # the engine fills in the registry's default, keyed parameters too
+        assert flag.default is None  # the engine fills the registry's default; None: not given (--config refuses it)
     assert "data" in actions and "task_spec" in actions
 
 

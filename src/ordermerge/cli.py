@@ -84,11 +84,18 @@ def cmd_merge(a):
     from ordermerge.storage.checkpoint import CheckpointError
 
     try:
+        plan = _merge_config(a) if a.config else None
+        missing = [flag for flag, value in (("--base", a.base), ("--method", a.method), ("MODEL_DIR", a.models))
+                   if not value]
+        if missing:
+            raise ValueError(f"the following arguments are required: {', '.join(missing)} (or --config merge.yml)")
         weights = [float(w) for w in a.weights.split(",")] if a.weights else None
         params = {p: getattr(a, p) for p in registry.PARAMETERS}
+        if plan is not None:
+            weights, params = plan.weights, {**plan.params, **({"resample": plan.resample} if plan.resample else {})}
         prov = merge_models(a.base, a.models, a.out, method=a.method, seed=a.seed, weights=weights,
                             shard_size=a.shard_size, force=a.force, device=a.device, data=a.data,
-                            task_spec=a.task_spec, **params)
+                            task_spec=a.task_spec, config=plan and plan.record(), **params)
     except (CheckpointError, ValueError, FileExistsError) as exc:
         print(f"ordermerge merge: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -104,14 +111,38 @@ def cmd_round(a):
     print(json.dumps(round_checkpoint(a.model_dir, a.base, a.precision, a.seed, a.out)))
 
 
+def _merge_config(a):
+    """``--config merge.yml``: the merge the (mergekit) YAML means, in ``a``; flags that define the merge refused."""
+    from ordermerge.merging import mergekit_config, registry
+
+    given = [flag for flag, value in (("--base", a.base), ("--method", a.method), ("--weights", a.weights),
+                                      ("MODEL_DIR", a.models or None),
+                                      *((p.flag, getattr(a, p.name)) for p in registry.PARAMETERS.values()))
+             if value is not None]
+    if given:
+        raise ValueError(f"--config {a.config} defines the merge; {', '.join(given)} would too: give the merge "
+                         "in the config or as flags, not both (--out, --seed, --force, --device, --threads, "
+                         "--shard-size, --data and --task-spec go beside --config)")
+    plan = mergekit_config.resolve(a.config)
+    a.base, a.models, a.method, a.resample = str(plan.base), [str(m) for m in plan.models], plan.method, plan.resample
+    _refuse_overwriting_inputs(a)  # again, now that the inputs are known
+    print(f"--config {a.config}: {plan.source}, as ordermerge merge {' '.join(plan.flags())}", file=sys.stderr)
+    for note in plan.differences:
+        print(f"--config {a.config}: differs from mergekit: {note}", file=sys.stderr)
+    return plan
+
+
 def _merge_parser(sub) -> None:
     """``ordermerge merge``: the methods and their parameter flags, defaults and bounds from the registry."""
     from ordermerge.merging import registry
 
     names = list(registry.METHODS)
     s = sub.add_parser("merge", help=f"merge fine-tunes of one base ({', '.join(names)})")
-    s.add_argument("--base", required=True, help="the base model directory (task vectors are relative to it)")
-    s.add_argument("--method", choices=names, required=True,
+    s.add_argument("--config", help="a mergekit YAML config (merge_method, base_model, models, parameters): the "
+                   "merge it means, or a refusal naming the key it cannot honour (docs/mergekit.md); "
+                   "instead of --base, --method, MODEL_DIRs, --weights and the parameter flags")
+    s.add_argument("--base", help="the base model directory (task vectors are relative to it)")
+    s.add_argument("--method", choices=names,
                    help="; ".join(f"{m.name}: {m.summary} ({m.citation})"
                                   for m in registry.METHODS.values()).replace("%", "%%"))
     s.add_argument("--seed", type=int, default=0)
@@ -129,8 +160,8 @@ def _merge_parser(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace an existing output directory")
     s.add_argument("--threads", type=int)
     s.add_argument("--out", required=True)
-    s.add_argument("models", nargs="+", metavar="MODEL_DIR")
-    s.set_defaults(func=cmd_merge, reads=("base", "models", "data"), writes=("out",))
+    s.add_argument("models", nargs="*", metavar="MODEL_DIR")
+    s.set_defaults(func=cmd_merge, reads=("base", "models", "data", "config"), writes=("out",))
 
 
 def cmd_evaluate(a):

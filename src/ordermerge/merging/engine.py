@@ -234,6 +234,7 @@ def merge_models(
     device: str = "cpu",
     data: str | Path | None = None,
     task_spec: dict | None = None,
+    config: dict | None = None,
     **params,
 ) -> dict:
     """Merge ``model_dirs`` (fine-tunes of ``base_dir``) into ``out_dir``; returns the provenance.
@@ -243,6 +244,7 @@ def merge_models(
     ``task_spec`` are for methods that choose on held-out data, and refused for the others.
     ``device="cuda"`` runs the float math on the GPU with the same bytes as the CPU (a method's random
     draws, and select's bit gathers, stay on the CPU).
+    ``config``: what ``merge.json`` records of a config file the merge was read from (``merge --config``).
     """
     out_dir = Path(out_dir)
     params = _check_request(method, params, device, model_dirs, data, task_spec)
@@ -257,7 +259,7 @@ def merge_models(
         impl = load(method)
         ctx = MergeContext(base, list(models), None, list(probs), seed, params, device, weights, data, task_spec)
         impl.check(ctx)
-        provenance = _write(ctx, impl, method, base_dir, model_dirs, out_dir, shard_size, progress)
+        provenance = _write(ctx, impl, method, base_dir, model_dirs, out_dir, shard_size, progress, config)
     finally:
         for checkpoint in (base, *models):
             checkpoint.close()
@@ -281,7 +283,8 @@ def _check_request(method, params, device, model_dirs, data, task_spec) -> dict:
     return params
 
 
-def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, out_dir, shard_size, progress) -> dict:
+def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, out_dir, shard_size, progress,
+           config=None) -> dict:
     """Runs the merge into a temporary directory that becomes ``out_dir`` only when complete."""
     base, names = ctx.base, ctx.base.keys()
     tasks = []
@@ -312,6 +315,8 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
         provenance["stats"] = {"elements": sum(base.info(n).numel for n in names), **stats}
         provenance["per_tensor"] = per_tensor
         provenance.update({"parameters": ctx.params, "device": str(ctx.device), **extra})
+        if config is not None:
+            provenance["config"] = config
         (tmp / "merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(provenance))
     return provenance
