@@ -291,7 +291,7 @@ def _from_ordermerge(name: str, base: Path | None, entries: list, shared: dict) 
         raise ConfigError(f"merge_method: {exc}; or a mergekit method: {', '.join(offered())} ({DOCS})") from None
     _known_keys(shared, set(method.params), "parameters", name)
     for i, _, params in entries:
-        _known_keys(params, set() if method.uniform else {"weight"}, f"models[{i}].parameters", name)
+        _known_keys(params, {"weight"}, f"models[{i}].parameters", name)  # non-uniform weights: the method refuses them before reading
     if base is None:
         raise ConfigError(f"base_model: ordermerge's {name} needs the fine-tunes' base; add base_model: DIR")
     given = {p: _number(shared, p, None) for p in method.params if p in shared}
