@@ -149,10 +149,10 @@ def _corrupt(zoo, tmp_path, case):
         return [base, good[0], str(_save(broken, state))], [str(broken), "names differ", "fine-tunes of this base"]
     if case == "shape":
         state["model.norm.weight"] = torch.zeros(47, dtype=torch.bfloat16)
-        return [base, good[0], str(_save(broken, state))], [str(broken), "model.norm.weight", "shapes and dtype"]
+        return [base, good[0], str(_save(broken, state))], [str(broken), "model.norm.weight", "shapes and in one dtype"]
     if case == "dtype":
         state["model.norm.weight"] = state["model.norm.weight"].float()
-        return [base, good[0], str(_save(broken, state))], [str(broken), "F32", "shapes and dtype"]
+        return [base, good[0], str(_save(broken, state))], [str(broken), "F32", "shapes and in one dtype"]
     if case == "truncated":
         path = _save(broken, state) / "model.safetensors"
         path.write_bytes(path.read_bytes()[:-1000])

@@ -258,11 +258,12 @@ class WidenedCheckpoint:
 def widened_base(base: LazyCheckpoint, models: list[LazyCheckpoint]) -> LazyCheckpoint | WidenedCheckpoint:
     """The base as the fine-tunes store their floats: itself, or exactly widened when every fine-tune stores
     every tensor the base stores in a narrower dtype in one wider dtype (``EXACT_WIDENING``)."""
-    if not models:
-        return base
-    names = [n for n in base.keys() if all(n in m.keys() for m in models)]
-    wanted = {m.info(n).dtype for m in models for n in names if (base.info(n).dtype, m.info(n).dtype) in EXACT_WIDENING}
-    return WidenedCheckpoint(base, wanted.pop()) if len(wanted) == 1 else base
+    names = [n for n in base.keys() if base.info(n).torch_dtype.is_floating_point and all(n in m.keys() for m in models)]
+    stored = {m.info(n).dtype for m in models for n in names}
+    if len(stored) != 1 or not names:
+        return base  # mixed dtypes: _check_compatible names the odd tensor
+    wide = stored.pop()
+    return WidenedCheckpoint(base, wide) if all((base.info(n).dtype, wide) in EXACT_WIDENING for n in names) else base
 
 
 def parse_size(text: str | int) -> int:
