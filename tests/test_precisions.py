@@ -33,10 +33,16 @@ def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("precisions")
     base = merge_base_state()
     fts = [fp32_fine_tune(base, i) for i in range(3)]
-    return {"base_state": base, "fts": fts, "base": save_model_dir(root / "base", base),
+    def save(directory, state, dtype):  # config.json states the stored dtype, as the workflow's models do
+        out = save_model_dir(directory, state)
+        (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "dtype": dtype}))
+        return out
+
+    base_dir = save(root / "base", base, "bfloat16")
+    return {"base_state": base, "fts": fts, "base": base_dir,
             "base32": save_model_dir(root / "base32", {k: v.float() if v.is_floating_point() else v
                                                       for k, v in base.items()}),
-            "models": [save_model_dir(root / f"ft{i}", s) for i, s in enumerate(fts)], "root": root}
+            "models": [save(root / f"ft{i}", s, "float32") for i, s in enumerate(fts)], "root": root}
 
 
 def test_nearest_twin_is_exactly_the_rounding_of_fp32(zoo, tmp_path):
@@ -124,6 +130,9 @@ def test_fp32_fine_tunes_merge_against_the_bf16_base_widened(zoo, tmp_path, meth
     for name in wa:
         assert wa[name].dtype == wb[name].dtype and torch.equal(wa[name], wb[name]), name
     assert wa["model.norm.weight"].dtype == torch.float32
+    # config.json says what is stored, so from_pretrained and the loaders' dtype check read it as it is
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["dtype"] == "float32"
+    assert json.loads((zoo["base"] / "config.json").read_text())["dtype"] == "bfloat16"
     assert a["stats"] == b["stats"]
 
 

@@ -34,6 +34,7 @@ from ordermerge.storage.atomic import atomic_path
 from ordermerge.storage.guards import refuse_duplicates
 from ordermerge.storage.checkpoint import (CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size,
                                          widened_base)
+_DTYPE_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors -> config.json
 
 def _check_device(device: str) -> None:
     if device not in ("cpu", "cuda"):
@@ -309,7 +310,8 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
             print(f"inputs' sha256 (merge.json): {len(streams) - len(hashed)} of {len(streams)} from the digest cache, "
                   f"{len(hashed)} hashed while read", file=sys.stderr)
         refuse_duplicates("ordermerge merge", model_dirs, digests[1:])  # nothing is renamed into place
-        copy_sidecars(Path(base_dir), tmp)
+        floats = {base.info(n).dtype for n in names if base.info(n).torch_dtype.is_floating_point}
+        copy_sidecars(Path(base_dir), tmp, _DTYPE_NAME.get(floats.pop()) if len(floats) == 1 else None)
         stats, per_tensor, extra = impl.summary(ctx, tasks, results)
         provenance = _provenance(base_dir, model_dirs, method, key, ctx.seed, weights, digests)
         provenance["stats"] = {"elements": sum(base.info(n).numel for n in names), **stats}

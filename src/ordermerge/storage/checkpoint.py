@@ -366,10 +366,20 @@ class ShardedWriter:
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_sidecars(source: Path, target: Path) -> None:
+def copy_sidecars(source: Path, target: Path, dtype: str | None = None) -> None:
+    """The base's config, tokenizer and chat template beside new weights; ``dtype`` (e.g. ``float32``): the
+    weights' stored dtype, written into config.json where that states another, so from_pretrained (and the
+    loaders' dtype check) read the weights as they are stored."""
     for name in SIDECAR_FILES:
         if (source / name).exists():
             shutil.copy2(source / name, target / name)
+    config = target / "config.json"
+    if dtype is not None and config.exists():
+        data = json.loads(config.read_text())
+        stated = data.get("dtype", data.get("torch_dtype"))
+        if stated is not None and stated != dtype:  # a config that states no dtype is left as it is
+            data.pop("torch_dtype", None)
+            config.write_text(json.dumps({**data, "dtype": dtype}, indent=2) + "\n")
 
 
 def save_state_dict_dir(state: dict[str, torch.Tensor], out_dir: str | Path, sidecar_source: Path | None,

@@ -77,7 +77,7 @@ def round_checkpoint(model_dir: str | Path, base_dir: str | Path, precision: str
                else model.info(n).dtype) for n in names]
     stats = {"elements": 0, "changed_fp32": 0, "zero_after": 0, "erased": 0, "norm2_tau": 0.0, "norm2_lost": 0.0}
     with atomic_path(out_dir, directory=True) as tmp:
-        copy_sidecars(model_dir, tmp)
+        copy_sidecars(model_dir, tmp, p.dtype)
         writer = ShardedWriter(tmp, shard_size, layout)
         try:
             for name in names:
@@ -95,9 +95,6 @@ def round_checkpoint(model_dir: str | Path, base_dir: str | Path, precision: str
                     stats["norm2_lost"] += float(((tau - tau_r) ** 2).sum())
         finally:
             writer.close()
-        config = json.loads((tmp / "config.json").read_text()) if (tmp / "config.json").exists() else None
-        if config is not None and config.get("dtype") != p.dtype:  # from_pretrained must not cast the weights back
-            (tmp / "config.json").write_text(json.dumps({**config, "dtype": p.dtype}, indent=2) + "\n")
         meta_path = model_dir / "checkpoint.json"
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
