@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ordermerge.analysis.stats import bootstrap_ci
+from ordermerge.analysis.stats import bootstrap_ci, format_ci
 
 METRICS = ("val_loss", "exact_match", "task_score")
 # One set of K runs and its merges: a model, task and order scheme, in one stored precision.
@@ -139,12 +139,8 @@ def _fmt_p(p: float) -> str:
     return "–" if p != p else f"{p:.2g}"
 
 
-def _ci(lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
-    return "" if lo != lo else f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
-
-
 def _delta(value: float, lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
-    return "–" if value != value else f"{scale * value:+.{digits}f}{_ci(lo, hi, scale, digits)}"
+    return "–" if value != value else f"{scale * value:+.{digits}f}{format_ci(lo, hi, scale, digits)}"
 
 
 def _beats(value) -> str:
