@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, SMOKE, snakemake
-
 from ordermerge import gpu_slots
 
 LAUNCHER = [sys.executable, "-m", "ordermerge.gpu_slots"]

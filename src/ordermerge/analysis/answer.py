@@ -59,7 +59,8 @@ def answer_rst(imbalance: pd.DataFrame, t1: pd.DataFrame, cfg: dict) -> str:
             rows.append([r.method, str(r.n), spread(r.val_loss_mean, r.val_loss_std, r.n, ".4f"),
                          f"{r.val_loss_delta:+.4f}{format_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)}"
                          if merged else "–",
-                         f"{r.val_loss_delta_best:+.4f}{format_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)}"
+                         f"{r.val_loss_delta_best:+.4f}"
+                         f"{format_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)}"
                          if merged else "–",
                          ("yes" if beats else "no") if merged else "–",
                          spread(100 * r.task_score_mean, 100 * r.task_score_std, r.n, ".1f")

@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ordermerge.analysis.stats import binned_means, format_ci, spearman  # noqa: E402
 from ordermerge.merging import registry  # noqa: E402
 from ordermerge.storage.atomic import atomic_path  # noqa: E402
-from ordermerge.analysis.stats import binned_means, format_ci, spearman  # noqa: E402
 
 POSITION_LABEL = "position in the first epoch (0 = seen first)"
 LOSS_LABEL = "final training loss (nats / response token)"

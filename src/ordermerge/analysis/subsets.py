@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ordermerge.merging.subsets import sweep_plan
 from ordermerge.merging.registry import merge_variants
+from ordermerge.merging.subsets import sweep_plan
 from ordermerge.paths import EVAL_FILES, Paths
 
 METRICS = ("val_loss", "exact_match")
@@ -177,8 +177,9 @@ def table3_markdown(t: pd.DataFrame) -> str:
             lines.append(f"| {r.model} | {r.precision} | (mean over {r.n} tasks) | {r.method} | | | {r.val_loss_delta:+.4f} | | "
                          f"{100 * r.exact_match_delta:+.1f} |")
             continue
-        lines.append(f"| {r.model} | {r.precision} | {r.task} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
-                     f"{r.val_loss_delta:+.4f} | {100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | "
+        lines.append(f"| {r.model} | {r.precision} | {r.task} | {r.method} | {r.n} | "
+                     f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | {r.val_loss_delta:+.4f} | "
+                     f"{100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | "
                      f"{100 * r.exact_match_delta:+.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -36,6 +36,14 @@ passes the command through. So the workflow never needs to know where its jobs r
 """
 
 from ordermerge.gpu_slots.claim import *  # noqa: F401,F403  (the public names, as before the split)
-from ordermerge.gpu_slots.claim import (EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_USAGE, LOCK_DIR_ENV, SlotError,  # noqa: F401
-                                        default_lock_dir, discover_devices, parse_devices)
+from ordermerge.gpu_slots.claim import (  # noqa: F401
+    EXIT_NOT_FOUND,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    LOCK_DIR_ENV,
+    SlotError,
+    default_lock_dir,
+    discover_devices,
+    parse_devices,
+)
 from ordermerge.gpu_slots.launch import main, run_holding, under_scheduler  # noqa: F401
