@@ -67,10 +67,13 @@ dry-run: setup
 report: setup
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html
 
-# The workflow as the Snakemake catalog wants it: no lints, snakefmt-formatted (part of `make test`).
+# The workflow as the Snakemake catalog wants it: no lints, snakefmt-formatted; the Python linted and
+# formatted by ruff (pyproject.toml: [tool.ruff]). Part of `make test`.
 lint: setup
 	$(BIN)/snakemake --lint
 	$(BIN)/snakefmt --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: setup lint
 	$(BIN)/python -m pytest -v --durations=15 tests

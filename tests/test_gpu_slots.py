@@ -3,8 +3,8 @@ test and tiny child commands, then the workflow wiring through dry runs. ~20 s.
 
 The launcher gives each GPU job its own device: concurrent jobs never share a slot, a killed job's slot
 comes back by itself (flock), a 2-GPU job gets two ids, the child's exit code and SIGTERM pass through,
-and a SLURM job runs unchanged. In the workflow, a GPU job run on this machine goes through it; a
-CPU-only job, a SLURM run and a job inside a SLURM allocation do not.
+and a SLURM job runs unchanged. In the workflow, every GPU job goes through it, whichever executor runs
+it (the launcher itself passes a SLURM job through); a CPU-only config's commands never mention it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from helpers import ROOT, SMOKE, snakemake
-
 from ordermerge import gpu_slots
 
 LAUNCHER = [sys.executable, "-m", "ordermerge.gpu_slots"]
@@ -214,7 +213,7 @@ def shell_commands(proc: subprocess.CompletedProcess) -> dict[str, list[str]]:
     return commands
 
 
-def test_gpu_jobs_run_behind_the_launcher_on_this_machine(tmp_path, monkeypatch):
+def test_gpu_jobs_run_behind_the_launcher_whichever_executor_runs_them(tmp_path, monkeypatch):
     gpu = ROOT / "configs" / "gpu.yaml"
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     local = shell_commands(snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", "sample_losses",
@@ -225,26 +224,34 @@ def test_gpu_jobs_run_behind_the_launcher_on_this_machine(tmp_path, monkeypatch)
         assert local[rule] and all(c.startswith(f"python -m ordermerge.gpu_slots --gpus 1 -- {launcher}")
                                    for c in local[rule]), local.get(rule, [])[:1]
     assert local["orders"] and not any("gpu_slots" in c for c in local["orders"] + local["prepare_data"])
-    # inside a SLURM allocation the scheduler picked the GPUs: the commands stay as they were
+    # The workflow does not ask where it runs: inside a SLURM allocation the commands are the same, and the
+    # launcher runs them unchanged there (test_slurm_jobs_run_unchanged)
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    on_slurm = shell_commands(snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", configfile=gpu))
-    assert on_slurm["fine_tune"] and all(c.startswith("ordermerge fine-tune --threads ") for c in on_slurm["fine_tune"])
-    assert not any("gpu_slots" in c for cs in on_slurm.values() for c in cs)
+    on_slurm = shell_commands(snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", "sample_losses",
+                                        configfile=gpu))
+    assert {r: sorted(c) for r, c in on_slurm.items()} == {r: sorted(c) for r, c in local.items()}
 
 
-def test_cpu_jobs_and_slurm_runs_keep_their_commands(tmp_path):
+def test_cpu_configs_keep_their_commands(tmp_path):
     (tmp_path / "cpu").mkdir()
     cpu = shell_commands(snakemake(tmp_path / "cpu", "-n", "-p", configfile=SMOKE))
     assert cpu["fine_tune"] and cpu["evaluate_single"]
     assert not any("gpu_slots" in c for cs in cpu.values() for c in cs)
-    # the SLURM profile: each job gets its own GPUs from SLURM
+    # through the SLURM profile too; a GPU config's SLURM jobs carry the launcher, which passes them through
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("SLURM_JOB_ID", None)
-    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"),
-                           "-d", str(tmp_path / "slurm"), "--configfile", str(ROOT / "configs" / "gpu.yaml"),
-                           "--profile", str(ROOT / "profiles" / "slurm"), "-n", "-p", "--until", "evaluate_single"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    slurm = shell_commands(proc)
+
+    def slurm_dry_run(config: Path) -> dict[str, list[str]]:
+        proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"),
+                               "-d", str(tmp_path / "slurm"), "--configfile", str(config),
+                               "--profile", str(ROOT / "profiles" / "slurm"), "-n", "-p", "--until", "evaluate_single"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return shell_commands(proc)
+
+    slurm = slurm_dry_run(SMOKE)
     assert slurm["fine_tune"] and slurm["evaluate_single"]
     assert not any("gpu_slots" in c for cs in slurm.values() for c in cs)
+    gpu = slurm_dry_run(ROOT / "configs" / "gpu.yaml")
+    assert gpu["fine_tune"] and all(c.startswith("python -m ordermerge.gpu_slots --gpus 1 -- ordermerge fine-tune")
+                                    for c in gpu["fine_tune"])

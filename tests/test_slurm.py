@@ -14,8 +14,8 @@ same config (test_determinism compares every file). When this machine cannot run
 no apt-get, the script missing) they skip and say why. Total: ~8-12 min on 2 CPU cores, the local
 run included.
 
-The other tests are cheap: the sbatch flags the plugin builds from the rules' resources, and the
-profile's array rules.
+The other tests are cheap: the sbatch flags the plugin builds from the jobs' resources (the workflow
+profile's built-in numbers, the config's over them), and the profiles' keys and array rules.
 """
 
 from __future__ import annotations
@@ -43,42 +43,48 @@ LOCAL_RULES = {"prepare_data", "orders", "analyze", "all"}
 # cheap: the resources of each rule and the sbatch flags the plugin makes of them
 # --------------------------------------------------------------------------------------------------
 
-def resource_helpers(config: dict, threads: int = 1) -> dict:
-    """rule_resources / rule_threads from workflow/rules/common.smk, run on a validated config."""
+def builtin_resources(rule: str, attempt: int = 1) -> dict:
+    """A rule's built-in numbers: the workflow profile's set-resources (profiles/default), at ``attempt``."""
+    profile = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
+    return {name: eval(str(value), {}, {"attempt": attempt})  # the profile's expressions, as Snakemake does
+            for name, value in profile["set-resources"][rule].items()}
+
+
+def job_resources(rule: str, cfg: dict, attempt: int = 1) -> tuple[dict, int]:
+    """The resources and threads of one job of ``rule``: the config's (ordermerge.resources) over the
+    workflow profile's, as the Snakefile's apply_config_resources sets them."""
+    from ordermerge import resources
     from ordermerge.config import validate_config
 
-    text = (ROOT / "workflow" / "rules" / "common.smk").read_text()
-    ns = {"config": validate_config(config), "THREADS": threads}
-    exec(compile(text[text.index("_RESOURCE_NAMES = "):], "common.smk", "exec"), ns)
-    return ns
+    cfg = validate_config(cfg)
+    res = {**builtin_resources(rule, attempt), **resources.job_resources(cfg, rule)}
+    if callable(res["runtime"]):
+        res["runtime"] = res["runtime"](None, attempt)
+    return res, resources.job_threads(cfg, rule)
 
 
 class _Resources(dict):
     __getattr__ = dict.__getitem__
 
 
-def sbatch_call(rule: str, config_path: Path, builtin: dict, attempt: int = 1) -> str:
+def sbatch_call(rule: str, config_path: Path, attempt: int = 1) -> str:
     """The sbatch command line the SLURM plugin builds for one job of ``rule``."""
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    cfg = yaml.safe_load(config_path.read_text())
-    ns = resource_helpers(cfg, cfg.get("threads_per_job", 1))
-    res = ns["rule_resources"](rule, **builtin)
-    res["runtime"] = res["runtime"](None, attempt)
-    job = SimpleNamespace(resources=_Resources(res), threads=ns["rule_threads"](rule), name=rule)
+    res, threads = job_resources(rule, yaml.safe_load(config_path.read_text()), attempt)
+    job = SimpleNamespace(resources=_Resources(res), threads=threads, name=rule)
     params = {"run_uuid": "x", "slurm_logfile": "/tmp/x.log", "comment_str": f"rule_{rule}",
               "account": "", "partition": "", "workdir": "/tmp"}
     return get_submit_command(job, params) + set_gres_string(job)
 
 
 def test_gpu_fine_tune_asks_slurm_for_a_gpu_memory_time_and_cpus():
-    call = sbatch_call("fine_tune", ROOT / "configs" / "gpu.yaml", {"mem_mb": 6000, "runtime": 120})
+    call = sbatch_call("fine_tune", ROOT / "configs" / "gpu.yaml")
     assert "--gpus=1" in call and "--mem 16000" in call and "-t 60" in call and "--cpus-per-task=4" in call
     # a retry (profile `retries`) asks for attempt x runtime: the fine-tune resumes from its last epoch
-    assert "-t 180" in sbatch_call("fine_tune", ROOT / "configs" / "gpu.yaml", {"mem_mb": 6000, "runtime": 120},
-                                   attempt=3)
-    merge = sbatch_call("merge", ROOT / "configs" / "gpu.yaml", {"mem_mb": 4000, "runtime": 30})
+    assert "-t 180" in sbatch_call("fine_tune", ROOT / "configs" / "gpu.yaml", attempt=3)
+    merge = sbatch_call("merge", ROOT / "configs" / "gpu.yaml")
     assert "--gpus" not in merge and "--cpus-per-task=4" in merge and "--mem 8000" in merge
 
 
@@ -89,30 +95,39 @@ def test_config_overrides_partition_account_and_gpu_model(tmp_path):
                                       "slurm_extra": "--exclusive"}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    ns = resource_helpers(cfg)
-    ft = ns["rule_resources"]("fine_tune", mem_mb=6000, runtime=120)
+    ft, ft_threads = job_resources("fine_tune", cfg)
     assert ft["slurm_partition"] == "gpu" and ft["slurm_account"] == "proj1" and ft["mem_mb"] == 6000
-    assert ns["rule_resources"]("merge", mem_mb=4000, runtime=30)["slurm_partition"] == "cpu"
-    assert ns["rule_threads"]("fine_tune") == 6 and ns["rule_threads"]("merge") == 1
-    call = sbatch_call("fine_tune", path, {"mem_mb": 6000, "runtime": 120})
+    merge, merge_threads = job_resources("merge", cfg)
+    assert merge["slurm_partition"] == "cpu" and ft_threads == 6 and merge_threads == 1
+    call = sbatch_call("fine_tune", path)
     assert "--gpus=a100:2" in call and "--cpus-per-task=6" in call and "--exclusive" in call
 
 
 def test_default_config_keeps_the_built_in_resources():
-    ns = resource_helpers(yaml.safe_load((ROOT / "config.yaml").read_text()))
-    res = ns["rule_resources"]("fine_tune", mem_mb=6000, runtime=120)
-    assert res["gpu"] == 0 and res["mem_mb"] == 6000 and res["runtime"](None, 2) == 240
-    assert set(res) == {"gpu", "mem_mb", "runtime"}  # no partition/account unless configured
+    from ordermerge import resources
+    from ordermerge.config import validate_config
+
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    assert resources.job_resources(validate_config(raw), "fine_tune") == {"gpu": 0}  # no partition unless set
+    res, _ = job_resources("fine_tune", raw, attempt=2)
+    assert res == {"gpu": 0, "mem_mb": 6000, "runtime": 240}
 
 
 def test_profiles_parse_and_name_real_options():
+    from ordermerge import resources
+    from ordermerge.config import load_schema
+
     slurm = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     assert slurm["executor"] == "slurm" and slurm["retries"] >= 1
-    assert "set-resources" not in slurm  # per-rule numbers live in the rules and the config
+    # per-rule numbers live in the workflow profile and the config; a set-resources here would replace them
+    assert "set-resources" not in slurm
     local = yaml.safe_load((ROOT / "profiles" / "local" / "config.yaml").read_text())
     assert local["resources"]["gpu"] >= 0
+    default = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
+    assert set(default) == {"set-resources"}  # a default-resources here would hide profiles/slurm's
+    assert list(default["set-resources"]) == resources.job_rules(load_schema())  # every job rule, no other
     help_text = subprocess.run([str(BIN / "snakemake"), "--help"], capture_output=True, text=True).stdout
-    for key in list(slurm) + list(local):
+    for key in list(slurm) + list(local) + list(default):
         assert f"--{key}" in help_text, f"profile key {key!r} is not a snakemake option"
 
 

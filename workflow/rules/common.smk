@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from ordermerge.config import ConfigError, validate_config  # noqa: E402
+from ordermerge.config import ConfigError, load_schema, validate_config  # noqa: E402
 from ordermerge import paths  # noqa: E402
+from ordermerge import resources as job_resources  # noqa: E402  (no torch)
 from ordermerge.merging import (
     registry,
 )  # noqa: E402  (no torch: names, parameters, flags)
@@ -27,13 +28,11 @@ R = config["results_dir"]
 K = config["runs"]
 EPOCHS = config["train"]["epochs"]
 MERGE_EPOCH = config["merge"]["epoch"] or EPOCHS
-THREADS = config["threads_per_job"]
 MODELS = list(config["models"])
 TASKS = list(config["tasks"])
 SCHEMES = config["schemes"]
-PRECISIONS = config[
-    "precisions"
-]  # stored forms of every fine-tune; the first is the headline
+# stored forms of every fine-tune; the first is the headline
+PRECISIONS = config["precisions"]
 SAVE_DTYPE = config["train"]["save_dtype"]
 ORDER_SEED = config["seed"] if config["order_seed"] is None else config["order_seed"]
 LOSS_METHODS = (
@@ -150,37 +149,31 @@ def merged_eval_files(model, task, scheme, precision):
     ]
 
 
-def single_identity(w):
-    """What an evaluation of single run w.run records about its model (evaluate and harness rules)."""
+def eval_identity(w):
+    """What an evaluation records about its model (evaluate and harness rules): single run w.run, or the
+    merge w.method with seed w.mseed (the merged rules' wildcards)."""
+    merged = hasattr(w, "method")
     return as_json(
         {
             "model": w.model,
             "task": w.task,
             "scheme": w.scheme,
             "precision": w.precision,
-            "kind": "single",
-            "method": "single",
-            "run": int(w.run),
-            "seed": None,
-            "epoch": EPOCHS,
+            "kind": "merged" if merged else "single",
+            "method": w.method if merged else "single",
+            "run": None if merged else int(w.run),
+            "seed": int(w.mseed) if merged else None,
+            "epoch": MERGE_EPOCH if merged else EPOCHS,
         }
     )
 
 
-def merged_identity(w):
-    return as_json(
-        {
-            "model": w.model,
-            "task": w.task,
-            "scheme": w.scheme,
-            "precision": w.precision,
-            "kind": "merged",
-            "method": w.method,
-            "run": None,
-            "seed": int(w.mseed),
-            "epoch": MERGE_EPOCH,
-        }
-    )
+def loss_split_files(w):
+    """The splits whose per-sample losses are scored (losses.splits), of w's model and task."""
+    return [
+        P.of("split", model=w.model, task=w.task, split=s)
+        for s in config["losses"]["splits"]
+    ]
 
 
 def harness_files(model, task, scheme, precision):
@@ -282,45 +275,17 @@ def remote_code_args(model):
 
 
 # --- GPU slots: several GPUs on one machine, each GPU job on its own (src/ordermerge/gpu_slots/) ---
-# A job holding g >= 1 GPUs (resources.<rule>.gpus) runs behind `python -m ordermerge.gpu_slots --gpus g --`
-# when Snakemake runs it on this machine: the launcher claims g free GPUs (flock, freed by the kernel
-# when the job ends, kill -9 included) and sets CUDA_VISIBLE_DEVICES, so `--resources gpu=N`
-# (profiles/local) runs N GPU jobs at once on N different cards. A cluster executor (SLURM gives each
-# job its own GPUs) and CPU-only jobs keep their commands unchanged.
-
-
-def _jobs_run_here():
-    """Whether Snakemake runs the jobs on this machine (the local executor), not a cluster executor. The
-    running executor says so, except while the Snakefile is parsed (no executor yet) and in a dry run
-    (Snakemake's 'dryrun' executor stands in): then the executor asked for on the command line, profiles
-    applied, is the CLI's parsed `args` in args_to_api up the call stack. Snakemake driven through its
-    Python API, with no CLI: assumed local."""
-    plugin = workflow.executor_plugin
-    if plugin is not None and not workflow.dryrun:
-        return plugin.common_settings.local_exec
-    frame = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_name == "args_to_api" and "args" in frame.f_locals:
-            executor = getattr(frame.f_locals["args"], "executor", None)
-            return executor in (None, "local")
-        frame = frame.f_back
-    return True
-
-
-def gpu_slots_here():
-    """Whether GPU jobs go through the slot launcher: Snakemake runs them on this machine, not through a
-    cluster executor nor inside a SLURM job (whose GPUs the scheduler already chose)."""
-    if os.environ.get("SLURM_JOB_ID") or workflow.remote_exec:
-        return False
-    return _jobs_run_here()
+# A job holding g >= 1 GPUs (resources.<rule>.gpus) runs behind `python -m ordermerge.gpu_slots --gpus g --`.
+# The launcher decides at run time, so the workflow never asks which executor runs it: on a workstation it
+# claims g free GPUs (flock, freed by the kernel when the job ends, kill -9 included) and sets
+# CUDA_VISIBLE_DEVICES, so `--resources gpu=N` (profiles/local) runs N GPU jobs at once on N different cards;
+# inside a SLURM job (SLURM_JOB_ID), whose GPUs the scheduler chose, it runs the command unchanged.
 
 
 def gpu_slots_prefix(gpus):
-    """`python -m ordermerge.gpu_slots --gpus <g> -- ` for a job holding g >= 1 GPUs on this machine, else ''."""
+    """`python -m ordermerge.gpu_slots --gpus <g> -- ` for a job holding g >= 1 GPUs, else ''."""
     gpus = int(gpus or 0)
-    if gpus < 1 or not gpu_slots_here():
-        return ""
-    return f"python -m ordermerge.gpu_slots --gpus {gpus} -- "
+    return f"python -m ordermerge.gpu_slots --gpus {gpus} -- " if gpus >= 1 else ""
 
 
 class _GpuSlotsField:
@@ -333,9 +298,8 @@ class _GpuSlotsField:
 
 GPU_SLOTS = _GpuSlotsField()
 GPU_SLOTS_FIELD = "{GPU_SLOTS:{resources.gpu}u}"
-# Only a config that gives some rule a GPU puts the launcher field into the shared shell strings below, and
-# only for a run on this machine: every other run keeps their exact text, since Snakemake reruns a job
-# whose shell text changed.
+# Only a config that gives a GPU to some job puts the launcher field into the shared shell strings below, and
+# every other config keeps their exact text, since Snakemake reruns a job whose shell text changed.
 GPU_CONFIG = any(
     int(spec.get("gpus", 0) or 0) >= 1 for spec in config["resources"].values()
 )
@@ -343,9 +307,7 @@ GPU_CONFIG = any(
 
 def gpu_slots_shell(cmd):
     """A rule's shell command, behind the slot launcher when the job holds GPUs (decided per job)."""
-    if GPU_CONFIG and gpu_slots_here():
-        return f"{GPU_SLOTS_FIELD}{cmd}"
-    return cmd
+    return f"{GPU_SLOTS_FIELD}{cmd}" if GPU_CONFIG else cmd
 
 
 def eval_shell(model_dir):
@@ -367,7 +329,7 @@ def harness_shell(model_dir):
 
 def fine_tune_launcher(resources, threads):
     """One process, or one per GPU under torchrun when the job holds several (train.parallel: ddp or fsdp),
-    behind the GPU slot launcher on this machine (gpu_slots_prefix)."""
+    behind the GPU slot launcher (gpu_slots_prefix)."""
     gpus = int(resources.get("gpu", 0) or 0)
     slots = gpu_slots_prefix(gpus)
     if gpus <= 1:
@@ -533,13 +495,14 @@ def analysis_inputs(w):
     return files
 
 
-# Job resources. Each rule states its built-in needs (sized for the laptop default); the config's
-# `resources.default`, then `resources.<rule>`, override them (keys: workflow/schemas/config.schema.yaml).
-# runtime is minutes for the first attempt: with the profile's `retries`, attempt n asks for n times
-# as long, and a timed-out fine-tune restarts from its last complete epoch. The SLURM executor maps
-# gpu to --gpus, mem_mb to --mem, runtime to -t and threads to --cpus-per-task; a local run counts
-# gpu against `--resources gpu=N` (profiles/local) and gives each GPU job its own card (GPU slots,
-# above). Cheap rules run on the submit host.
+# Job resources. The rules state none: their built-in numbers (mem_mb, runtime; sized for the laptop default)
+# are the workflow profile's `set-resources` (profiles/default/config.yaml, which Snakemake loads for every
+# run), and the config's threads_per_job, `resources.default`, then `resources.<rule>` win over them
+# (apply_config_resources, below; keys: workflow/schemas/config.schema.yaml). runtime is minutes for the first
+# attempt: with the profile's `retries`, attempt n asks for n times as long, and a timed-out fine-tune
+# restarts from its last complete epoch. The SLURM executor maps gpu to --gpus, mem_mb to --mem, runtime to -t
+# and threads to --cpus-per-task; a local run counts gpu against `--resources gpu=N` (profiles/local) and
+# gives each GPU job its own card (GPU slots, above). Cheap rules run on the submit host.
 localrules:
     prepare_data,
     orders,
@@ -596,39 +559,20 @@ onstart:
     check_data_before_any_job()
 
 
-_RESOURCE_NAMES = {
-    "gpus": "gpu",
-    "gpu_model": "gpu_model",
-    "gres": "gres",
-    "mem_mb": "mem_mb",
-    "partition": "slurm_partition",
-    "account": "slurm_account",
-    "constraint": "constraint",
-    "slurm_extra": "slurm_extra",
-}
+def apply_config_resources():
+    """Set every job rule's threads and the resources the config names (ordermerge.resources), once, after
+    all rules are defined (the end of the Snakefile).
 
-
-def _resource_overrides(rule):
-    return {
-        **config["resources"].get("default", {}),
-        **config["resources"].get(rule, {}),
-    }
-
-
-def rule_resources(rule, mem_mb, runtime, gpus=0):
-    """A rule's `resources:` (use as `resources: **rule_resources("fine_tune", mem_mb=..., runtime=...)`)."""
-    spec = {
-        "gpus": gpus,
-        "mem_mb": mem_mb,
-        "runtime": runtime,
-        **_resource_overrides(rule),
-    }
-    out = {_RESOURCE_NAMES[k]: v for k, v in spec.items() if k in _RESOURCE_NAMES}
-    minutes = spec["runtime"]
-    out["runtime"] = lambda wildcards, attempt: minutes * attempt
-    return out
-
-
-def rule_threads(rule):
-    """A rule's `threads:`: resources.<rule>.cpus, else resources.default.cpus, else threads_per_job."""
-    return _resource_overrides(rule).get("cpus", THREADS)
+    Snakemake documents no Snakefile API that sets a rule's resources after its definition: its documented
+    routes are a rule's own `threads:`/`resources:` (which would repeat the rule's name in ~15 rules) and the
+    command line's, or a profile's, `--set-threads`/`--set-resources` (which cannot read the config). So this
+    assigns `rule.resources[name]` on the rules `workflow.get_rule` returns: a mapping that Snakemake has kept
+    since version 3 (a Resources object since 9), whose `_cores` entry is the rule's threads. What it sets
+    is what the dry run prints per job (tests/test_configs_dryrun.py), so a change of that API fails there.
+    The config wins over --set-resources/--set-threads too: change a rule's numbers in the config.
+    """
+    for name in job_resources.job_rules(load_schema()):
+        job_rule = workflow.get_rule(name)
+        job_rule.resources["_cores"] = job_resources.job_threads(config, name)
+        for resource, value in job_resources.job_resources(config, name).items():
+            job_rule.resources[resource] = value

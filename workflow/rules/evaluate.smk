@@ -11,17 +11,16 @@ rule evaluate_single:
         paths.job_benchmark("evaluate_single", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("evaluate_single")
-    resources:
-        **rule_resources("evaluate_single", mem_mb=4000, runtime=60),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         eval_cfg=as_json(without(config["eval"], "harness")),
-        identity=single_identity,
+        identity=eval_identity,
     shell:
         eval_shell("{input.model}")
 
 
+# `use rule ... with:` replaces whole sections: the merged rules restate their input for its model (and their
+# output, log and benchmark, named per rule); params and shell are the single rules'.
 use rule evaluate_single as evaluate_merged with:
     input:
         model=P.partial("merged", epoch=MERGE_EPOCH),
@@ -33,13 +32,6 @@ use rule evaluate_single as evaluate_merged with:
         paths.job_log("evaluate_merged", R),
     benchmark:
         paths.job_benchmark("evaluate_merged", R)
-    threads: rule_threads("evaluate_merged")
-    resources:
-        **rule_resources("evaluate_merged", mem_mb=4000, runtime=60),
-    params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
-        eval_cfg=as_json(without(config["eval"], "harness")),
-        identity=merged_identity,
 
 
 # lm-eval-harness on the same models (eval.harness): mirrored tasks and/or standard lm-eval tasks.
@@ -55,13 +47,10 @@ rule harness_single:
         paths.job_benchmark("harness_single", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("harness_single")
-    resources:
-        **rule_resources("harness_single", mem_mb=4000, runtime=60),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         eval_cfg=as_json(config["eval"]),
-        identity=single_identity,
+        identity=eval_identity,
     shell:
         harness_shell("{input.model}")
 
@@ -76,10 +65,3 @@ use rule harness_single as harness_merged with:
         paths.job_log("harness_merged", R),
     benchmark:
         paths.job_benchmark("harness_merged", R)
-    threads: rule_threads("harness_merged")
-    resources:
-        **rule_resources("harness_merged", mem_mb=4000, runtime=60),
-    params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
-        eval_cfg=as_json(config["eval"]),
-        identity=merged_identity,

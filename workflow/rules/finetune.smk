@@ -14,9 +14,6 @@ rule fine_tune:
         paths.job_benchmark("fine_tune", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("fine_tune")
-    resources:
-        **rule_resources("fine_tune", mem_mb=6000, runtime=120),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         train_cfg=as_json(without(config["train"], "report_to")),
@@ -59,9 +56,6 @@ rule round_checkpoint:
         paths.job_benchmark("round", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("round_checkpoint")
-    resources:
-        **rule_resources("round_checkpoint", mem_mb=4000, runtime=30),
     params:
         seed=rounding_seed,
     shell:
@@ -72,10 +66,7 @@ rule round_checkpoint:
 rule sample_losses:
     input:
         checkpoint=stored_checkpoint,
-        splits=lambda w: [
-            P.of("split", model=w.model, task=w.task, split=s)
-            for s in config["losses"]["splits"]
-        ],
+        splits=loss_split_files,
     output:
         P.run_losses,
     log:
@@ -84,9 +75,6 @@ rule sample_losses:
         paths.job_benchmark("sample_losses", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("sample_losses")
-    resources:
-        **rule_resources("sample_losses", mem_mb=4000, runtime=30),
     params:
         splits=lambda w, input: " ".join(
             f"--split {s}={p}"
@@ -105,16 +93,10 @@ rule sample_losses:
 use rule sample_losses as sample_losses_merged with:
     input:
         checkpoint=P.merged,
-        splits=lambda w: [
-            P.of("split", model=w.model, task=w.task, split=s)
-            for s in config["losses"]["splits"]
-        ],
+        splits=loss_split_files,
     output:
         P.merged_losses,
     log:
         paths.job_log("sample_losses_merged", R),
     benchmark:
         paths.job_benchmark("sample_losses_merged", R)
-    threads: rule_threads("sample_losses_merged")
-    resources:
-        **rule_resources("sample_losses_merged", mem_mb=4000, runtime=30),

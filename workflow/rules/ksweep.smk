@@ -18,9 +18,6 @@ use rule merge as ksweep_merge with:
         paths.job_log("ksweep_merge", R),
     benchmark:
         paths.job_benchmark("ksweep_merge", R)
-    threads: rule_threads("ksweep_merge")
-    resources:
-        **rule_resources("ksweep_merge", mem_mb=4000, runtime=30),
     params:
         flags=merge_flags,
         seed=KSWEEP_SEED,
@@ -48,9 +45,6 @@ rule ksweep_evaluate:
         paths.job_benchmark("ksweep_evaluate", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("ksweep_evaluate")
-    resources:
-        **rule_resources("ksweep_evaluate", mem_mb=4000, runtime=30),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         eval_cfg=as_json(without(config["eval"], "harness")),

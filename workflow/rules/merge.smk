@@ -11,9 +11,6 @@ rule merge:
         paths.job_benchmark("merge", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("merge")
-    resources:
-        **rule_resources("merge", mem_mb=4000, runtime=30),
     params:
         flags=merge_flags,
         seed=lambda w: w.mseed,

@@ -15,12 +15,6 @@ use rule merge as multitask_merge with:
         paths.job_log("multitask_merge", R),
     benchmark:
         paths.job_benchmark("multitask_merge", R)
-    threads: rule_threads("multitask_merge")
-    resources:
-        **rule_resources("multitask_merge", mem_mb=4000, runtime=30),
-    params:
-        flags=merge_flags,
-        seed=lambda w: w.mseed,
 
 
 rule evaluate_multitask:
@@ -36,9 +30,6 @@ rule evaluate_multitask:
         paths.job_benchmark("evaluate_multitask", R)
     conda:
         "../../envs/ordermerge.yaml"
-    threads: rule_threads("evaluate_multitask")
-    resources:
-        **rule_resources("evaluate_multitask", mem_mb=4000, runtime=60),
     params:
         task_spec=lambda w: as_json(config["tasks"][w.task]),
         eval_cfg=as_json(without(config["eval"], "harness")),

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ordermerge.analysis.stats import format_ci
+
 
 def _rst_table(header: list[str], rows: list[list[str]]) -> str:
     """A grid table: RST's only table form that needs no column-width guessing by the reader."""
@@ -17,10 +19,6 @@ def _rst_table(header: list[str], rows: list[list[str]]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
     return "\n".join([line, fmt(header), line.replace("-", "="), *(x for r in rows for x in (fmt(r), line))])
-
-
-def _ci(lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
-    return "" if lo != lo else f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
 
 
 def answer_rst(imbalance: pd.DataFrame, t1: pd.DataFrame, cfg: dict) -> str:
@@ -38,7 +36,7 @@ def answer_rst(imbalance: pd.DataFrame, t1: pd.DataFrame, cfg: dict) -> str:
            "(the paper's direction).", ""]
     for r in imbalance.itertuples():
         out.append(f"- **{r.model} / {r.task} / {r.scheme} / {r.precision}** ({r.n_samples} samples × {r.runs} runs): "
-                   f"paired ρ = **{r.rho_paired:+.3f}**{_ci(r.rho_paired_ci_low, r.rho_paired_ci_high, digits=3)}, "
+                   f"paired ρ = **{r.rho_paired:+.3f}**{format_ci(r.rho_paired_ci_low, r.rho_paired_ci_high, digits=3)}, "
                    f"permutation p = {r.p_paired_permutation:.2g}. **{r.verdict_paired}.**")
     out += ["", "Merges vs single runs (Table 1)", "-------------------------------", ""]
     header = ["method", "n", "val loss", "Δ vs mean single", "Δ vs best single", "beats every run",
@@ -59,15 +57,16 @@ def answer_rst(imbalance: pd.DataFrame, t1: pd.DataFrame, cfg: dict) -> str:
             if beats:
                 winners.append(f"{r.method} ({model} / {task} / {scheme} / {precision})")
             rows.append([r.method, str(r.n), spread(r.val_loss_mean, r.val_loss_std, r.n, ".4f"),
-                         f"{r.val_loss_delta:+.4f}{_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)}"
+                         f"{r.val_loss_delta:+.4f}{format_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)}"
                          if merged else "–",
-                         f"{r.val_loss_delta_best:+.4f}{_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)}"
+                         f"{r.val_loss_delta_best:+.4f}"
+                         f"{format_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)}"
                          if merged else "–",
                          ("yes" if beats else "no") if merged else "–",
                          spread(100 * r.task_score_mean, 100 * r.task_score_std, r.n, ".1f")
                          if r.task_score_mean == r.task_score_mean else "–",
                          f"{100 * r.task_score_delta:+.1f}"
-                         f"{_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}"
+                         f"{format_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}"
                          if merged and r.task_score_delta == r.task_score_delta else "–"])
         out += [f"**{title}**", "", _rst_table(header, rows), ""]
     out.append("n: runs (single) or merge seeds; ± is the standard deviation over them.")

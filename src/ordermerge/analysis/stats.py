@@ -73,6 +73,12 @@ def bootstrap_ci(statistic, n: int, seed: int, name: str, reps: int = BOOTSTRAP,
     return float(lo), float(hi)
 
 
+def format_ci(lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
+    """' [lo, hi]' (signed, times ``scale``) after a value in tables, the answer page and figure titles; ''
+    when the interval is undefined (NaN: fewer than 2 samples)."""
+    return "" if lo != lo else f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
+
+
 def paired_rho_ci(positions: np.ndarray, losses: np.ndarray, seed: int) -> tuple[float, float]:
     """95 % bootstrap interval of the paired ρ, resampling samples (columns: a sample keeps its K runs)."""
     return bootstrap_ci(lambda idx: paired_rho(positions[:, idx], losses[:, idx]), positions.shape[1], seed, "paired-rho")

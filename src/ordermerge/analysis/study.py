@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ordermerge.analysis.stats import format_ci
 from ordermerge.paths import EVAL_FILES, Paths
 
 SEED = 0  # the pooled intervals' bootstrap seed (deterministic)
-
-
-def _ci(lo: float, hi: float) -> str:
-    return f"[{lo:+.3f}, {hi:+.3f}]"
 
 
 def imbalance_markdown(runs: dict[str, Path]) -> str:
@@ -29,10 +26,10 @@ def imbalance_markdown(runs: dict[str, Path]) -> str:
     for name, results in runs.items():
         t = pd.read_csv(Paths(str(results)).of("table", name="imbalance", ext="csv"))
         for r in t.itertuples():
-            lines.append(f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.n_samples} × {r.runs} | {r.rho_paired:+.3f} "
-                         f"{_ci(r.rho_paired_ci_low, r.rho_paired_ci_high)} | {r.p_paired_permutation:.3g} | "
-                         f"{r.verdict_paired} | {r.rho_residual_pooled:+.3f} "
-                         f"{_ci(r.rho_residual_ci_low, r.rho_residual_ci_high)} | "
+            lines.append(f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.n_samples} × {r.runs} | {r.rho_paired:+.3f}"
+                         f"{format_ci(r.rho_paired_ci_low, r.rho_paired_ci_high, digits=3)} | {r.p_paired_permutation:.3g} | "
+                         f"{r.verdict_paired} | {r.rho_residual_pooled:+.3f}"
+                         f"{format_ci(r.rho_residual_ci_low, r.rho_residual_ci_high, digits=3)} | "
                          f"{r.loss_first_decile:.4f} vs {r.loss_last_decile:.4f} |")
     return "\n".join(lines) + "\n"
 
@@ -45,12 +42,13 @@ def merges_markdown(runs: dict[str, Path]) -> str:
         t = pd.read_csv(Paths(str(results)).of("table", name="table1", ext="csv"))
         for r in t[t["method"] != "single"].itertuples():
             score = "–" if r.task_score_mean != r.task_score_mean else (
-                f"{100 * r.task_score_mean:.1f} | {100 * r.task_score_delta:+.1f} "
-                f"[{100 * r.task_score_delta_ci_low:+.1f}, {100 * r.task_score_delta_ci_high:+.1f}]")
+                f"{100 * r.task_score_mean:.1f} | {100 * r.task_score_delta:+.1f}"
+                f"{format_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}")
             lines.append(f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.val_loss_mean:.4f} | "
-                         f"{r.val_loss_delta:+.4f} [{r.val_loss_delta_ci_low:+.4f}, {r.val_loss_delta_ci_high:+.4f}] | "
-                         f"{r.val_loss_delta_best:+.4f} [{r.val_loss_delta_best_ci_low:+.4f}, "
-                         f"{r.val_loss_delta_best_ci_high:+.4f}] | {'yes' if r.val_loss_beats_best_single else 'no'} | "
+                         f"{r.val_loss_delta:+.4f}{format_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)} | "
+                         f"{r.val_loss_delta_best:+.4f}"
+                         f"{format_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)} | "
+                         f"{'yes' if r.val_loss_beats_best_single else 'no'} | "
                          f"{score if score != '–' else '– | –'} |")
     return "\n".join(lines) + "\n"
 
@@ -83,8 +81,8 @@ def pooled_rho_markdown(runs: dict[str, Path]) -> str:
         rho = paired_rho(positions, losses)
         lo, hi = paired_rho_ci(positions, losses, SEED)
         agree = sum(sg == np.sign(rho) for sg in signs)
-        lines.append(f"| {w['task']} | {w['scheme']} | {w['precision']} | {len(positions)} | {rho:+.3f} "
-                     f"{_ci(lo, hi)} | {permutation_p(positions, losses, n_perm=499, seed=SEED):.3g} | "
+        lines.append(f"| {w['task']} | {w['scheme']} | {w['precision']} | {len(positions)} | {rho:+.3f}"
+                     f"{format_ci(lo, hi, digits=3)} | {permutation_p(positions, losses, n_perm=499, seed=SEED):.3g} | "
                      f"{verdict(lo, hi)} | {agree} of {len(signs)} replicates |")
     return "\n".join(lines) + "\n"
 
@@ -140,7 +138,7 @@ def pooled_merges_markdown(runs: dict[str, Path]) -> str:
         n = deltas[0][0].shape[1]
         lo, hi = bootstrap_ci(delta, n, SEED, f"pooled-{'-'.join(key)}-{r.method}")
         lines.append(f"| {r.task} | {r.scheme} | {r.precision} | {r.method} | {len(present)} | "
-                     f"{delta(np.arange(n)):+.4f} [{lo:+.4f}, {hi:+.4f}] | {beats} of {len(present)} |")
+                     f"{delta(np.arange(n)):+.4f}{format_ci(lo, hi)} | {beats} of {len(present)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ordermerge.merging.subsets import sweep_plan
 from ordermerge.merging.registry import merge_variants
+from ordermerge.merging.subsets import sweep_plan
 from ordermerge.paths import EVAL_FILES, Paths
 
 METRICS = ("val_loss", "exact_match")
@@ -102,13 +102,12 @@ def load_ksweep(results: Path, cfg: dict) -> pd.DataFrame:
 def plot_ksweep(table: pd.DataFrame, single: pd.DataFrame, title: str, path: Path) -> None:
     """Val loss (and exact match, when decoded) vs subset size: one line per method, mean ± std over
     subsets; the single runs' mean (± std band) as the reference."""
-    from ordermerge.analysis.figures import _save, plt
+    from ordermerge.analysis.figures import _save, method_colour, plt
 
     panels = [("val_loss", "validation loss (nats / response token)")]
     if table["exact_match_mean"].notna().any():
         panels.insert(0, ("exact_match", "exact match of the final answer (%)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(8 if len(panels) == 1 else 13, 5), squeeze=False)
-    cmap = plt.get_cmap("tab10")
     for ax, (metric, label) in zip(axes[0], panels):
         scale = 100.0 if metric == "exact_match" else 1.0
         ref_mean, ref_std = _mean_std(single[metric])
@@ -119,7 +118,8 @@ def plot_ksweep(table: pd.DataFrame, single: pd.DataFrame, title: str, path: Pat
         for i, (method, g) in enumerate(table.groupby("method", sort=False)):
             g = g.sort_values("subset_size")
             ax.errorbar(g["subset_size"] + 0.05 * i, scale * g[f"{metric}_mean"], yerr=scale * g[f"{metric}_std"],
-                        fmt="o-", capsize=3, color=cmap(i % 10), label=f"merged: {method} (mean ± std over subsets)")
+                        fmt="o-", capsize=3, color=method_colour(method),
+                        label=f"merged: {method} (mean ± std over subsets)")
         sizes = sorted(table["subset_size"].unique())
         ax.set_xticks(sizes)
         ax.set_xlim(min(sizes) - 0.5, max(sizes) + 0.5)  # one size alone would otherwise stretch the offsets
@@ -177,8 +177,9 @@ def table3_markdown(t: pd.DataFrame) -> str:
             lines.append(f"| {r.model} | {r.precision} | (mean over {r.n} tasks) | {r.method} | | | {r.val_loss_delta:+.4f} | | "
                          f"{100 * r.exact_match_delta:+.1f} |")
             continue
-        lines.append(f"| {r.model} | {r.precision} | {r.task} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
-                     f"{r.val_loss_delta:+.4f} | {100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | "
+        lines.append(f"| {r.model} | {r.precision} | {r.task} | {r.method} | {r.n} | "
+                     f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | {r.val_loss_delta:+.4f} | "
+                     f"{100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | "
                      f"{100 * r.exact_match_delta:+.1f} |")
     return "\n".join(lines) + "\n"
 

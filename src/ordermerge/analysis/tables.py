@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ordermerge.analysis.stats import bootstrap_ci
+from ordermerge.analysis.stats import bootstrap_ci, format_ci
 
 METRICS = ("val_loss", "exact_match", "task_score")
 # One set of K runs and its merges: a model, task and order scheme, in one stored precision.
@@ -140,12 +140,8 @@ def _fmt_p(p: float) -> str:
     return "–" if p != p else f"{p:.2g}"
 
 
-def _ci(lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
-    return "" if lo != lo else f" [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]"
-
-
 def _delta(value: float, lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
-    return "–" if value != value else f"{scale * value:+.{digits}f}{_ci(lo, hi, scale, digits)}"
+    return "–" if value != value else f"{scale * value:+.{digits}f}{format_ci(lo, hi, scale, digits)}"
 
 
 def _beats(value) -> str:
@@ -165,20 +161,21 @@ def table1_markdown(t: pd.DataFrame, title: str = "Table 1: single fine-tunes vs
              "are better; 'beats best' = better than every single run. p: Wilcoxon signed-rank test of per-sample",
              "val losses, merge (mean over seeds) vs the mean single run. Task metric: exact_match (final numeric",
              "answer) or mc_accuracy (multiple choice, by log-likelihood).", "",
-             "| model | task | scheme | precision | method | n | val loss | Δ val loss [95% CI] | p | Δ best [95% CI] | beats best |"
-             " task metric | score % | Δ score pts [95% CI] | Δ best pts [95% CI] | beats best |",
+             "| model | task | scheme | precision | method | n | val loss | Δ val loss [95% CI] | p | Δ best [95% CI] |"
+             " beats best | task metric | score % | Δ score pts [95% CI] | Δ best pts [95% CI] | beats best |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in t.itertuples():
+        best_pts = _delta(r.task_score_delta_best, r.task_score_delta_best_ci_low, r.task_score_delta_best_ci_high, 100, 1)
         lines.append(
-            f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.n} | {r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
+            f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.n} | "
+            f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
             f"{_delta(r.val_loss_delta, r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)} | "
             f"{_fmt_p(r.p_paired_val_loss)} | "
             f"{_delta(r.val_loss_delta_best, r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)} | "
             f"{_beats(r.val_loss_beats_best_single)} | "
             f"{r.task_metric if r.task_score_mean == r.task_score_mean else '–'} | {_score(r)} | "
             f"{_delta(r.task_score_delta, r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)} | "
-            f"{_delta(r.task_score_delta_best, r.task_score_delta_best_ci_low, r.task_score_delta_best_ci_high, 100, 1)} | "
-            f"{_beats(r.task_score_beats_best_single)} |"
+            f"{best_pts} | {_beats(r.task_score_beats_best_single)} |"
         )
     return "\n".join(lines) + "\n"
 

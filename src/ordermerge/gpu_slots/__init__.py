@@ -30,11 +30,20 @@ launcher is a pass-through: with ``SLURM_JOB_ID`` in the environment, or ``--res
 runs the command unchanged (exec, no locks).
 
 In the workflow: workflow/rules/common.smk puts this launcher in front of every GPU job's command
-(``resources.<rule>.gpus`` >= 1) when Snakemake runs the jobs on this machine, so
-``--resources gpu=N`` (profiles/local) runs N GPU jobs at once, each on its own device.
+(``resources.<rule>.gpus`` >= 1), whichever executor runs it: on a workstation ``--resources gpu=N``
+(profiles/local) then runs N GPU jobs at once, each on its own device, and in a SLURM job the launcher
+passes the command through. So the workflow never needs to know where its jobs run.
 """
 
 from ordermerge.gpu_slots.claim import *  # noqa: F401,F403  (the public names, as before the split)
-from ordermerge.gpu_slots.claim import (EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_USAGE, LOCK_DIR_ENV, SlotError,  # noqa: F401
-                                        default_lock_dir, discover_devices, parse_devices)
+from ordermerge.gpu_slots.claim import (  # noqa: F401
+    EXIT_NOT_FOUND,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    LOCK_DIR_ENV,
+    SlotError,
+    default_lock_dir,
+    discover_devices,
+    parse_devices,
+)
 from ordermerge.gpu_slots.launch import main, run_holding, under_scheduler  # noqa: F401
