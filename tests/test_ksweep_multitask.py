@@ -291,6 +291,7 @@ def test_study_config_has_a_small_val_loss_only_ksweep_and_the_default_none(tmp_
     default = load_config(ROOT / "config.yaml")
     assert not default["ksweep"]["enabled"] and not default["multitask"]["tasks"]
     jobs = planned_jobs(snakemake(tmp_path, "-n", configfile=[ROOT / "config.yaml", ROOT / "configs" / "study.yaml"]))
-    # K=4, 2 schemes: sizes 2 (3 subsets) and 4 (the full set), average only: 4 merges + 4 val-loss evaluations each
-    assert (jobs["ksweep_merge"], jobs["ksweep_evaluate"]) == (8, 8)
+    # K=4, sizes 2 (3 subsets), 3 (3 subsets) and 4 (the full set), average and resample1, in each of the 3
+    # precisions: 7 x 2 x 3 = 42 merges + 42 val-loss evaluations
+    assert (jobs["ksweep_merge"], jobs["ksweep_evaluate"]) == (42, 42)
     assert "multitask_merge" not in jobs

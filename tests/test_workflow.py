@@ -15,16 +15,20 @@ def test_dry_run_plans_every_stage(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n"))
     # K=2 runs, 2 epochs, merges: average once + select and resample1 for 2 seeds at the final epoch,
     # plus each method's first seed at epoch 1 (Fig. 4), whose per-sample losses are scored (Fig. 3, 4);
-    # eval.harness [mirror]: lm-eval on every evaluated model
-    assert jobs == {"all": 1, "analyze": 1, "base_model": 1, "evaluate_merged": 5, "evaluate_single": 2,
-                    "fine_tune": 2, "merge": 8, "orders": 2, "prepare_data": 1, "sample_losses": 4,
-                    "sample_losses_merged": 6, "harness_single": 2, "harness_merged": 5, "total": 40}
+    # eval.harness [mirror]: lm-eval on every evaluated model. Everything after fine_tune once per precision
+    # (fp32 as saved, bf16 rounded from it: one round per run and scored epoch)
+    assert jobs == {"all": 1, "analyze": 1, "base_model": 1, "evaluate_merged": 10, "evaluate_single": 4,
+                    "fine_tune": 2, "round_checkpoint": 4, "merge": 16, "orders": 2, "prepare_data": 1,
+                    "sample_losses": 8, "sample_losses_merged": 12, "harness_single": 4, "harness_merged": 10,
+                    "total": 76}
 
 
 def test_default_config_dry_run(tmp_path):
     jobs = planned_jobs(snakemake(tmp_path, "-n", configfile=ROOT / "config.yaml"))
-    assert jobs["fine_tune"] == 4 and jobs["merge"] == 5 and jobs["evaluate_merged"] == 5
-    assert jobs["sample_losses"] == 4  # final epoch only in the default
+    # one training (4 fine-tunes), then per precision (fp32, bf16) 5 merges and their evaluations
+    assert jobs["fine_tune"] == 4 and jobs["round_checkpoint"] == 4
+    assert jobs["merge"] == 10 and jobs["evaluate_merged"] == 10 and jobs["evaluate_single"] == 8
+    assert jobs["sample_losses"] == 8  # final epoch only in the default
 
 
 def test_bad_config_is_rejected_before_any_job(tmp_path):
