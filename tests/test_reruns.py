@@ -25,7 +25,7 @@ TREE_CONFIG = [SMOKE, ROOT / "tests" / "configs" / "reruns.yaml"]
 # Snakemake's reasons (the dry run's "Reasons:" summary): a job of the rule itself reruns, or it is new, or
 # it only follows a job before it.
 OWN = ("params have changed", "code has changed", "set of input files has changed",
-       "software environment definition has changed")
+       "software environment definition has changed", "updated input files")
 NEW = ("missing output files", "output files have to be generated")
 
 
@@ -58,10 +58,9 @@ def tree_config() -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def finished_tree(tmp_path_factory):
-    """A results tree whose every job Snakemake believes ran with the test config (seconds, not a run)."""
-    work = tmp_path_factory.mktemp("finished")
+def build_finished_tree(work: Path) -> Path:
+    """A results tree in ``work`` whose every job Snakemake believes ran with the test config (seconds, not a
+    run)."""
     t0 = time.perf_counter()
     dry = snakemake(work, "-n", configfile=TREE_CONFIG)
     outputs = {o.strip() for line in (dry.stdout + dry.stderr).splitlines()
@@ -78,6 +77,11 @@ def finished_tree(tmp_path_factory):
                                                                       "follows": set()}
     print(f"fake finished tree: {len(outputs)} outputs in {time.perf_counter() - t0:.1f} s")
     return work
+
+
+@pytest.fixture(scope="module")
+def finished_tree(tmp_path_factory):
+    return build_finished_tree(tmp_path_factory.mktemp("finished"))
 
 
 def test_table_has_every_config_key():

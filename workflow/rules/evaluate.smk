@@ -15,7 +15,7 @@ rule evaluate_single:
     resources:
         **rule_resources("evaluate_single", mem_mb=4000, runtime=60),
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         eval_cfg=as_json(without(config["eval"], "harness")),
         identity=single_identity,
     shell:
@@ -37,7 +37,7 @@ use rule evaluate_single as evaluate_merged with:
     resources:
         **rule_resources("evaluate_merged", mem_mb=4000, runtime=60),
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         eval_cfg=as_json(without(config["eval"], "harness")),
         identity=merged_identity,
 
@@ -59,7 +59,7 @@ rule harness_single:
     resources:
         **rule_resources("harness_single", mem_mb=4000, runtime=60),
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         eval_cfg=as_json(config["eval"]),
         identity=single_identity,
     shell:
@@ -80,6 +80,6 @@ use rule harness_single as harness_merged with:
     resources:
         **rule_resources("harness_merged", mem_mb=4000, runtime=60),
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         eval_cfg=as_json(config["eval"]),
         identity=merged_identity,

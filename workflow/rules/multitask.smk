@@ -40,7 +40,7 @@ rule evaluate_multitask:
     resources:
         **rule_resources("evaluate_multitask", mem_mb=4000, runtime=60),
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         eval_cfg=as_json(without(config["eval"], "harness")),
         identity=lambda w: as_json(
             {
