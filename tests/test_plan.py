@@ -3,6 +3,8 @@ analysis writes (no torch)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from helpers import SMOKE
@@ -35,3 +37,29 @@ def test_what_the_config_turns_on_or_off():
     assert plan.rounded(smoke()) == ["bf16"] and plan.rounded(one) == []
     sweep = smoke(ksweep={"enabled": True})
     assert plan.ksweep_figure_names(sweep) == [f"ksweep_smollm2-135m_gsm_shuffle_{p}" for p in ("fp32", "bf16")]
+
+
+def test_the_analysis_loads_the_k_sweep_and_multitask_files_paths_py_spells(tmp_path):
+    """load_ksweep / load_multitask read exactly the evaluation files the rules declare (Paths.eval_outputs)."""
+    import json
+
+    from ordermerge.analysis.subsets import load_ksweep, load_multitask
+    from ordermerge.paths import Paths
+
+    cfg = smoke(precisions=["fp32"], ksweep={"enabled": True, "methods": ["average"], "exact_match": True},
+                tasks={"gsm": {"source": "gsm_symbolic", "max_length": 120, "n_train": 8, "n_val": 4, "n_test": 4},
+                       "asdiv": {"source": "asdiv", "max_length": 120, "n_train": 8, "n_val": 4, "n_test": 4}},
+                multitask={"tasks": ["gsm", "asdiv"], "methods": ["average"], "seeds": [0]})
+    p = Paths(str(tmp_path))
+    metrics = {"exact_match": 0.5, "val_loss": 1.0, "model": "smollm2-135m", "kind": "multitask"}
+    for task in cfg["tasks"]:
+        w = {"model": "smollm2-135m", "task": task, "scheme": "shuffle", "precision": "fp32"}
+        ks = {k: f.format(**w, size=2, subset=0, method="average") for k, f in p.eval_outputs("ksweep_merged").items()}
+        mt = p.eval_outputs("eval_multitask")["metrics"].format(**w, method="average", mseed=0)
+        for path, text in ((ks["metrics"], json.dumps({"exact_match": 0.25})), (mt, json.dumps(metrics)),
+                           (ks["val_losses"], "split,row,loss,tokens\nval,0,2.0,1\nval,1,4.0,3\n")):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+    sweep = load_ksweep(tmp_path, cfg)
+    assert list(sweep["exact_match"]) == [0.25, 0.25] and list(sweep["val_loss"]) == [3.5, 3.5]
+    assert list(load_multitask(tmp_path, cfg)["exact_match"]) == [0.5, 0.5]
