@@ -22,8 +22,9 @@ from ordermerge import reruns
 from ordermerge.config import load_schema
 
 TREE_CONFIG = [SMOKE, ROOT / "tests" / "configs" / "reruns.yaml"]
-# Snakemake's reasons (the dry run's "Reasons:" summary): a job of the rule itself reruns, or it is new, or
-# it only follows a job before it.
+# Snakemake's reasons for a job (the dry run's `reason:` line of each job): the job reruns for its own sake
+# (Snakemake checks these only for a job that no job before it already reruns), or it is new, or it only
+# follows a job before it. A new job's "Updated input files" says nothing: it runs anyway.
 OWN = ("params have changed", "code has changed", "set of input files has changed",
        "software environment definition has changed", "updated input files")
 NEW = ("missing output files", "output files have to be generated")
@@ -31,23 +32,17 @@ NEW = ("missing output files", "output files have to be generated")
 
 def planned(proc) -> dict[str, set[str]]:
     """{"reruns": rules with a job that reruns for its own sake, "new": rules with new jobs, "follows": rules
-    whose jobs rerun only because their inputs are rewritten} from a dry run's Reasons summary."""
+    whose jobs rerun only because a job before them does} from a dry run's job listing."""
     out = {"reruns": set(), "new": set(), "follows": set()}
-    text = proc.stdout + proc.stderr
-    if "Reasons:" not in text:
-        return out
-    reason = None
-    for line in text.split("Reasons:", 1)[1].splitlines()[1:]:
-        if not line.strip():
-            break
-        if line.startswith("        "):
-            rules = {r.strip() for r in line.split(",")} - {"all"}
-            kind = "reruns" if reason.startswith(OWN) else "new" if reason.startswith(NEW) else "follows"
-            out[kind] |= rules
-        elif line.startswith("    "):
-            reason = line.strip().rstrip(":").lower()
-        else:
-            break
+    rule = None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            rule = m.group(1)
+        elif (m := re.match(r"^\s+reason: (.*)$", line)) and rule not in (None, "all"):
+            reasons = [r.split(":")[0].strip().lower() for r in m.group(1).split("; ")]
+            kind = "new" if any(r.startswith(NEW) for r in reasons) else \
+                "reruns" if any(r.startswith(OWN) for r in reasons) else "follows"
+            out[kind].add(rule)
     return out
 
 
@@ -107,12 +102,14 @@ def test_overlay_sets_the_first_entry():
 
 def test_planned_reads_the_reasons():
     class Proc:
-        stdout = ("Reasons:\n    (check individual jobs above for details)\n    input files updated by another job:\n"
-                  "        all, analyze, merge\n    params have changed since last execution:\n        fine_tune\n"
-                  "    missing output files:\n        merge\n\nSome jobs were triggered\n")
+        stdout = ("rule fine_tune:\n    output: a\n    reason: Params have changed since last execution: x: 1\n"
+                  "rule merge:\n    reason: Missing output files: m; Updated input files: a\n"
+                  "localrule analyze:\n    reason: Input files updated by another job: m\n"
+                  "rule merge:\n    reason: Set of input files has changed since last execution\n"
+                  "localrule all:\n    reason: Input files updated by another job: t\n")
         stderr = ""
 
-    assert planned(Proc) == {"reruns": {"fine_tune"}, "new": {"merge"}, "follows": {"analyze", "merge"}}
+    assert planned(Proc) == {"reruns": {"fine_tune", "merge"}, "new": {"merge"}, "follows": {"analyze"}}
 
 
 @pytest.mark.parametrize("key", list(reruns.TABLE))

@@ -6,8 +6,9 @@ the lm-eval tasks for the evaluate rules) reruns nothing. :data:`TABLE` is that 
 key of the config schema (:func:`leaf_keys`); tests/test_reruns.py changes each key on a fake finished tree
 and checks that Snakemake plans exactly what the entry says, and that docs/reruns.md is :func:`markdown`.
 
-``reruns`` names the rules whose own jobs rerun (their params, shell text or set of inputs changed); the
-rules downstream of them rerun as well, because their inputs are rewritten, and are not listed. ``adds``:
+``reruns`` names the rules where the rerun starts: jobs that rerun for their own sake (their params, shell
+text or set of inputs changed) and that no job before them already reruns; every job after them reruns as
+well, because its inputs are rewritten, and is not listed. ``adds``:
 the change plans new jobs (new targets) without rerunning existing ones but those listed. ``refused``: the
 schema or the semantic checks refuse any other value in the test's config, and say why. ``change`` is the
 other valid value the test sets (per-entry keys, ``tasks.*.x``, on the first task, ``resources.*.x`` under
@@ -123,7 +124,11 @@ TABLE: dict[str, Effect] = {
     "multitask.run": Effect(1, ("multitask_merge",), why="another run of each task merged"),
     "multitask.methods": Effect(["dare", "average"], ("analyze",), adds=True),
     "multitask.seeds": Effect([0, 1], ("analyze",), adds=True),
-    "resources.*.gpus": Effect(1, why="the number of GPUs a job holds"),
+    "resources.*.gpus": Effect(1, ("sample_losses", "sample_losses_merged", "evaluate_single", "evaluate_merged",
+                                   "harness_single", "harness_merged", "ksweep_evaluate", "evaluate_multitask"),
+                               why="**needless, still**: a GPU puts the GPU-slot launcher into these rules' shell text "
+                                   "(common.smk, gpu_slots_shell) and Snakemake reruns a job whose shell text changed; "
+                                   "fine_tune's launcher is a resources-derived param, which the trigger skips"),
     "resources.*.gpu_model": Effect("a100"),
     "resources.*.gres": Effect("gpu:a100:1"),
     "resources.*.mem_mb": Effect(1234),
@@ -204,7 +209,7 @@ def markdown() -> str:
         "`snakemake -n` plans exactly this. It is generated from `src/ordermerge/reruns.py` (edit it there:",
         "`python -m ordermerge.reruns > docs/reruns.md`).",
         "",
-        "- **reruns**: the stages whose own jobs rerun; the stages after them rerun too (their inputs are new).",
+        "- **reruns**: the stages where the rerun starts; every stage after them reruns too (its inputs are new).",
         "  A stage reruns only in a config that has it (`merge.density` reruns only merges of methods that take it).",
         "- **adds jobs**: new jobs for new targets; the jobs already done are kept (but those listed).",
         "- **none**: nothing reruns.",
