@@ -63,3 +63,72 @@ def test_the_analysis_loads_the_k_sweep_and_multitask_files_paths_py_spells(tmp_
     sweep = load_ksweep(tmp_path, cfg)
     assert list(sweep["exact_match"]) == [0.25, 0.25] and list(sweep["val_loss"]) == [3.5, 3.5]
     assert list(load_multitask(tmp_path, cfg)["exact_match"]) == [0.5, 0.5]
+
+
+def synthetic_results(root: Path, cfg: dict) -> None:
+    """Every file the analysis of ``cfg`` reads (one model, task and scheme; no harness, K-sweep or Table 3),
+    with made-up numbers, at the paths paths.py spells."""
+    import json
+
+    import numpy as np
+
+    from ordermerge.merging.registry import merge_variants
+    from ordermerge.paths import EVAL_FILES, Paths
+
+    p, n, k_runs = Paths(str(root)), 8, cfg["runs"]
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(n)]
+
+    def write(path, text):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+
+    def losses_csv(split):
+        return "sample_id,split,row,loss,tokens\n" + "".join(
+            f"{s},{split},{i},{rng.uniform(0.5, 2):.4f},{i + 3}\n" for i, s in enumerate(ids))
+
+    def evaluation(stem, identity):
+        write(stem + EVAL_FILES["metrics"], json.dumps({**identity, "val_loss": float(rng.uniform(1, 2)),
+                                                    "exact_match": 0.5, "task_metric": "exact_match"}))
+        write(stem + EVAL_FILES["generations"], "".join(json.dumps({"sample_id": s, "correct": i % 2 == 0}) + "\n"
+                                                    for i, s in enumerate(ids)))
+        write(stem + EVAL_FILES["val_losses"], losses_csv("val"))
+
+    for w in plan.groups(cfg):
+        for k in range(k_runs):
+            order = p.of("order", model=w["model"], task=w["task"], scheme=w["scheme"], run=k)
+            Path(order).parent.mkdir(parents=True, exist_ok=True)
+            np.save(order, np.stack([rng.permutation(n) for _ in range(cfg["train"]["epochs"])]), allow_pickle=False)
+            evaluation(p.of("eval_single", **w, run=k), {**w, "kind": "single", "method": "single", "run": k,
+                                                         "seed": None, "epoch": cfg["train"]["epochs"]})
+            for e in plan.loss_epochs(cfg):
+                write(p.of("run_losses", **w, run=k, epoch=e), losses_csv("train"))
+        for m, s in merge_variants(cfg["merge"]["methods"], cfg["merge"]["seeds"]):
+            evaluation(p.of("eval_merged", **w, method=m, mseed=s), {**w, "kind": "merged", "method": m, "run": None,
+                                                                     "seed": s, "epoch": cfg["train"]["epochs"]})
+        for m in cfg["merge"]["methods"]:
+            for e in plan.loss_epochs(cfg):
+                write(p.of("merged_losses", **w, method=m, mseed=cfg["merge"]["seeds"][0], epoch=e), losses_csv("train"))
+        if w["precision"] in plan.rounded(cfg):
+            for k in range(k_runs):
+                rounded = p.of("rounded", **w, run=k, epoch=cfg["train"]["epochs"])
+                write(Path(rounded) / "round.json", json.dumps({"elements": 100, "changed_fp32": 50, "zero_fraction": 0.6,
+                                                                "erased_fraction": 0.1, "relative_norm_lost": 0.05}))
+
+
+def test_the_analysis_writes_exactly_the_planned_tables_and_figures(tmp_path):
+    """analyze on a synthetic tree: the files it writes are plan's tables and figures, at Paths' places."""
+    from ordermerge.analysis.run import analyze
+    from ordermerge.paths import Paths
+
+    cfg = smoke(eval={"harness": []}, merge={"methods": ["average", "select"], "seeds": [0, 1]})
+    synthetic_results(tmp_path, cfg)
+    analyze(cfg, tmp_path, tmp_path)
+    p = Paths(str(tmp_path))
+    planned = {p.of("table", name=n, ext="csv") for n in plan.table_names(cfg)}
+    planned |= {p.of("table", name=n, ext="md") for n in plan.markdown_tables(cfg)}
+    planned |= {p.of("figure", name=n) for n in plan.figure_names(cfg)}
+    made = {str(f) for example in (p.of("table", name="x", ext="csv"), p.of("figure", name="x"))
+            for f in Path(example).parent.glob("*")}
+    assert made == planned
+    assert Path(p.answer).exists()

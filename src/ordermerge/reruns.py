@@ -224,7 +224,7 @@ def markdown() -> str:
         "- **none**: nothing reruns.",
         "- `analyze` reads the whole config (`--config-json`, less `resources`, `threads_per_job`, `results_dir` and",
         "  `train.report_to`): it is cheap and local, so a change of any key it reads redoes the tables and figures.",
-        "- `tasks.*`, `models.*`: each task's or model's entry; `resources.*`: `resources.default` or one rule's entry.",
+        "- `tasks.*`, `models.*`: each task's or model's entry; `resources.*`: `resources.default` or a rule's entry.",
         "- Changing what one task's data holds reruns `prepare_data` of that task, whose new splits rerun",
         "  everything after it for that task (`n_heldout` too: the splits are written together).",
         "",

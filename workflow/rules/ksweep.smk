@@ -55,7 +55,11 @@ rule ksweep_evaluate:
         task_spec=task_spec_json,
         # the full evaluation's settings only when it runs (ksweep.exact_match): the loss-only command reads
         # eval.batch_size alone
-        eval_cfg=as_json(without(config["eval"], "harness")) if KSWEEP["exact_match"] else "",
+        eval_cfg=(
+            as_json(without(config["eval"], "harness"))
+            if KSWEEP["exact_match"]
+            else ""
+        ),
         batch=config["eval"]["batch_size"],
         identity=lambda w: as_json(
             {
