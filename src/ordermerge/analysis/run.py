@@ -185,7 +185,8 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
         segments = max(2, min(10, positions.shape[1] // 4))
         rows = plot_fig3(positions, losses, merged, anchor, segments,
                          f"Fig. 3 — {where}: loss after epoch {epochs}\nby segment of run "
-                         f"{anchor}'s first-epoch order (merges: seed {first_seed})", _figure(out, figure_name("fig3", **w)))
+                         f"{anchor}'s first-epoch order (merges: seed {first_seed})",
+                         _figure(out, figure_name("fig3", **w)))
         fig3_rows += [{**w, **r} for r in rows]
         if has_fig4(cfg):
             split = "val" if "val" in cfg["losses"]["splits"] else "train"
