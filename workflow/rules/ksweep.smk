@@ -46,8 +46,14 @@ rule ksweep_evaluate:
     conda:
         "../../envs/ordermerge.yaml"
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
-        eval_cfg=as_json(without(config["eval"], "harness")),
+        task_spec=task_spec_json,
+        # the full evaluation's settings only when it runs (ksweep.exact_match): the loss-only command reads
+        # eval.batch_size alone
+        eval_cfg=(
+            as_json(without(config["eval"], "harness"))
+            if KSWEEP["exact_match"]
+            else ""
+        ),
         batch=config["eval"]["batch_size"],
         identity=lambda w: as_json(
             {

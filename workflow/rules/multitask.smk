@@ -31,7 +31,7 @@ rule evaluate_multitask:
     conda:
         "../../envs/ordermerge.yaml"
     params:
-        task_spec=lambda w: as_json(config["tasks"][w.task]),
+        task_spec=task_spec_json,
         eval_cfg=as_json(without(config["eval"], "harness")),
         identity=lambda w: as_json(
             {

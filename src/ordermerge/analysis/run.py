@@ -21,12 +21,11 @@ from ordermerge.analysis.figures import plot_fig1, plot_fig3, plot_fig4
 from ordermerge.data.orders import first_epoch_positions, load_order
 from ordermerge.analysis.stats import (paired_rho, paired_rho_ci, permutation_p, residual_rho_ci, spearman,
                                        verdict)
-from ordermerge.analysis.storage import (plot_storage, storage_applies, storage_markdown, storage_table, update_markdown,
-                                         update_table)
+from ordermerge.analysis.storage import plot_storage, storage_markdown, storage_table, update_markdown, update_table
 from ordermerge.analysis.tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
 from ordermerge.merging.registry import merge_variants
 from ordermerge.paths import EVAL_FILES, Paths
-from ordermerge.scoring.harness import MIRROR
+from ordermerge.plan import figure_name, groups, has_fig4, has_harness_agreement, has_table2, has_table4, rounded
 
 
 def _split_losses(csv: Path, split: str) -> pd.DataFrame:
@@ -47,12 +46,6 @@ def position_loss_matrix(p: Paths, w: dict, runs: int, epoch: int):
 def loss_methods(cfg: dict) -> list[str]:
     """The merges whose per-sample losses were scored (losses.methods; null: every merge method)."""
     return cfg["losses"].get("methods") or cfg["merge"]["methods"]
-
-
-def groups(cfg: dict):
-    """(model, task, scheme, precision) of every set of K runs, headline precision first within a scheme."""
-    return [{"model": m, "task": t, "scheme": s, "precision": p}
-            for m in cfg["models"] for t in cfg["tasks"] for s in cfg["schemes"] for p in cfg["precisions"]]
 
 
 def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: int) -> dict:
@@ -129,11 +122,16 @@ def load_test_scores(cfg: dict, results: Path) -> dict:
 
 
 def _write_table(out: Path, name: str, df: pd.DataFrame, markdown: str | None) -> None:
-    with atomic_path(out / "tables" / f"{name}.csv") as tmp:
+    p = Paths(str(out))
+    with atomic_path(Path(p.of("table", name=name, ext="csv"))) as tmp:
         df.to_csv(tmp, index=False)
     if markdown is not None:
-        with atomic_path(out / "tables" / f"{name}.md") as tmp:
+        with atomic_path(Path(p.of("table", name=name, ext="md"))) as tmp:
             tmp.write_text(markdown)
+
+
+def _figure(out: Path, name: str) -> Path:
+    return Path(Paths(str(out)).of("figure", name=name))
 
 
 def _loss_curves(p: Paths, w: dict, cfg: dict, split: str) -> dict[str, dict[int, list[float]]]:
@@ -162,7 +160,7 @@ def _with_harness(cfg: dict, results: Path, out: Path, tidy: pd.DataFrame) -> pd
         return tidy
     ours, theirs = evaluations(cfg, results), evaluations(cfg, results, HARNESS_STEMS)
     tidy = pd.concat([tidy, tidy_harness([stem for _, stem in theirs])], ignore_index=True)
-    if MIRROR in harness:
+    if has_harness_agreement(cfg):
         table, differ = agreement_table([(a, b) for (_, a), (_, b) in zip(ours, theirs)])
         _write_table(out, "harness_agreement", table, agreement_markdown(table, differ))
     return tidy
@@ -175,25 +173,26 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     imbalance, fig3_rows = [], []
     p = Paths(str(results))
     for w in groups(cfg):
-        tag, where = "_".join(w.values()), " / ".join(w.values())
+        where = " / ".join(w.values())
         positions, losses = position_loss_matrix(p, w, runs, epochs)
         row = {**w, "epoch": epochs, **imbalance_row(positions, losses, anchor, cfg["seed"])}
         imbalance.append(row)
         plot_fig1(positions, losses, row, anchor,
                   f"Fig. 1 — {where}: first-epoch position vs loss after epoch {epochs}",
-                  out / "figures" / f"fig1_{tag}.png")
+                  _figure(out, figure_name("fig1", **w)))
         merged = {m: _split_losses(Path(p.of("merged_losses", **w, method=m, mseed=first_seed, epoch=epochs)),
                                    "train")["loss"].to_numpy() for m in loss_methods(cfg)}
         segments = max(2, min(10, positions.shape[1] // 4))
         rows = plot_fig3(positions, losses, merged, anchor, segments,
                          f"Fig. 3 — {where}: loss after epoch {epochs}\nby segment of run "
-                         f"{anchor}'s first-epoch order (merges: seed {first_seed})", out / "figures" / f"fig3_{tag}.png")
+                         f"{anchor}'s first-epoch order (merges: seed {first_seed})",
+                         _figure(out, figure_name("fig3", **w)))
         fig3_rows += [{**w, **r} for r in rows]
-        if cfg["losses"]["epochs"] == "all" and epochs > 1:
+        if has_fig4(cfg):
             split = "val" if "val" in cfg["losses"]["splits"] else "train"
             plot_fig4(_loss_curves(p, w, cfg, split), split,
                       f"Fig. 4 — {where}: {split} loss at each epoch, single vs merged",
-                      out / "figures" / f"fig4_{tag}.png")
+                      _figure(out, figure_name("fig4", **w)))
     _write_table(out, "imbalance", pd.DataFrame(imbalance), None)
     _write_table(out, "fig3_rho", pd.DataFrame(fig3_rows), None)
     metrics = load_metrics(cfg, results)
@@ -205,21 +204,21 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(cfg, results), load_test_scores(cfg, results),
                 seed=cfg["seed"])
     _write_table(out, "table1", t1, table1_markdown(t1))
-    if storage_applies(cfg):
+    if rounded(cfg):
         st = storage_table(cfg, results, metrics)
         _write_table(out, "storage", st, storage_markdown(st))
         for (model, task, scheme), g in st.groupby(["model", "task", "scheme"], sort=False):
             plot_storage(g, f"What storage precision lost — {model} / {task} / {scheme}: final checkpoints of the "
-                         f"{runs} runs", out / "figures" / f"storage_{model}_{task}_{scheme}.png")
+                         f"{runs} runs", _figure(out, figure_name("storage", model, task, scheme)))
         up = update_table(cfg, results)
         _write_table(out, "updates", up, update_markdown(up) if len(up) else
                      "# What each stored model keeps of the update\n\nNeeds the saved precision and `average` among "
                      "the merges (the reference update).\n")
     best = cfg["merge"]["methods"][-1]
-    if len(cfg["models"]) > 1:
+    if has_table2(cfg):
         t2 = comparison(t1, "model", best)
         _write_table(out, "table2", t2, comparison_markdown(t2, f"Table 2: single vs merged ({best}) across models"))
-    if set(cfg["schemes"]) == {"shuffle", "fixbatch"}:
+    if has_table4(cfg):
         t4 = comparison(t1, "scheme", best)
         _write_table(out, "table4", t4, comparison_markdown(t4, f"Table 4: shuffle vs fixbatch orders ({best})"))
     from ordermerge.analysis.answer import answer_rst

@@ -16,21 +16,14 @@ import pandas as pd
 
 from ordermerge.analysis.figures import _save, plt
 from ordermerge.paths import Paths
+from ordermerge.plan import rounded
 from ordermerge.storage import precisions
 from ordermerge.storage.rounding import ROUND_JSON
-
-
-def rounded(cfg: dict) -> list[str]:
-    return [p for p in cfg["precisions"] if not precisions.is_saved_form(p, cfg["train"]["save_dtype"])]
 
 
 def saved(cfg: dict) -> str | None:
     """The configured precision that is the checkpoint as saved, if any (what rounding is measured from)."""
     return next((p for p in cfg["precisions"] if precisions.is_saved_form(p, cfg["train"]["save_dtype"])), None)
-
-
-def storage_applies(cfg: dict) -> bool:
-    return bool(rounded(cfg))
 
 
 def storage_table(cfg: dict, results: Path, metrics: pd.DataFrame) -> pd.DataFrame:

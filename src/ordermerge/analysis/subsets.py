@@ -17,6 +17,7 @@ import pandas as pd
 from ordermerge.merging.registry import merge_variants
 from ordermerge.merging.subsets import sweep_plan
 from ordermerge.paths import EVAL_FILES, Paths
+from ordermerge.plan import figure_name
 
 METRICS = ("val_loss", "exact_match")
 IDS = ["model", "task", "scheme", "precision", "kind", "method", "seed", "run", "epoch", "subset_size", "subset", "merged"]
@@ -87,14 +88,15 @@ def load_ksweep(results: Path, cfg: dict) -> pd.DataFrame:
                 for size, subsets in plan.items():
                     for i, runs in enumerate(subsets):
                         for method in ks["methods"]:
-                            stem = Path(p.of("ksweep_merged", **w, size=size, subset=i, method=method))
+                            files = {kind: f.format(**w, size=size, subset=i, method=method)
+                                     for kind, f in p.eval_outputs("ksweep_merged").items()}
                             em = float("nan")
                             if ks["exact_match"]:
-                                em = json.loads(stem.with_name(method + ".json").read_text())["exact_match"]
+                                em = json.loads(Path(files["metrics"]).read_text())["exact_match"]
                             rows.append({**w, "kind": "ksweep",
                                          "method": method, "seed": seed, "run": None, "epoch": cfg["train"]["epochs"],
                                          "subset_size": size, "subset": i, "merged": " ".join(f"run{k}" for k in runs),
-                                         "val_loss": token_mean_loss(pd.read_csv(stem.with_name(method + ".val_losses.csv"))),
+                                         "val_loss": token_mean_loss(pd.read_csv(files["val_losses"])),
                                          "exact_match": em})
     return pd.DataFrame(rows)
 
@@ -191,9 +193,9 @@ def load_multitask(results: Path, cfg: dict) -> pd.DataFrame:
         for task in mt["tasks"]:
             for method, seed in merge_variants(mt["methods"], mt["seeds"]):
                 for precision in cfg["precisions"]:
-                    stem = Paths(str(results)).of("eval_multitask", model=model, task=task, precision=precision,
-                                                  method=method, mseed=seed)
-                    m = json.loads(Path(stem + EVAL_FILES["metrics"]).read_text())
+                    metrics = Paths(str(results)).eval_outputs("eval_multitask")["metrics"]
+                    m = json.loads(Path(metrics.format(model=model, task=task, precision=precision, method=method,
+                                                       mseed=seed)).read_text())
                     rows.append({**{k: m.get(k) for k in IDS}, "val_loss": m["val_loss"],
                                  "exact_match": m["exact_match"]})
     return pd.DataFrame(rows)
@@ -224,7 +226,7 @@ def analyze_ksweep_and_multitask(cfg: dict, results: Path, out: Path, metrics: p
                        & (single["precision"] == precision)]
             plot_ksweep(g, s, f"K-sweep — {model}, {task}, {scheme}, stored in {precision}:\nmerges of random subsets "
                         f"of the {cfg['runs']} runs vs the single runs",
-                        out / "figures" / f"ksweep_{model}_{task}_{scheme}_{precision}.png")
+                        Path(Paths(str(out)).of("figure", name=figure_name("ksweep", model, task, scheme, precision))))
         frames.append(sweep)
         print(ksweep_markdown(t))
     mt = cfg.get("multitask") or {}

