@@ -30,30 +30,58 @@ PAPER_TASKS = {
     "gsm8k-rft": {"path": "json", "data_files": "data/gsm8k_rft.jsonl"},
     "math": {"path": "hendrycks/competition_math", "prompt_field": "problem", "response_field": "solution"},
     "alpaca": {"path": "tatsu-lab/alpaca", "prompt_field": "instruction", "response_field": "output"},
-    "humaneval": {"path": "openai_humaneval", "split": "test", "prompt_field": "prompt",
-                  "response_field": "canonical_solution"},
+    "humaneval": {
+        "path": "openai_humaneval",
+        "split": "test",
+        "prompt_field": "prompt",
+        "response_field": "canonical_solution",
+    },
 }
 
 
 def paper_config(n_tasks: int, runs: int, schemes: list[str]) -> dict:
     names = list(PAPER_TASKS)[:n_tasks] + [f"task{i}" for i in range(max(0, n_tasks - len(PAPER_TASKS)))]
-    tasks = {n: {"source": "hf", **PAPER_TASKS.get(n, {"path": "gsm8k", "name": "main"}), "max_length": 1024,
-                 "n_train": 7000, "n_val": 200, "n_test": 1000} for n in names}
+    tasks = {
+        n: {
+            "source": "hf",
+            **PAPER_TASKS.get(n, {"path": "gsm8k", "name": "main"}),
+            "max_length": 1024,
+            "n_train": 7000,
+            "n_val": 200,
+            "n_test": 1000,
+        }
+        for n in names
+    }
     return {
-        "results_dir": "results", "models": {"llama2-7b": {"source": "meta-llama/Llama-2-7b-hf"}}, "tasks": tasks,
-        "runs": runs, "schemes": schemes,
+        "results_dir": "results",
+        "models": {"llama2-7b": {"source": "meta-llama/Llama-2-7b-hf"}},
+        "tasks": tasks,
+        "runs": runs,
+        "schemes": schemes,
         "train": {"epochs": 3, "batch_size": 64, "lr": 2.0e-5, "compute_dtype": "bfloat16"},
         "losses": {"epochs": "all"},
-        "merge": {"methods": ["average", "select", "resample1", "resample2", "resample3", "resample4"],
-                  "seeds": [0, 1, 2, 3, 4]},
+        "merge": {
+            "methods": ["average", "select", "resample1", "resample2", "resample3", "resample4"],
+            "seeds": [0, 1, 2, 3, 4],
+        },
         "resources": {"fine_tune": {"gpus": 1, "mem_mb": 160000, "runtime": 480}},
     }
 
 
 def dry_run(configfile: Path, workdir: Path) -> tuple[float, dict[str, int]]:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "--configfile", str(configfile),
-           "--profile", str(ROOT / "profiles" / "slurm"), "-n"]
+    cmd = [
+        str(BIN / "snakemake"),
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--profile",
+        str(ROOT / "profiles" / "slurm"),
+        "-n",
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     seconds = time.perf_counter() - t
@@ -91,7 +119,9 @@ def main() -> None:
     label = f"paper: K={args.runs}, 3 ep, 6 methods x 5 seeds, {args.tasks} tasks, {'+'.join(args.schemes)}"
     for name, s, jobs in [("smoke (tests/configs/smoke.yaml)", smoke_s, smoke_jobs), (label, paper_s, paper_jobs)]:
         print(f"{name:<44} {jobs['total']:>6} {s:>8.2f} {1000 * s / jobs['total']:>7.1f}")
-    print(f"paper / smoke: {paper_jobs['total'] / smoke_jobs['total']:.1f}x the jobs, {paper_s / smoke_s:.2f}x the time")
+    print(
+        f"paper / smoke: {paper_jobs['total'] / smoke_jobs['total']:.1f}x the jobs, {paper_s / smoke_s:.2f}x the time"
+    )
     print("paper-scale jobs per rule: " + ", ".join(f"{k} {v}" for k, v in paper_jobs.items() if k != "total"))
 
 

@@ -47,13 +47,16 @@ def main() -> None:
     for stop in (False, True):
         stats: dict = {}
         t = time.perf_counter()
-        out = greedy_answers(model, tokenizer, records, a.system_prompt, a.batch_size, a.max_new_tokens, stats,
-                             stop_at_answer=stop)
+        out = greedy_answers(
+            model, tokenizer, records, a.system_prompt, a.batch_size, a.max_new_tokens, stats, stop_at_answer=stop
+        )
         results[stop] = (time.perf_counter() - t, stats, out)
     (t_full, s_full, full), (t_stop, s_stop, stopped) = results[False], results[True]
     same = [extract_number(cut_at_answer(f)) == extract_number(s) for f, s in zip(full, stopped)]
-    print(f"model {a.model}, {len(records)} prompts of {a.test}, batch {a.batch_size}, max_new_tokens "
-          f"{a.max_new_tokens}, {a.threads} thread(s)")
+    print(
+        f"model {a.model}, {len(records)} prompts of {a.test}, batch {a.batch_size}, max_new_tokens "
+        f"{a.max_new_tokens}, {a.threads} thread(s)"
+    )
     print(f"{'decoding':28s} {'seconds':>8s} {'steps':>6s} {'tokens':>7s}")
     print(f"{'to max_new_tokens or EOS':28s} {t_full:8.2f} {s_full['decode_steps']:6d} {s_full['generated_tokens']:7d}")
     print(f"{'stop at the answer line':28s} {t_stop:8.2f} {s_stop['decode_steps']:6d} {s_stop['generated_tokens']:7d}")

@@ -37,16 +37,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ordermerge.storage.checkpoint import LazyCheckpoint
 from ordermerge.merging import registry
-from ordermerge.merging.engine import sha256_of_dir
 from ordermerge.merging.bits import stored_bits
+from ordermerge.merging.engine import sha256_of_dir
+from ordermerge.storage.checkpoint import LazyCheckpoint
 
 SMOLLM2_135M = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
-    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-    "vocab_size": 49152, "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
-    "hidden_act": "silu", "torch_dtype": "bfloat16",
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
 }
 NOISE = 0.003  # relative update size: leaves ~60 % of bf16 elements exactly unchanged
 MERGEKIT_PYTHON = Path("/tmp/mk/bin/python")
@@ -84,20 +94,31 @@ def synthetic_base(directory: Path, scale: int = 1) -> Path:
     """SmolLM2-135M's shapes; ``scale`` times its layers and vocabulary (about ``scale`` times its bytes)."""
     if directory.exists():
         return directory
-    c = dict(SMOLLM2_135M, num_hidden_layers=SMOLLM2_135M["num_hidden_layers"] * scale,
-             vocab_size=SMOLLM2_135M["vocab_size"] * scale)
+    c = dict(
+        SMOLLM2_135M,
+        num_hidden_layers=SMOLLM2_135M["num_hidden_layers"] * scale,
+        vocab_size=SMOLLM2_135M["vocab_size"] * scale,
+    )
     h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                   p + "mlp.down_proj.weight": (h, inter)}
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
     g = torch.Generator().manual_seed(0)
-    state = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
-             for n, s in shapes.items()}
+    state = {
+        n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+        for n, s in shapes.items()
+    }
     _save_dir(directory, state, json.dumps(c, indent=2))
     return directory
 
@@ -190,8 +211,16 @@ def run_measured(cmd: list[str]) -> tuple[dict, float, float]:
 
 def ordermerge(base, models, out, method, threads, repeats, params=None) -> tuple[float, float, int]:
     """Best merge time (after imports) of ``repeats`` fresh processes, with its CPU time and peak RSS in MB."""
-    args = json.dumps({"base": str(base), "models": [str(m) for m in models], "out": str(out), "method": method,
-                       "threads": threads, "params": params or {}})
+    args = json.dumps(
+        {
+            "base": str(base),
+            "models": [str(m) for m in models],
+            "out": str(out),
+            "method": method,
+            "threads": threads,
+            "params": params or {},
+        }
+    )
     runs = [run_measured([sys.executable, "-c", MERGE_SNIPPET, args])[0] for _ in range(repeats)]
     best = min(runs, key=lambda r: r["seconds"])
     return best["seconds"], best["cpu"], max(r["rss"] for r in runs)
@@ -215,8 +244,10 @@ def mergekit_linear(models, out: Path) -> tuple[float, float, int]:
 
 
 def has_mergekit() -> bool:
-    return MERGEKIT_PYTHON.exists() and subprocess.run([str(MERGEKIT_PYTHON), "-c", "import mergekit"],
-                                                       capture_output=True).returncode == 0
+    return (
+        MERGEKIT_PYTHON.exists()
+        and subprocess.run([str(MERGEKIT_PYTHON), "-c", "import mergekit"], capture_output=True).returncode == 0
+    )
 
 
 def _ulp_line(t: torch.Tensor) -> torch.Tensor:
@@ -242,8 +273,12 @@ def agreement(a_dir: Path, b_dir: Path, base_dir: Path | None = None) -> dict:
         diff2 += float((ta.double() - tb.double()).square().sum())
         if base is not None:
             update2 += float((tb.double() - base.get(name).double()).square().sum())
-    out = {"max_ulps": worst, "differ": differ / max(1, total), "tensors": len(names),
-           "only_in_one": len(set(a.keys()) ^ set(b.keys()))}
+    out = {
+        "max_ulps": worst,
+        "differ": differ / max(1, total),
+        "tensors": len(names),
+        "only_in_one": len(set(a.keys()) ^ set(b.keys())),
+    }
     if base is not None:
         out["rel_l2"] = (diff2 / update2) ** 0.5 if update2 else float("inf") if diff2 else 0.0
     return out
@@ -277,18 +312,26 @@ def request(key: str) -> tuple[str, dict]:
     method, fixed = registry.parse_key(key)
     return method.name, {**fixed, **METHODS[key]}
 
+
 # Targets on the ratio to the floor (and peak RSS) that the merge engine is held to; a row that
 # misses one says by how much.
-GOALS = {"average": (1.3, None), "select": (1.3, None), "resample1": (1.6, None), "resample4": (1.6, None),
-         "dare": (2.0, None), "ties": (3.0, 600)}
+GOALS = {
+    "average": (1.3, None),
+    "select": (1.3, None),
+    "resample1": (1.6, None),
+    "resample4": (1.6, None),
+    "dare": (2.0, None),
+    "ties": (3.0, 600),
+}
 
 
 def verdict(name: str, ratio: float, rss: int) -> str:
     if name not in GOALS:
         return ""
     x, mb = GOALS[name]
-    misses = ([f"time {ratio / x - 1:.0%} over"] if ratio > x else []) + \
-             ([f"RSS {rss / mb - 1:.0%} over"] if mb is not None and rss > mb else [])
+    misses = ([f"time {ratio / x - 1:.0%} over"] if ratio > x else []) + (
+        [f"RSS {rss / mb - 1:.0%} over"] if mb is not None and rss > mb else []
+    )
     goal = f"goal <= {x}x" + (f", <= {mb} MB" if mb is not None else "")
     return f"  {goal}: " + ("met" if not misses else "missed, " + ", ".join(misses))
 
@@ -314,17 +357,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     size = sum(p.stat().st_size for p in weight_files([base]))
 
-    print(f"\nK={a.k} bf16 fine-tunes of {base} ({size / 1e6:.0f} MB each), {threads} threads, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nK={a.k} bf16 fine-tunes of {base} ({size / 1e6:.0f} MB each), {threads} threads, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     read = read_floor(models[: a.k])
     write = write_floor(size, out)
     floor = read + write
     print(f"read of the K inputs (cat, warm cache)  {read:6.2f} s  ({a.k * size / read / 1e9:.1f} GB/s, best of 3)")
     print(f"write + fsync of one output             {write:6.2f} s  (best of 3)")
     print(f"floor = read + write + fsync            {floor:6.2f} s")
-    print("sha256 of base + inputs (for reference) {:6.2f} s  ({:.2f} s CPU; the merge hashes what it reads)".format(
-        *hash_floor([base, *models[: a.k]], threads)))
-    idle_rss = run_measured([sys.executable, "-c", f"import json, ordermerge.merging.engine; print(json.dumps({PEAK_RSS}))"])[0]
+    print(
+        "sha256 of base + inputs (for reference) {:6.2f} s  ({:.2f} s CPU; the merge hashes what it reads)".format(
+            *hash_floor([base, *models[: a.k]], threads)
+        )
+    )
+    idle_rss = run_measured(
+        [sys.executable, "-c", f"import json, ordermerge.merging.engine; print(json.dumps({PEAK_RSS}))"]
+    )[0]
     print(f"peak RSS of python + torch + ordermerge imported: {idle_rss} MB\n")
     print(f"{'method (digests cached, unless hashing)':36s} {'time':>7s} {'x floor':>8s} {'CPU':>7s} {'peak RSS':>9s}")
 
@@ -354,8 +404,13 @@ def main() -> None:
         row("ordermerge average, command", *command(sys.executable, "ordermerge.cli:main", cli))
         if has_mergekit():
             sec, cpu, rss = mergekit_linear(models[: a.k], out / "mergekit")
-            row("mergekit linear, command", sec, cpu, rss,
-                f"  max difference from ordermerge average: {max_ulps(out / 'om', out / 'mergekit')} bf16 ulp")
+            row(
+                "mergekit linear, command",
+                sec,
+                cpu,
+                rss,
+                f"  max difference from ordermerge average: {max_ulps(out / 'om', out / 'mergekit')} bf16 ulp",
+            )
         else:
             print("mergekit: not installed, skipped")
 

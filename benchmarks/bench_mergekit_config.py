@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from bench_merge import MERGEKIT_PYTHON, agreement, bench_inputs, command, has_mergekit
+
 from ordermerge.storage.checkpoint import LazyCheckpoint
 
 
@@ -49,15 +49,15 @@ def configs(base: Path, models: list[Path]) -> dict[str, str]:
     return {
         "linear": _models(models, weight=1.0) + "merge_method: linear\ndtype: bfloat16\n",
         "task_arithmetic": _models(models, weight=round(1 / k, 6)) + "merge_method: task_arithmetic\n"
-                           f"base_model: {base}\ndtype: float32\nout_dtype: bfloat16\n",
+        f"base_model: {base}\ndtype: float32\nout_dtype: bfloat16\n",
         "ties": _models(models, weight=1.0, density=0.2) + f"merge_method: ties\nbase_model: {base}\n"
-                "parameters:\n  normalize: true\n  int8_mask: true\ndtype: float32\nout_dtype: bfloat16\n",
+        "parameters:\n  normalize: true\n  int8_mask: true\ndtype: float32\nout_dtype: bfloat16\n",
         "ties_density1": _models(models, weight=1.0, density=1.0) + f"merge_method: ties\nbase_model: {base}\n"
-                         "dtype: float32\nout_dtype: bfloat16\n",
+        "dtype: float32\nout_dtype: bfloat16\n",
         "ties_bf16": _models(models, weight=1.0, density=0.2) + f"merge_method: ties\nbase_model: {base}\n"
-                     "parameters:\n  normalize: true\n  int8_mask: true\ndtype: bfloat16\n",
+        "parameters:\n  normalize: true\n  int8_mask: true\ndtype: bfloat16\n",
         "dare_linear": _models(models, weight=round(1 / k, 6), density=0.1) + f"merge_method: dare_linear\n"
-                       f"base_model: {base}\ndtype: float32\nout_dtype: bfloat16\n",
+        f"base_model: {base}\ndtype: float32\nout_dtype: bfloat16\n",
     }
 
 
@@ -67,8 +67,11 @@ def run_ordermerge(config: Path, out: Path) -> tuple[float, float, int]:
 
 def run_mergekit(config: Path, out: Path) -> tuple[float, float, int]:
     shutil.rmtree(out, ignore_errors=True)
-    return command(MERGEKIT_PYTHON, "mergekit.scripts.run_yaml:main",
-                   [config, out, "--quiet", "--random-seed", "0", "--no-copy-tokenizer"])
+    return command(
+        MERGEKIT_PYTHON,
+        "mergekit.scripts.run_yaml:main",
+        [config, out, "--quiet", "--random-seed", "0", "--no-copy-tokenizer"],
+    )
 
 
 def best(run, config: Path, out: Path, repeats: int) -> tuple[float, float, int]:
@@ -95,9 +98,15 @@ def update_stats(merged: Path, base: Path, reference: Path) -> dict:
         s2[dim], ref2[dim] = s2[dim] + float(delta.square().sum()), ref2[dim] + float(ref.square().sum())
         dist2 += float((delta - ref).square().sum())
     mean, total, total_ref = s1 / n, sum(s2.values()), sum(ref2.values())
-    return {"changed": changed / n, "mean": mean, "std": (total / n - mean ** 2) ** 0.5,
-            "norm_ratio": (total / total_ref) ** 0.5, "matrices": (s2[2] / ref2[2]) ** 0.5,
-            "vectors": (s2[1] / ref2[1]) ** 0.5, "rel_l2_to_ta": (dist2 / total_ref) ** 0.5}
+    return {
+        "changed": changed / n,
+        "mean": mean,
+        "std": (total / n - mean**2) ** 0.5,
+        "norm_ratio": (total / total_ref) ** 0.5,
+        "matrices": (s2[2] / ref2[2]) ** 0.5,
+        "vectors": (s2[1] / ref2[1]) ** 0.5,
+        "rel_l2_to_ta": (dist2 / total_ref) ** 0.5,
+    }
 
 
 def zero_elections(base: Path, models: list[Path]) -> float:
@@ -121,8 +130,10 @@ def main() -> None:
     p.add_argument("--configs", default="linear,task_arithmetic,ties,ties_density1,ties_bf16,dare_linear")
     a = p.parse_args()
     if not has_mergekit():
-        sys.exit(f"mergekit is not importable from {MERGEKIT_PYTHON}: python3 -m venv /tmp/mk && "
-                 "/tmp/mk/bin/pip install torch==2.13.0 mergekit==0.1.5")
+        sys.exit(
+            f"mergekit is not importable from {MERGEKIT_PYTHON}: python3 -m venv /tmp/mk && "
+            "/tmp/mk/bin/pip install torch==2.13.0 mergekit==0.1.5"
+        )
     base, models = bench_inputs(a.cache, a.k)
     work = a.cache / "mergekit-config"
     shutil.rmtree(work, ignore_errors=True)
@@ -134,9 +145,11 @@ def main() -> None:
         (work / f"{name}.yml").write_text(text)
     run_ordermerge(work / "linear.yml", work / "warm")  # fills the digest cache; mergekit hashes nothing
     version = os.popen(f"{MERGEKIT_PYTHON} -c 'import importlib.metadata as m; print(m.version(\"mergekit\"))'").read()
-    print(f"\nK={a.k} bf16 fine-tunes of {base}; ordermerge vs mergekit {version.strip()}, same YAML, whole commands "
-          f"(imports included), best of {a.repeats}; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"\nK={a.k} bf16 fine-tunes of {base}; ordermerge vs mergekit {version.strip()}, same YAML, whole commands "
+        f"(imports included), best of {a.repeats}; {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
     print(f"{'config':16s} {'ordermerge':>28s} {'mergekit':>28s} {'mk/om':>6s}   agreement (om vs mk)")
     outputs = {}
     for name in names:
@@ -146,31 +159,48 @@ def main() -> None:
         ms, mc, mr = best(run_mergekit, config, mk, a.repeats)
         outputs[name] = (om, mk)
         g = agreement(om, mk, base)
-        note = (f"max {g['max_ulps']} ulp, {g['differ']:.2%} of elements differ, ||om-mk||/||mk-base|| "
-                f"{g['rel_l2']:.2e}" + (f", {g['only_in_one']} tensors in one only" if g["only_in_one"] else ""))
-        print(f"{name:16s} {ts:6.2f}s {tc:6.2f}s CPU {tr:5d} MB {ms:6.2f}s {mc:6.2f}s CPU {mr:5d} MB "
-              f"{ms / ts:5.2f}x   {note}", flush=True)
+        note = (
+            f"max {g['max_ulps']} ulp, {g['differ']:.2%} of elements differ, ||om-mk||/||mk-base|| "
+            f"{g['rel_l2']:.2e}" + (f", {g['only_in_one']} tensors in one only" if g["only_in_one"] else "")
+        )
+        print(
+            f"{name:16s} {ts:6.2f}s {tc:6.2f}s CPU {tr:5d} MB {ms:6.2f}s {mc:6.2f}s CPU {mr:5d} MB "
+            f"{ms / ts:5.2f}x   {note}",
+            flush=True,
+        )
         if name in ("ties", "ties_bf16"):
             kept = json.loads((om / "merge.json").read_text())["kept_fraction"]
-            print(f"{'':16s} ordermerge kept {min(kept):.2%}-{max(kept):.2%} of each task vector: every element tied "
-                  "with the k-th largest |τ| (mergekit: exactly floor(density·n), 20.00%)", flush=True)
+            print(
+                f"{'':16s} ordermerge kept {min(kept):.2%}-{max(kept):.2%} of each task vector: every element tied "
+                "with the k-th largest |τ| (mergekit: exactly floor(density·n), 20.00%)",
+                flush=True,
+            )
         if name == "ties_density1":
-            print(f"{'':16s} of which explained: Σ τ_i = 0 exactly with some τ_i != 0 (mergekit elects +, "
-                  f"ordermerge keeps the base) at {zero_elections(base, models):.2%} of elements", flush=True)
+            print(
+                f"{'':16s} of which explained: Σ τ_i = 0 exactly with some τ_i != 0 (mergekit elects +, "
+                f"ordermerge keeps the base) at {zero_elections(base, models):.2%} of elements",
+                flush=True,
+            )
     if "dare_linear" in outputs:
         reference = work / "expected-ta"
         ta = texts["dare_linear"].replace("merge_method: dare_linear", "merge_method: task_arithmetic")
         ta = "\n".join(line for line in ta.splitlines() if "density" not in line) + "\n"
         (work / "expected-ta.yml").write_text(ta)
         run_ordermerge(work / "expected-ta.yml", reference)
-        print("\ndare_linear (density 0.1): random in both tools, different generators, so distributions, not bytes. "
-              "Δ = merged − base; reference: task arithmetic with the same weights (what DARE estimates)")
-        print(f"{'':12s} {'changed':>9s} {'mean(Δ)':>11s} {'std(Δ)':>11s} {'|Δ|/|Δ_TA|':>11s} {'matrices':>9s} "
-              f"{'vectors':>8s} {'|Δ-Δ_TA|/|Δ_TA|':>16s}")
+        print(
+            "\ndare_linear (density 0.1): random in both tools, different generators, so distributions, not bytes. "
+            "Δ = merged − base; reference: task arithmetic with the same weights (what DARE estimates)"
+        )
+        print(
+            f"{'':12s} {'changed':>9s} {'mean(Δ)':>11s} {'std(Δ)':>11s} {'|Δ|/|Δ_TA|':>11s} {'matrices':>9s} "
+            f"{'vectors':>8s} {'|Δ-Δ_TA|/|Δ_TA|':>16s}"
+        )
         for label, out in (*zip(("ordermerge", "mergekit"), outputs["dare_linear"]), ("TA (exact)", reference)):
             s = update_stats(out, base, reference)
-            print(f"{label:12s} {s['changed']:9.4f} {s['mean']:11.3e} {s['std']:11.3e} {s['norm_ratio']:11.4f} "
-                  f"{s['matrices']:9.4f} {s['vectors']:8.4f} {s['rel_l2_to_ta']:16.4f}")
+            print(
+                f"{label:12s} {s['changed']:9.4f} {s['mean']:11.3e} {s['std']:11.3e} {s['norm_ratio']:11.4f} "
+                f"{s['matrices']:9.4f} {s['vectors']:8.4f} {s['rel_l2_to_ta']:16.4f}"
+            )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM = ROOT / "results" / "smollm2-135m"
 
+
 def default_task() -> tuple[str, dict, int]:
     """The default run's first task (name, spec) and batch size: config.yaml is the one place they live."""
     from ordermerge.config import load_config
@@ -88,25 +89,47 @@ def bench_trainer(base: Path, examples: list[dict], pad_id: int, cfg: dict, step
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     args = TrainingArguments(
-        output_dir=str(tmp / "hf"), per_device_train_batch_size=cfg["batch_size"], max_steps=steps,
-        learning_rate=cfg["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, remove_unused_columns=False,
-        dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(tmp / "hf"),
+        per_device_train_batch_size=cfg["batch_size"],
+        max_steps=steps,
+        learning_rate=cfg["lr"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
     )
-    trainer = InOrder(model=model, args=args, train_dataset=examples, callbacks=[StepTimer()],
-                      data_collator=lambda batch: collate(batch, pad_id))
+    trainer = InOrder(
+        model=model,
+        args=args,
+        train_dataset=examples,
+        callbacks=[StepTimer()],
+        data_collator=lambda batch: collate(batch, pad_id),
+    )
     trainer.train()
-    tokens = [sum(len(e["input_ids"]) for e in examples[i:i + cfg["batch_size"]])
-              for i in range(0, steps * cfg["batch_size"], cfg["batch_size"])]
+    tokens = [
+        sum(len(e["input_ids"]) for e in examples[i : i + cfg["batch_size"]])
+        for i in range(0, steps * cfg["batch_size"], cfg["batch_size"])
+    ]
     return sum(tokens[1:]) / sum(times[1:])
 
 
-def bench_losses(base: Path, records: list[dict], spec: dict, batch_size: int, repeats: int) -> tuple[float, float, float]:
+def bench_losses(
+    base: Path, records: list[dict], spec: dict, batch_size: int, repeats: int
+) -> tuple[float, float, float]:
     from ordermerge.data.formatting import encode_example
     from ordermerge.scoring.losses import load_model, per_sample_losses
 
     model, tok = load_model(base)
-    encoded = [encode_example(tok, r["prompt"], r["response"], spec.get("system_prompt"), spec["max_length"]) for r in records]
+    encoded = [
+        encode_example(tok, r["prompt"], r["response"], spec.get("system_prompt"), spec["max_length"]) for r in records
+    ]
 
     def batch_one() -> list[float]:
         out = []
@@ -147,7 +170,6 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from ordermerge.data.formatting import encode_example
-
     from ordermerge.data.prepare import read_jsonl
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -169,25 +191,44 @@ def main() -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    examples = [encode_example(tok, r["prompt"], r["response"], a.task_spec.get("system_prompt"),
-                               a.task_spec["max_length"]) for r in records]
-    cfg = {"epochs": 1, "batch_size": a.batch_size, "micro_batch_size": None, "lr": 1e-5, "schedule": "linear",
-           "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "compute_dtype": "float32",
-           "save_dtype": "bfloat16"}
-    scored = sum(sum(1 for y in e["labels"][1:] if y >= 0) for e in examples) / sum(len(e["input_ids"]) for e in examples)
-    print(f"model {a.model}, {a.steps} steps x batch {a.batch_size}, {a.threads} thread(s), "
-          f"{scored:.0%} of tokens scored (response)")
+    examples = [
+        encode_example(tok, r["prompt"], r["response"], a.task_spec.get("system_prompt"), a.task_spec["max_length"])
+        for r in records
+    ]
+    cfg = {
+        "epochs": 1,
+        "batch_size": a.batch_size,
+        "micro_batch_size": None,
+        "lr": 1e-5,
+        "schedule": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "compute_dtype": "float32",
+        "save_dtype": "bfloat16",
+    }
+    scored = sum(sum(1 for y in e["labels"][1:] if y >= 0) for e in examples) / sum(
+        len(e["input_ids"]) for e in examples
+    )
+    print(
+        f"model {a.model}, {a.steps} steps x batch {a.batch_size}, {a.threads} thread(s), "
+        f"{scored:.0%} of tokens scored (response)"
+    )
 
     om, tokens = bench_ordermerge(a.model, data, a.task_spec, cfg, a.steps, tmp)
     packed, _ = bench_ordermerge(a.model, data, a.task_spec, {**cfg, "packing": True}, a.steps, tmp)
     hf = bench_trainer(a.model, examples, tok.pad_token_id, cfg, a.steps, tmp)
-    print(f"train tokens/s  ordermerge padded {om:9.1f}   packed {packed:9.1f}   transformers.Trainer {hf:9.1f}\n"
-          f"ratios  padded/Trainer {om / hf:.2f}x   packed/Trainer {packed / hf:.2f}x   packed/padded "
-          f"{packed / om:.2f}x   ({tokens} tokens timed per run, first step skipped)")
+    print(
+        f"train tokens/s  ordermerge padded {om:9.1f}   packed {packed:9.1f}   transformers.Trainer {hf:9.1f}\n"
+        f"ratios  padded/Trainer {om / hf:.2f}x   packed/Trainer {packed / hf:.2f}x   packed/padded "
+        f"{packed / om:.2f}x   ({tokens} tokens timed per run, first step skipped)"
+    )
 
     t_batched, t_ref, diff = bench_losses(a.model, records, a.task_spec, a.loss_batch_size, a.repeats)
-    print(f"per-sample losses ({len(records)} samples)  batched(bs={a.loss_batch_size}) {t_batched:.2f}s   "
-          f"batch-1 loop {t_ref:.2f}s   ratio {t_ref / t_batched:.2f}x faster   max |diff| {diff:.1e}")
+    print(
+        f"per-sample losses ({len(records)} samples)  batched(bs={a.loss_batch_size}) {t_batched:.2f}s   "
+        f"batch-1 loop {t_ref:.2f}s   ratio {t_ref / t_batched:.2f}x faster   max |diff| {diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,19 @@ from bench_train import SMOLLM, bench_ordermerge, distinct_repeats, tiny_setup  
 from ordermerge.merging.registry import METHODS, PARAMETERS  # noqa: E402
 
 # Dense bf16 peak TFLOP/s (no sparsity) by a substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
-                    "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0, "V100": 125.0, "T4": 65.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
 
 
 def peak_tflops(name: str) -> float | None:
@@ -92,8 +103,23 @@ def check_merges(tmp: Path, k: int) -> list[tuple[str, bool, float, float]]:
             for device in ("cpu", "cuda"):
                 out = tmp / f"merged-{label.replace(' ', '_')}-{device}"
                 t = time.perf_counter()
-                subprocess.run(["ordermerge", "merge", "--base", str(base), *v, "--device", device, "--force",
-                                "--out", str(out), *inputs], check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        "ordermerge",
+                        "merge",
+                        "--base",
+                        str(base),
+                        *v,
+                        "--device",
+                        device,
+                        "--force",
+                        "--out",
+                        str(out),
+                        *inputs,
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
                 seconds[device], digests[device] = time.perf_counter() - t, sha256(out)
             rows.append((label, digests["cpu"] == digests["cuda"], seconds["cpu"], seconds["cuda"]))
     return rows
@@ -114,14 +140,29 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     need = a.steps * a.batch_size
     base, data, spec = model_and_data(tmp, need, a.allow_cpu)
-    params = sum(t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-        str(base / "model.safetensors")).values())
-    cfg = {"epochs": 1, "batch_size": a.batch_size, "micro_batch_size": None, "lr": 1e-5, "schedule": "linear",
-           "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "save_dtype": "bfloat16",
-           "compute_dtype": "bfloat16" if torch.cuda.is_available() else "float32"}
+    params = sum(
+        t.numel()
+        for t in __import__("safetensors.torch", fromlist=["load_file"])
+        .load_file(str(base / "model.safetensors"))
+        .values()
+    )
+    cfg = {
+        "epochs": 1,
+        "batch_size": a.batch_size,
+        "micro_batch_size": None,
+        "lr": 1e-5,
+        "schedule": "linear",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "save_dtype": "bfloat16",
+        "compute_dtype": "bfloat16" if torch.cuda.is_available() else "float32",
+    }
     peak = a.peak_tflops or peak_tflops(device)
-    print(f"device {device}; torch {torch.__version__}; model {base} ({params / 1e6:.1f} M parameters); "
-          f"{a.steps} steps x batch {a.batch_size}, {cfg['compute_dtype']} autocast, sdpa attention")
+    print(
+        f"device {device}; torch {torch.__version__}; model {base} ({params / 1e6:.1f} M parameters); "
+        f"{a.steps} steps x batch {a.batch_size}, {cfg['compute_dtype']} autocast, sdpa attention"
+    )
     t0 = time.perf_counter()
     rates = {}
     for label, packing in (("padded", False), ("packed", True)):
@@ -135,7 +176,10 @@ def main() -> None:
     rows = check_merges(tmp, a.k)
     print(f"\nmerge, K={a.k} synthetic SmolLM2-135M-shaped fine-tunes: --device cuda vs --device cpu")
     for label, same, cpu_s, gpu_s in rows:
-        print(f"  {label:24s} {'identical bytes' if same else 'DIFFERENT BYTES':16s} cpu {cpu_s:6.1f} s   cuda {gpu_s:6.1f} s")
+        print(
+            f"  {label:24s} {'identical bytes' if same else 'DIFFERENT BYTES':16s} "
+            f"cpu {cpu_s:6.1f} s   cuda {gpu_s:6.1f} s"
+        )
     if not all(same for _, same, _, _ in rows):
         raise SystemExit("gpu-check: some merges differ between the GPU and the CPU")
     print(f"gpu-check passed in {time.perf_counter() - t0:.0f} s")

@@ -22,18 +22,30 @@ BIN = Path(sys.executable).parent
 
 # The workflow ---------------------------------------------------------------------------------------
 
+
 def snakemake_cmd(workdir: Path, *args: str, configfile: Path | list[Path] = SMOKE) -> tuple[list[str], dict]:
     """The command line and environment of a workflow run in ``workdir``. ``configfile``: one file,
     or a list of overlays (later ones update earlier ones, as Snakemake merges them)."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     files = configfile if isinstance(configfile, (list, tuple)) else [configfile]
-    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir),
-           "--configfile", *map(str, files), "--cores", "2", *args]
+    cmd = [
+        str(BIN / "snakemake"),
+        "-s",
+        str(ROOT / "Snakefile"),
+        "-d",
+        str(workdir),
+        "--configfile",
+        *map(str, files),
+        "--cores",
+        "2",
+        *args,
+    ]
     return cmd, env
 
 
-def snakemake(workdir: Path, *args: str, configfile: Path | list[Path] = SMOKE, check: bool = True
-              ) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, configfile: Path | list[Path] = SMOKE, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run the workflow in ``workdir`` (see ``snakemake_cmd``); a failure raises with the output's tail."""
     cmd, env = snakemake_cmd(workdir, *args, configfile=configfile)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
@@ -75,13 +87,24 @@ def build_tiny_base(out_dir: Path, dtype: str = "bfloat16") -> Path:
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                                        eos_token="<|im_end|>", bos_token="<|im_start|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token="<|im_start|>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIALS[2:]})
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -94,31 +117,79 @@ def write_train(path: Path, n: int = 16) -> Path:
     rows = []
     for i in range(n):
         a, b = 3 * i + 1, 7 * i + 2
-        rows.append({"sample_id": f"t-{i:03d}", "prompt": f"What is {a} plus {b}?" + " ok" * (i % 4),
-                     "response": f"{a} + {b} = {a + b}.\n#### {a + b}", "answer": str(a + b)})
+        rows.append(
+            {
+                "sample_id": f"t-{i:03d}",
+                "prompt": f"What is {a} plus {b}?" + " ok" * (i % 4),
+                "response": f"{a} + {b} = {a + b}.\n#### {a + b}",
+                "answer": str(a + b),
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def train_cfg(**overrides) -> dict:
-    cfg = {"epochs": 2, "batch_size": 4, "micro_batch_size": None, "lr": 1e-3, "schedule": "linear",
-           "warmup_steps": 1, "weight_decay": 0.0, "max_grad_norm": 1.0, "compute_dtype": "float32",
-           "save_dtype": "bfloat16"}
+    cfg = {
+        "epochs": 2,
+        "batch_size": 4,
+        "micro_batch_size": None,
+        "lr": 1e-3,
+        "schedule": "linear",
+        "warmup_steps": 1,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "compute_dtype": "float32",
+        "save_dtype": "bfloat16",
+    }
     return {**cfg, **overrides}
 
 
 def cli_env() -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     return env
 
 
-def fine_tune_cmd(base: Path, train: Path, order: Path, out_dir: Path, cfg: dict, run_name: str = "r0",
-                  seed: int = 1, launcher: list[str] | None = None) -> list[str]:
+def fine_tune_cmd(
+    base: Path,
+    train: Path,
+    order: Path,
+    out_dir: Path,
+    cfg: dict,
+    run_name: str = "r0",
+    seed: int = 1,
+    launcher: list[str] | None = None,
+) -> list[str]:
     launcher = launcher or [sys.executable, "-m"]
-    return [*launcher, "ordermerge", "fine-tune", "--base", str(base), "--train", str(train), "--order", str(order),
-            "--out-dir", str(out_dir), "--run-name", run_name, "--task-spec", json.dumps(TASK_SPEC),
-            "--train-cfg", json.dumps(cfg), "--seed", str(seed), "--threads", "1"]
+    return [
+        *launcher,
+        "ordermerge",
+        "fine-tune",
+        "--base",
+        str(base),
+        "--train",
+        str(train),
+        "--order",
+        str(order),
+        "--out-dir",
+        str(out_dir),
+        "--run-name",
+        run_name,
+        "--task-spec",
+        json.dumps(TASK_SPEC),
+        "--train-cfg",
+        json.dumps(cfg),
+        "--seed",
+        str(seed),
+        "--threads",
+        "1",
+    ]
 
 
 def run_cli(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -135,8 +206,11 @@ def merge_shapes() -> dict[str, tuple[int, ...]]:
     boundaries are exercised too."""
     from ordermerge.merging.bits import CHUNK
 
-    return {"model.embed.weight": (CHUNK // 400 + 100, 400), "model.layers.0.mlp.weight": (64, 48),
-            "model.norm.weight": (48,)}
+    return {
+        "model.embed.weight": (CHUNK // 400 + 100, 400),
+        "model.layers.0.mlp.weight": (64, 48),
+        "model.norm.weight": (48,),
+    }
 
 
 def save_model_dir(directory: Path, state: dict, shards: int = 1) -> Path:
@@ -199,14 +273,19 @@ def merge_zoo(root: Path, k: int, model_shards=lambda i: 1, sharded: bool = Fals
     """
     base = merge_base_state()
     fts = [fine_tuned_state(base, i) for i in range(k)]
-    zoo = {"state": base, "fts": fts, "base": save_model_dir(root / "base", base),
-           "models": [save_model_dir(root / f"ft{i}", s, shards=model_shards(i)) for i, s in enumerate(fts)]}
+    zoo = {
+        "state": base,
+        "fts": fts,
+        "base": save_model_dir(root / "base", base),
+        "models": [save_model_dir(root / f"ft{i}", s, shards=model_shards(i)) for i, s in enumerate(fts)],
+    }
     if sharded:
         zoo["sharded"] = [save_model_dir(root / f"ft{i}-sharded", s, shards=2) for i, s in enumerate(fts)]
     return zoo
 
 
 # Every merge method, from the registry: what the cross-method tests iterate ------------------------
+
 
 def merge_cases() -> list[str]:
     """Every method of the registry, plus one key per keyed method (select's resample2): a method added
@@ -273,8 +352,12 @@ def lm_zoo(root: Path, base: Path, k: int, sharded: bool = False) -> dict:
                 state[name] = (t.float() + torch.randn(t.shape, generator=g) * 0.02 * (i + 1)).to(t.dtype)
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         models.append(out)
-    zoo = {"base": base, "models": models, "data": write_train(root / "heldout.jsonl", n=4),
-           "task_spec": {**TASK_SPEC, "batch_size": 4}}
+    zoo = {
+        "base": base,
+        "models": models,
+        "data": write_train(root / "heldout.jsonl", n=4),
+        "task_spec": {**TASK_SPEC, "batch_size": 4},
+    }
     if sharded:
         zoo["sharded"] = [shard_copy(m, root / f"lm{i}-sharded") for i, m in enumerate(models)]
     return zoo

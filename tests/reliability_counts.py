@@ -33,8 +33,17 @@ def load_test_module(name: str):
 
 def counts() -> dict:
     test_bad_artefacts, test_config, test_faults, test_merge_cli, test_path_security, test_guards, test_workflow = map(
-        load_test_module, ["test_bad_artefacts", "test_config", "test_faults", "test_merge_cli", "test_path_security",
-                           "test_guards", "test_workflow"])
+        load_test_module,
+        [
+            "test_bad_artefacts",
+            "test_config",
+            "test_faults",
+            "test_merge_cli",
+            "test_path_security",
+            "test_guards",
+            "test_workflow",
+        ],
+    )
 
     stages: dict[str, int] = {}
     for stage, _ in test_faults.FAULT_TRIALS:
@@ -61,26 +70,50 @@ def render(c: dict) -> str:
     ck, dk = len(c["checkpoint_consumers"]), len(c["dataset_consumers"])
     refused = c["checkpoints"] * ck + c["datasets"] * dk + c["merge_inputs"] + c["overwrites"] + 1 + c["data_at_start"]
     rows = [
-        ("Broken configs rejected before any job runs, naming key, value and fix",
-         f"{c['configs'] + c['path_escapes']}", f"`test_config.py` ({c['configs']}), "
-         f"`test_path_security.py` ({c['path_escapes']} names escaping the results dir)"),
-        ("Configs valid in form but impossible as data (too few samples within `max_length` for the splits) "
-         "refused before the first job, with the counts and the fix (the tokenizer alone, not the base model)",
-         f"{c['data_at_start']}", "`test_workflow.py`"),
-        (f"Kill -9 at seeded random points ({kill_stages}): no partial output looks complete, "
-         "the rerun is bit-identical", f"{c['kills']}", "`test_faults.py`"),
-        ("Full disk during a checkpoint write: previous checkpoint intact, error names path and fix, "
-         "the rerun resumes bit-identically", f"{c['disk_full']}", "`test_faults.py`"),
-        (f"Broken checkpoints (truncated, corrupt, wrong shape/dtype, missing tensor, pickle-only) "
-         f"refused by {' and '.join(c['checkpoint_consumers'])}", f"{c['checkpoints']} × {ck}",
-         "`test_bad_artefacts.py`"),
-        (f"Broken prepared datasets (empty response, duplicate id, over-long, truncated) refused by "
-         f"{', '.join(c['dataset_consumers'])}", f"{c['datasets']} × {dk}", "`test_bad_artefacts.py`"),
+        (
+            "Broken configs rejected before any job runs, naming key, value and fix",
+            f"{c['configs'] + c['path_escapes']}",
+            f"`test_config.py` ({c['configs']}), "
+            f"`test_path_security.py` ({c['path_escapes']} names escaping the results dir)",
+        ),
+        (
+            "Configs valid in form but impossible as data (too few samples within `max_length` for the splits) "
+            "refused before the first job, with the counts and the fix (the tokenizer alone, not the base model)",
+            f"{c['data_at_start']}",
+            "`test_workflow.py`",
+        ),
+        (
+            f"Kill -9 at seeded random points ({kill_stages}): no partial output looks complete, "
+            "the rerun is bit-identical",
+            f"{c['kills']}",
+            "`test_faults.py`",
+        ),
+        (
+            "Full disk during a checkpoint write: previous checkpoint intact, error names path and fix, "
+            "the rerun resumes bit-identically",
+            f"{c['disk_full']}",
+            "`test_faults.py`",
+        ),
+        (
+            f"Broken checkpoints (truncated, corrupt, wrong shape/dtype, missing tensor, pickle-only) "
+            f"refused by {' and '.join(c['checkpoint_consumers'])}",
+            f"{c['checkpoints']} × {ck}",
+            "`test_bad_artefacts.py`",
+        ),
+        (
+            f"Broken prepared datasets (empty response, duplicate id, over-long, truncated) refused by "
+            f"{', '.join(c['dataset_consumers'])}",
+            f"{c['datasets']} × {dk}",
+            "`test_bad_artefacts.py`",
+        ),
         ("Broken merge inputs and arguments refused", f"{c['merge_inputs']}", "`test_merge_cli.py`"),
-        (f"An output that is, contains or lies inside an input (symlinks and `..` resolved; `--force` never "
-         f"overrides), or one run merged twice, refused by every writing command "
-         f"({', '.join(c['overwrite_commands'])}); same weights under two names refused by digest",
-         f"{c['overwrites']} + 1", "`test_guards.py`"),
+        (
+            f"An output that is, contains or lies inside an input (symlinks and `..` resolved; `--force` never "
+            f"overrides), or one run merged twice, refused by every writing command "
+            f"({', '.join(c['overwrite_commands'])}); same weights under two names refused by digest",
+            f"{c['overwrites']} + 1",
+            "`test_guards.py`",
+        ),
         ("Broken inputs refused, all together (nothing written for any)", f"{refused}", ""),
     ]
     table = ["| check | cases | tests |", "|---|---|---|"] + [f"| {a} | {b} | {t} |" for a, b, t in rows]

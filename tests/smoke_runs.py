@@ -11,8 +11,8 @@
   the smoke config.
 Both start in the background before the first test of a session that reads them, and run side by
 side: the local run, and the tests that come before the first reader, use the CPU time the SLURM
-run spends waiting between status checks. test_determinism compares every file of the two (the SLURM run is its second run;
-without one it makes a second local run), test_slurm checks how the SLURM run ran.
+run spends waiting between status checks. test_determinism compares every file of the two (the SLURM
+run is its second run; without one it makes a second local run), test_slurm checks how the SLURM run ran.
 """
 
 from __future__ import annotations
@@ -35,8 +35,19 @@ from helpers import ROOT, SMOKE, snakemake_cmd
 BIN = Path(sys.executable).parent
 SCRIPT = (ROOT / ".." / "shared" / "reference" / "slurm-local-cluster.sh").resolve()
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server")
-COMMANDS = ("slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "srun", "sacct", "munged", "mungekey",
-            "slurmdbd", "mariadbd")
+COMMANDS = (
+    "slurmctld",
+    "slurmd",
+    "sbatch",
+    "squeue",
+    "sinfo",
+    "srun",
+    "sacct",
+    "munged",
+    "mungekey",
+    "slurmdbd",
+    "mariadbd",
+)
 RESULTS = "results/smollm2-135m/gsm/shuffle"
 MERGED = f"{RESULTS}/bf16/merged/epoch2/select/seed0"  # the merge re-run alone in the same session
 CANCELLED_RUN = f"{RESULTS}/runs/run0"  # the fine-tune cancelled mid-run and resumed in the same session
@@ -59,7 +70,9 @@ def why_no_slurm() -> str | None:
     if all(shutil.which(c) for c in COMMANDS):
         return None
     if not shutil.which("apt-get") or not shutil.which("dpkg-query"):
-        return f"SLURM is not installed ({', '.join(c for c in COMMANDS if not shutil.which(c))}) and there is no apt-get"
+        return (
+            f"SLURM is not installed ({', '.join(c for c in COMMANDS if not shutil.which(c))}) and there is no apt-get"
+        )
     missing = [p for p in PACKAGES if not _installed(p)]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
@@ -72,14 +85,18 @@ def why_no_slurm() -> str | None:
 
 def copy_repo(dest: Path) -> Path:
     """The repository's files (tracked, plus untracked ones git does not ignore) in dest."""
-    proc = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                          capture_output=True)
+    proc = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True
+    )
     if proc.returncode == 0:
         files = [f for f in proc.stdout.decode().split("\0") if f]
     else:  # not a git checkout: everything but outputs and environments
         skip = {".git", ".venv", "results", "logs", ".snakemake", "__pycache__", ".pytest_cache"}
-        files = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
-                 if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+        files = [
+            str(p.relative_to(ROOT))
+            for p in ROOT.rglob("*")
+            if p.is_file() and not skip & set(p.relative_to(ROOT).parts)
+        ]
     for rel in files:
         src = ROOT / rel
         if src.is_file():
@@ -161,21 +178,48 @@ class SlurmRun:
         fake_venv = tmp / "smkvenv"
         (fake_venv / "bin").mkdir(parents=True)
         wrapper = fake_venv / "bin" / "snakemake"
-        wrapper.write_text(WRAPPER.format(bin=BIN, logs=self.logs, target=MERGED, fine_tune=f"{CANCELLED_RUN}/steps.csv",
-                                          fine_tune_dir=CANCELLED_RUN, summary=SUMMARY))
+        wrapper.write_text(
+            WRAPPER.format(
+                bin=BIN,
+                logs=self.logs,
+                target=MERGED,
+                fine_tune=f"{CANCELLED_RUN}/steps.csv",
+                fine_tune_dir=CANCELLED_RUN,
+                summary=SUMMARY,
+            )
+        )
         wrapper.chmod(0o755)
         ctld, slurmd, dbd, db = free_ports(4)
-        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-               "SLURMTEST_BASE": str(self.base), "SMK_VENV": str(fake_venv), "SMK_WORKDIR": str(self.wf),
-               "SMK_TIMEOUT": "1500", "ACCOUNTING": "1", "SLURMCTLD_PORT": str(ctld), "SLURMD_PORT": str(slurmd),
-               "SLURMDBD_PORT": str(dbd), "MARIADB_PORT": str(db)}
-        args = ["--profile", "profiles/slurm", "--configfile", self.config.name,
-                "--slurm-init-seconds-before-status-checks", "1", "--slurm-keep-successful-logs",
-                "--slurm-status-command", "squeue"]
+        env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "HF_HUB_OFFLINE": "1",
+            "SLURMTEST_BASE": str(self.base),
+            "SMK_VENV": str(fake_venv),
+            "SMK_WORKDIR": str(self.wf),
+            "SMK_TIMEOUT": "1500",
+            "ACCOUNTING": "1",
+            "SLURMCTLD_PORT": str(ctld),
+            "SLURMD_PORT": str(slurmd),
+            "SLURMDBD_PORT": str(dbd),
+            "MARIADB_PORT": str(db),
+        }
+        args = [
+            "--profile",
+            "profiles/slurm",
+            "--configfile",
+            self.config.name,
+            "--slurm-init-seconds-before-status-checks",
+            "1",
+            "--slurm-keep-successful-logs",
+            "--slurm-status-command",
+            "squeue",
+        ]
         self.t0 = time.monotonic()
         self.out_file = open(tmp / "cluster.log", "w")
-        self.proc = subprocess.Popen(["bash", str(SCRIPT), *args], stdout=self.out_file, stderr=subprocess.STDOUT,
-                                     env=env, text=True)
+        self.proc = subprocess.Popen(
+            ["bash", str(SCRIPT), *args], stdout=self.out_file, stderr=subprocess.STDOUT, env=env, text=True
+        )
 
     def wait(self) -> SimpleNamespace:
         try:
@@ -192,9 +236,18 @@ class SlurmRun:
         if rc != 0:
             raise AssertionError(f"SLURM run failed ({rc}) after {seconds:.0f} s:\n{out[-6000:]}")
         read = lambda name: (self.logs / name).read_text() if (self.logs / name).exists() else ""  # noqa: E731
-        return SimpleNamespace(wf=self.wf, config=self.config, out=out, full=read("full.log"), rerun=read("rerun.log"),
-                               cancel=read("cancel.log"), cancelled=read("cancelled_jobs.txt").split(),
-                               jobcomp=jobcomp_text, node_mem=self.node_mem, seconds=seconds)
+        return SimpleNamespace(
+            wf=self.wf,
+            config=self.config,
+            out=out,
+            full=read("full.log"),
+            rerun=read("rerun.log"),
+            cancel=read("cancel.log"),
+            cancelled=read("cancelled_jobs.txt").split(),
+            jobcomp=jobcomp_text,
+            node_mem=self.node_mem,
+            seconds=seconds,
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -217,10 +270,13 @@ class SmokeRuns:
         self.slurm = SlurmRun(tmp_path_factory.mktemp("slurm")) if self.reason is None else None
         self.local = tmp_path_factory.mktemp("smoke")
         cmd, env = snakemake_cmd(self.local)
-        self.log = self.local.with_name(self.local.name + ".log")  # beside the workdir: it holds only what the workflow wrote
+        self.log = self.local.with_name(
+            self.local.name + ".log"
+        )  # beside the workdir: it holds only what the workflow wrote
         self._log_file = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT, text=True, env=env,
-                                     cwd=self.local)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log_file, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.local
+        )
         self._result: SimpleNamespace | None = None
 
     def wait(self) -> SimpleNamespace:
@@ -238,8 +294,10 @@ class SmokeRuns:
                         error = str(exc)
             finally:
                 self.stop()
-            print(f"\nsmoke runs: local{' + SLURM' if self.slurm else ''} done {time.monotonic() - self.t0:.0f} s "
-                  "after they started")
+            print(
+                f"\nsmoke runs: local{' + SLURM' if self.slurm else ''} done {time.monotonic() - self.t0:.0f} s "
+                "after they started"
+            )
             self._result = SimpleNamespace(local=self.local, slurm=result, slurm_missing=self.reason, slurm_error=error)
         return self._result
 

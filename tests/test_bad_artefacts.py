@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TASK_SPEC, train_cfg, write_train
 from safetensors.torch import load_file, save_file
 
-from ordermerge.storage.checkpoint import CheckpointError
+from helpers import TASK_SPEC, train_cfg, write_train
+from ordermerge.data.orders import make_order, save_order
 from ordermerge.scoring.evaluate import evaluate_model
 from ordermerge.scoring.losses import sample_losses_stage
-from ordermerge.data.orders import make_order, save_order
+from ordermerge.storage.checkpoint import CheckpointError
 from ordermerge.train.loop import fine_tune
 
 EVAL_CFG = {"batch_size": 4, "max_new_tokens": 4}
@@ -36,6 +36,7 @@ def tiny(tiny_base, tmp_path_factory):
 
 
 # Checkpoints ----------------------------------------------------------------------------------------
+
 
 def _edit_weights(path: Path, edit) -> None:
     state = load_file(str(path))
@@ -64,14 +65,22 @@ def _pickle_only(d: Path) -> None:
 CHECKPOINT_CASES = {
     "truncated": (_truncate, ["model.safetensors", "truncated or corrupt", "re-create"]),
     "corrupt-header": (_corrupt_header, ["model.safetensors", "bad header", "re-create"]),
-    "wrong-shape": (lambda d: _edit_weights(d / "model.safetensors", lambda s: s.update({NORM: s[NORM][:-1].clone()})),
-                    [NORM, "shape [31]", "needs [32]", "re-create"]),
-    "wrong-dtype": (lambda d: _edit_weights(d / "model.safetensors", lambda s: s.update({NORM: s[NORM].half()})),
-                    [NORM, "F16", "config.json says bfloat16", "re-create"]),
-    "integer-dtype": (lambda d: _edit_weights(d / "model.safetensors", lambda s: s.update({DOWN: s[DOWN].to(torch.int8)})),
-                      [DOWN, "I8", "re-create"]),
-    "missing-tensor": (lambda d: _edit_weights(d / "model.safetensors", lambda s: s.pop(DOWN)),
-                       ["1 tensors the config needs are missing", DOWN, "re-create"]),
+    "wrong-shape": (
+        lambda d: _edit_weights(d / "model.safetensors", lambda s: s.update({NORM: s[NORM][:-1].clone()})),
+        [NORM, "shape [31]", "needs [32]", "re-create"],
+    ),
+    "wrong-dtype": (
+        lambda d: _edit_weights(d / "model.safetensors", lambda s: s.update({NORM: s[NORM].half()})),
+        [NORM, "F16", "config.json says bfloat16", "re-create"],
+    ),
+    "integer-dtype": (
+        lambda d: _edit_weights(d / "model.safetensors", lambda s: s.update({DOWN: s[DOWN].to(torch.int8)})),
+        [DOWN, "I8", "re-create"],
+    ),
+    "missing-tensor": (
+        lambda d: _edit_weights(d / "model.safetensors", lambda s: s.pop(DOWN)),
+        ["1 tensors the config needs are missing", DOWN, "re-create"],
+    ),
     "pickle-only": (_pickle_only, ["never unpickles", "safe_serialization=True"]),
 }
 CONSUMERS = ["evaluate", "sample-losses"]
@@ -79,8 +88,17 @@ CONSUMERS = ["evaluate", "sample-losses"]
 
 def _consume(consumer: str, model_dir: Path, data: Path, out: Path) -> None:
     if consumer == "evaluate":
-        evaluate_model(model_dir, str(data), str(data), TASK_SPEC, EVAL_CFG, out / "m.json", out / "g.jsonl",
-                       {"run": 0}, out / "val_losses.csv")
+        evaluate_model(
+            model_dir,
+            str(data),
+            str(data),
+            TASK_SPEC,
+            EVAL_CFG,
+            out / "m.json",
+            out / "g.jsonl",
+            {"run": 0},
+            out / "val_losses.csv",
+        )
     elif consumer == "sample-losses":
         sample_losses_stage(model_dir, {"train": str(data)}, TASK_SPEC, 4, out / "losses.csv")
     else:
@@ -111,6 +129,7 @@ def test_intact_checkpoint_passes_the_same_checks(tiny, tmp_path):
 
 
 # Prepared datasets --------------------------------------------------------------------------------------
+
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -145,8 +164,13 @@ def _truncated_file(rows):
     return rows[:7], json.dumps(rows[7])[:25], [":8:", "not JSON", "truncated or corrupt"]
 
 
-DATASET_CASES = {"empty-response": _empty_response, "blank-response": _blank_response,
-                 "duplicate-id": _duplicate_id, "over-long": _over_long, "truncated-line": _truncated_file}
+DATASET_CASES = {
+    "empty-response": _empty_response,
+    "blank-response": _blank_response,
+    "duplicate-id": _duplicate_id,
+    "over-long": _over_long,
+    "truncated-line": _truncated_file,
+}
 DATA_CONSUMERS = ["fine-tune", "evaluate", "sample-losses"]
 
 
@@ -160,8 +184,17 @@ def test_broken_dataset_is_refused_naming_file_and_fix(tiny, tmp_path, case, con
         if consumer == "fine-tune":
             order = tmp_path / "order.npy"
             save_order(make_order(8, 1, "shuffle", 4, seed=1, task="t", run=0), order)
-            fine_tune(tiny["base"], data, order, out / "run0", TASK_SPEC, train_cfg(epochs=1), seed=1,
-                      run_name="r0", progress=False)
+            fine_tune(
+                tiny["base"],
+                data,
+                order,
+                out / "run0",
+                TASK_SPEC,
+                train_cfg(epochs=1),
+                seed=1,
+                run_name="r0",
+                progress=False,
+            )
         else:
             _consume(consumer, tiny["base"], data, out)
     text = str(info.value)
@@ -180,9 +213,24 @@ def test_the_command_line_reports_a_bad_dataset_in_one_line(tiny_base, tmp_path)
     bad = tmp_path / "val.jsonl"
     bad.write_text('{"sample_id": "a", "prompt": "1+1?", "response": ""}\n')
     spec = json.dumps(TASK_SPEC)
-    proc = subprocess.run([sys.executable, "-m", "ordermerge", "sample-losses", "--model-dir", str(model),
-                           "--split", f"val={bad}", "--task-spec", spec, "--out", str(tmp_path / "out.csv")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ordermerge",
+            "sample-losses",
+            "--model-dir",
+            str(model),
+            "--split",
+            f"val={bad}",
+            "--task-spec",
+            spec,
+            "--out",
+            str(tmp_path / "out.csv"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]  # after the model's load messages

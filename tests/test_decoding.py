@@ -11,14 +11,17 @@ from ordermerge.scoring.evaluate import ANSWER_LINE, TEXT_LINE, cut_at_answer, g
 from ordermerge.scoring.losses import load_model
 
 
-@pytest.mark.parametrize("text, complete", [
-    ("The answer is 5.\n#### 5\n", True),
-    ("#### 1,234 \nmore", True),
-    ("#### 12", False),            # the number may still grow: '#### 120'
-    ("#### \n", False),            # no number yet
-    ("3 + 4 = 7\nso 7 apples", False),
-    ("####-3.5\n", True),
-])
+@pytest.mark.parametrize(
+    "text, complete",
+    [
+        ("The answer is 5.\n#### 5\n", True),
+        ("#### 1,234 \nmore", True),
+        ("#### 12", False),  # the number may still grow: '#### 120'
+        ("#### \n", False),  # no number yet
+        ("3 + 4 = 7\nso 7 apples", False),
+        ("####-3.5\n", True),
+    ],
+)
 def test_answer_line(text, complete):
     assert (ANSWER_LINE.search(text) is not None) is complete
 
@@ -78,12 +81,15 @@ def test_generation_stops_per_sequence_and_per_batch(tiny_base_f32):
     assert stats["generated_tokens"] == first_batch + len("7+3=10\n#### 10\n") + 40
 
 
-@pytest.mark.parametrize("text, cut", [
-    ("blue\nThe sky", "blue"),
-    ("\n  Paris.\nmore", "\n  Paris."),  # leading blank lines are not the answer's end
-    ("The answer is cold", "The answer is cold"),  # no newline yet: EOS or max_new_tokens ends it
-    ("\n\n", "\n\n"),
-])
+@pytest.mark.parametrize(
+    "text, cut",
+    [
+        ("blue\nThe sky", "blue"),
+        ("\n  Paris.\nmore", "\n  Paris."),  # leading blank lines are not the answer's end
+        ("The answer is cold", "The answer is cold"),  # no newline yet: EOS or max_new_tokens ends it
+        ("\n\n", "\n\n"),
+    ],
+)
 def test_text_answers_end_at_their_line(text, cut):
     assert cut_at_answer(text, "text") == cut
     assert (TEXT_LINE.search(text) is not None) is (cut != text)

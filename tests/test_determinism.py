@@ -27,14 +27,28 @@ from smoke_runs import SUMMARY
 TIMING_JSON_KEYS = {"seconds"}
 TIMING_CSV_COLUMNS = {"seconds", "tokens_per_s"}  # = ordermerge.train.loop.TIMING_COLUMNS
 # Every kind of artefact must be among the compared files, or the test proves nothing about it.
-REQUIRED = ["/orders/run0.npy", "/runs/run0/epoch2/model.safetensors", "/runs/run1/steps.csv",
-            "/runs/run0/bf16/epoch2/model.safetensors", "/runs/run1/bf16/epoch1/round.json",
-            "/fp32/merged/epoch2/average/seed0/model.safetensors", "/bf16/merged/epoch2/select/seed1/merge.json",
-            "/bf16/merged/epoch2/resample1/seed0/model.safetensors", "/fp32/merged/epoch2/resample1/seed0/merge.json",
-            "/fp32/eval/single/run0.json", "/bf16/eval/merged/select/seed0.json",
-            "/bf16/harness/single/run0.json", "/fp32/harness/merged/select/seed0.samples.jsonl",
-            "tables/harness_agreement.csv", "tables/table1.csv", "tables/imbalance.csv", "tables/metrics.csv",
-            "tables/storage.csv", "figures/fig1_", "figures/storage_"]
+REQUIRED = [
+    "/orders/run0.npy",
+    "/runs/run0/epoch2/model.safetensors",
+    "/runs/run1/steps.csv",
+    "/runs/run0/bf16/epoch2/model.safetensors",
+    "/runs/run1/bf16/epoch1/round.json",
+    "/fp32/merged/epoch2/average/seed0/model.safetensors",
+    "/bf16/merged/epoch2/select/seed1/merge.json",
+    "/bf16/merged/epoch2/resample1/seed0/model.safetensors",
+    "/fp32/merged/epoch2/resample1/seed0/merge.json",
+    "/fp32/eval/single/run0.json",
+    "/bf16/eval/merged/select/seed0.json",
+    "/bf16/harness/single/run0.json",
+    "/fp32/harness/merged/select/seed0.samples.jsonl",
+    "tables/harness_agreement.csv",
+    "tables/table1.csv",
+    "tables/imbalance.csv",
+    "tables/metrics.csv",
+    "tables/storage.csv",
+    "figures/fig1_",
+    "figures/storage_",
+]
 
 
 def normalised(path: Path) -> bytes:
@@ -52,8 +66,11 @@ def normalised(path: Path) -> bytes:
 
 def digests(workdir: Path, leave_out: tuple[str, ...] = ()) -> dict[str, str]:
     results = workdir / "results"
-    return {str(p.relative_to(results)): hashlib.sha256(normalised(p)).hexdigest()
-            for p in sorted(results.rglob("*")) if p.is_file() and str(p.relative_to(workdir)) not in leave_out}
+    return {
+        str(p.relative_to(results)): hashlib.sha256(normalised(p)).hexdigest()
+        for p in sorted(results.rglob("*"))
+        if p.is_file() and str(p.relative_to(workdir)) not in leave_out
+    }
 
 
 def test_normalisation_drops_only_timing(tmp_path):
@@ -81,13 +98,18 @@ def test_two_runs_of_the_smoke_config_are_bit_identical(smoke_runs, tmp_path_fac
         second, how = digests(again), "two local runs"
     for part in REQUIRED:
         assert any(part in name for name in first), f"no compared file matches {part!r}"
-    assert sorted(first) == sorted(second), (f"{how} wrote different files: only the first "
-                                             f"{sorted(set(first) - set(second))}, only the second {sorted(set(second) - set(first))}")
+    assert sorted(first) == sorted(second), (
+        f"{how} wrote different files: only the first "
+        f"{sorted(set(first) - set(second))}, only the second {sorted(set(second) - set(first))}"
+    )
     differing = [name for name in first if first[name] != second[name]]
     assert not differing, f"{len(differing)} of {len(first)} files differ between {how}:\n  " + "\n  ".join(differing)
     print(f"determinism: {len(first)} files identical across {how}")
     # Paths from the config stay inside the workflow's directories (results_dir, logs, Snakemake's own).
     local = smoke_runs.local
-    outside = [str(p.relative_to(local)) for p in local.rglob("*")
-               if p.is_file() and p.relative_to(local).parts[0] not in ("results", "logs", ".snakemake")]
+    outside = [
+        str(p.relative_to(local))
+        for p in local.rglob("*")
+        if p.is_file() and p.relative_to(local).parts[0] not in ("results", "logs", ".snakemake")
+    ]
     assert not outside, f"the run wrote outside results/, logs/ and .snakemake/: {outside[:10]}"

@@ -8,10 +8,10 @@ import os
 import shutil
 
 import pytest
-from helpers import merge_zoo
 
-from ordermerge.merging import digests as digests_module
+from helpers import merge_zoo
 from ordermerge.merging import digest_cache
+from ordermerge.merging import digests as digests_module
 from ordermerge.merging.engine import merge_models, sha256_of_dir
 
 

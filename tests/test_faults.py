@@ -37,17 +37,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import train_cfg, write_train
-
 from tqdm import tqdm
 
-from ordermerge.storage.atomic import DiskFullError
+from helpers import train_cfg, write_train
 from ordermerge.data.orders import make_order, save_order
+from ordermerge.storage.atomic import DiskFullError
 from ordermerge.train.loop import TIMING_COLUMNS, fine_tune
 
 # The trials: (stage, index). Counted by tests/reliability_counts.py for docs/reliability.md.
-FAULT_TRIALS = [("fine-tune", i) for i in range(4)] + [("merge", i) for i in range(4)] + \
-               [("sample-losses", i) for i in range(3)]
+FAULT_TRIALS = (
+    [("fine-tune", i) for i in range(4)] + [("merge", i) for i in range(4)] + [("sample-losses", i) for i in range(3)]
+)
 DISK_FULL_CASES = {"model-weights-epoch2": 3, "training-state-epoch2": 4}  # n-th safetensors save_file call
 SEED = 8
 REFERENCE_RUNS = 3  # the reference CPU time is the least of these (see the module docstring)
@@ -153,9 +153,11 @@ def digests(root: Path) -> dict[str, str]:
     """sha256 of every visible file under root (a file or a directory); hidden names (.tmp-*, .resume) skipped."""
     if root.is_file():
         return {root.name: hashlib.sha256(normalised(root)).hexdigest()}
-    return {str(p.relative_to(root)): hashlib.sha256(normalised(p)).hexdigest()
-            for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(normalised(p)).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
 
 
 def temporaries(parent: Path) -> list[Path]:
@@ -163,6 +165,7 @@ def temporaries(parent: Path) -> list[Path]:
 
 
 # The three stages, each with its inputs, command line and output --------------------------------
+
 
 @pytest.fixture(scope="module")
 def stages(tiny_base, tmp_path_factory):
@@ -180,17 +183,69 @@ def stages(tiny_base, tmp_path_factory):
     work = root / "work"
     specs = {
         # out: the path the stage writes (and the rerun too: paths are recorded in merge.json)
-        "fine-tune": (work / "ft", ["fine-tune", "--base", str(base), "--train", str(train), "--order", str(order),
-                                   "--out-dir", str(work / "ft"), "--run-name", "r0",
-                                   "--task-spec", json.dumps(TASK_SPEC), "--train-cfg", json.dumps(cfg),
-                                   "--seed", "1", "--threads", "1"]),
-        "merge": (work / "merged", ["merge", "--base", str(merge_base), "--method", "select", "--resample", "1",
-                                    "--seed", "3", "--shard-size", "6MB", "--threads", "1",
-                                    "--out", str(work / "merged"), *map(str, merge_models)]),
-        "sample-losses": (work / "losses.csv", ["sample-losses", "--model-dir", str(base),
-                                                "--split", f"train={losses_data}", "--task-spec", json.dumps(TASK_SPEC),
-                                                "--batch-size", "4", "--threads", "1",
-                                                "--out", str(work / "losses.csv")]),
+        "fine-tune": (
+            work / "ft",
+            [
+                "fine-tune",
+                "--base",
+                str(base),
+                "--train",
+                str(train),
+                "--order",
+                str(order),
+                "--out-dir",
+                str(work / "ft"),
+                "--run-name",
+                "r0",
+                "--task-spec",
+                json.dumps(TASK_SPEC),
+                "--train-cfg",
+                json.dumps(cfg),
+                "--seed",
+                "1",
+                "--threads",
+                "1",
+            ],
+        ),
+        "merge": (
+            work / "merged",
+            [
+                "merge",
+                "--base",
+                str(merge_base),
+                "--method",
+                "select",
+                "--resample",
+                "1",
+                "--seed",
+                "3",
+                "--shard-size",
+                "6MB",
+                "--threads",
+                "1",
+                "--out",
+                str(work / "merged"),
+                *map(str, merge_models),
+            ],
+        ),
+        "sample-losses": (
+            work / "losses.csv",
+            [
+                "sample-losses",
+                "--model-dir",
+                str(base),
+                "--split",
+                f"train={losses_data}",
+                "--task-spec",
+                json.dumps(TASK_SPEC),
+                "--batch-size",
+                "4",
+                "--threads",
+                "1",
+                "--out",
+                str(work / "losses.csv"),
+            ],
+        ),
     }
     out = {"root": root, "base": base, "train": train, "order": order, "cfg": cfg}
     for stage, (path, argv) in specs.items():
@@ -213,8 +268,16 @@ def _merge_zoo(root: Path) -> tuple[Path, list[Path]]:
     g = torch.Generator().manual_seed(0)
     base = {f"model.layers.{i}.weight": torch.randn(1024, 1280, generator=g).to(torch.bfloat16) for i in range(8)}
     dirs = []
-    for k, state in enumerate([base] + [{n: torch.where(torch.rand(t.shape, generator=g) < 0.5, t + 0.25 * (k + 1), t)
-                                         .to(torch.bfloat16) for n, t in base.items()} for k in range(3)]):
+    for k, state in enumerate(
+        [base]
+        + [
+            {
+                n: torch.where(torch.rand(t.shape, generator=g) < 0.5, t + 0.25 * (k + 1), t).to(torch.bfloat16)
+                for n, t in base.items()
+            }
+            for k in range(3)
+        ]
+    ):
         d = root / ("base" if k == 0 else f"ft{k}")
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
@@ -233,6 +296,7 @@ def _remove(path: Path) -> None:
 
 
 # 1. kill -9 at random points --------------------------------------------------------------------------
+
 
 def _kill_at(argv: list[str], out: Path, target: float) -> tuple[bool, bool, float]:
     """Start a stage, SIGKILL it once its CPU time reaches target: (landed mid-work, mid-write, child CPU s)."""
@@ -273,8 +337,16 @@ def test_kill9_then_rerun_is_bit_identical(stages, stage, i):
         _clear(out)
         target = fraction * used
         landed, mid_write, used = _kill_at(argv, out, target)
-    LANDED.append({"stage": stage, "trial": i, "at_cpu_s": round(target, 3), "of_cpu_s": round(s["cpu"], 3),
-                   "mid_work": landed, "mid_write": mid_write})
+    LANDED.append(
+        {
+            "stage": stage,
+            "trial": i,
+            "at_cpu_s": round(target, 3),
+            "of_cpu_s": round(s["cpu"], 3),
+            "mid_work": landed,
+            "mid_write": mid_write,
+        }
+    )
 
     # Whatever exists and looks complete is complete.
     after_kill = digests(out) if out.exists() else {}
@@ -337,6 +409,7 @@ def test_kills_landed_mid_work():
 
 
 # 2. A full disk while a checkpoint is written -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("case", list(DISK_FULL_CASES))
 def test_disk_full_keeps_the_previous_checkpoint_and_says_so(stages, tmp_path, monkeypatch, case):
@@ -401,10 +474,12 @@ def test_next_write_removes_only_temporaries_of_dead_writers_on_this_host(tmp_pa
     dead = _CTX.Process(target=os._exit, args=(0,))
     dead.start()
     dead.join()
-    left = {"dead": tmp_path / f".tmp-m.json-{host}.{dead.pid}-abc123",
-            "alive": tmp_path / f".tmp-m.json-{host}.{os.getpid()}-abc123",
-            "other-host": tmp_path / f".tmp-m.json-elsewhere.{dead.pid}-abc123",
-            "other-target": tmp_path / f".tmp-m.json.bak-{host}.{dead.pid}-abc123"}
+    left = {
+        "dead": tmp_path / f".tmp-m.json-{host}.{dead.pid}-abc123",
+        "alive": tmp_path / f".tmp-m.json-{host}.{os.getpid()}-abc123",
+        "other-host": tmp_path / f".tmp-m.json-elsewhere.{dead.pid}-abc123",
+        "other-target": tmp_path / f".tmp-m.json.bak-{host}.{dead.pid}-abc123",
+    }
     for p in left.values():
         p.write_text("partial")
     write_json(tmp_path / "m.json", {"a": 1})

@@ -36,15 +36,38 @@ def test_each_method_has_one_colour_in_every_figure(drawn):
     rng = np.random.default_rng(0)
     positions = np.array([rng.permutation(20) for _ in range(3)])
     losses = rng.random((3, 20))
-    figures.plot_fig3(positions, losses, {m: rng.random(20) for m in ("average", "resample1", "select")}, 0, 4,
-                      "fig3", None)
-    figures.plot_fig4({"single": {1: [1.0, 1.2], 2: [0.9, 1.0]}, "resample1": {1: [1.1], 2: [0.95]},
-                       "dare": {1: [1.3], 2: [1.0]}}, "val", "fig4", None)
-    sweep = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32",
-                          "method": ["select", "resample1", "resample1"], "subset_size": [2, 2, 4],
-                          "val_loss": [2.0, 2.2, 1.9], "exact_match": np.nan})
-    single = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "run": [0, 1],
-                           "val_loss": [1.0, 2.0], "exact_match": np.nan})
+    figures.plot_fig3(
+        positions, losses, {m: rng.random(20) for m in ("average", "resample1", "select")}, 0, 4, "fig3", None
+    )
+    figures.plot_fig4(
+        {"single": {1: [1.0, 1.2], 2: [0.9, 1.0]}, "resample1": {1: [1.1], 2: [0.95]}, "dare": {1: [1.3], 2: [1.0]}},
+        "val",
+        "fig4",
+        None,
+    )
+    sweep = pd.DataFrame(
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "method": ["select", "resample1", "resample1"],
+            "subset_size": [2, 2, 4],
+            "val_loss": [2.0, 2.2, 1.9],
+            "exact_match": np.nan,
+        }
+    )
+    single = pd.DataFrame(
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "run": [0, 1],
+            "val_loss": [1.0, 2.0],
+            "exact_match": np.nan,
+        }
+    )
     subsets.plot_ksweep(subsets.ksweep_table(sweep, single), single, "ksweep", None)
     fig3, fig4, ksweep = map(colours_by_method, drawn)
     assert set(fig3) == {"average", "resample1", "select"} and set(fig4) == {"resample1", "dare"}

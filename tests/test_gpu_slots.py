@@ -39,18 +39,26 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
-def launch(lock_dir: Path, *options: str, command: list[str], env: dict[str, str] | None = None
-           ) -> subprocess.Popen:
-    return subprocess.Popen([*LAUNCHER, "--lock-dir", str(lock_dir), *options, "--", *command],
-                            env=clean_env() if env is None else env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def launch(lock_dir: Path, *options: str, command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*LAUNCHER, "--lock-dir", str(lock_dir), *options, "--", *command],
+        env=clean_env() if env is None else env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def run(lock_dir: Path, *options: str, command: list[str], env: dict[str, str] | None = None,
-        timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run([*LAUNCHER, "--lock-dir", str(lock_dir), *options, "--", *command],
-                          env=clean_env() if env is None else env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(
+    lock_dir: Path, *options: str, command: list[str], env: dict[str, str] | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*LAUNCHER, "--lock-dir", str(lock_dir), *options, "--", *command],
+        env=clean_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def wait_for(path: Path, timeout: float = 10) -> str:
@@ -63,12 +71,10 @@ def wait_for(path: Path, timeout: float = 10) -> str:
     raise AssertionError(f"{path} never written")
 
 
-def holder(tmp_path: Path, lock_dir: Path, devices: str, name: str = "holder"
-           ) -> tuple[subprocess.Popen, int]:
+def holder(tmp_path: Path, lock_dir: Path, devices: str, name: str = "holder") -> tuple[subprocess.Popen, int]:
     """A launcher holding one slot of ``devices`` with a shell that sleeps; returns it and the shell's pid."""
     pidfile = tmp_path / f"{name}.pid"
-    proc = launch(lock_dir, "--devices", devices,
-                  command=["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"])
+    proc = launch(lock_dir, "--devices", devices, command=["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"])
     return proc, int(wait_for(pidfile))
 
 
@@ -82,8 +88,9 @@ def kill(pid: int) -> None:
 def test_concurrent_jobs_never_share_a_gpu(tmp_path):
     """6 jobs, 3 devices: at most 3 at once, never two on one device at the same time, and they do overlap."""
     locks, records = tmp_path / "locks", [tmp_path / f"job{i}.json" for i in range(6)]
-    procs = [launch(locks, "--devices", "0,1,2", command=[sys.executable, "-c", RECORD, str(r), "0.6"])
-             for r in records]
+    procs = [
+        launch(locks, "--devices", "0,1,2", command=[sys.executable, "-c", RECORD, str(r), "0.6"]) for r in records
+    ]
     for p in procs:
         _, err = p.communicate(timeout=30)
         assert p.returncode == 0, err
@@ -170,20 +177,30 @@ def test_exit_codes_and_sigterm_reach_through(tmp_path):
 
 def test_slurm_jobs_run_unchanged(tmp_path):
     locks = tmp_path / "locks"
-    slurm = run(locks, "--devices", "0,1", command=[sys.executable, "-c", PRINT_DEVICES],
-                env=clean_env(SLURM_JOB_ID="42", CUDA_VISIBLE_DEVICES="5"))
+    slurm = run(
+        locks,
+        "--devices",
+        "0,1",
+        command=[sys.executable, "-c", PRINT_DEVICES],
+        env=clean_env(SLURM_JOB_ID="42", CUDA_VISIBLE_DEVICES="5"),
+    )
     assert slurm.returncode == 0 and slurm.stdout.strip() == "5", slurm.stderr
     assert "SLURM_JOB_ID=42" in slurm.stderr and not locks.exists()  # no slot claimed
-    asked = run(locks, "--respect-scheduler", command=[sys.executable, "-c", PRINT_DEVICES],
-                env=clean_env(CUDA_VISIBLE_DEVICES="3"))
+    asked = run(
+        locks,
+        "--respect-scheduler",
+        command=[sys.executable, "-c", PRINT_DEVICES],
+        env=clean_env(CUDA_VISIBLE_DEVICES="3"),
+    )
     assert asked.returncode == 0 and asked.stdout.strip() == "3" and not locks.exists()
     unset = run(locks, command=[sys.executable, "-c", PRINT_DEVICES], env=clean_env(SLURM_JOB_ID="42"))
     assert unset.stdout.strip() == "<unset>"
 
 
 def test_devices_default_to_the_visible_ones(tmp_path, monkeypatch):
-    picked = run(tmp_path / "locks", command=[sys.executable, "-c", PRINT_DEVICES],
-                 env=clean_env(CUDA_VISIBLE_DEVICES="4,6"))
+    picked = run(
+        tmp_path / "locks", command=[sys.executable, "-c", PRINT_DEVICES], env=clean_env(CUDA_VISIBLE_DEVICES="4,6")
+    )
     assert picked.stdout.strip() == "4" and "from CUDA_VISIBLE_DEVICES" in picked.stderr
     usage = subprocess.run([*LAUNCHER, "--gpus", "1", "true"], capture_output=True, text=True, env=clean_env())
     assert usage.returncode == 2 and "put the command after --" in usage.stderr
@@ -201,6 +218,7 @@ def test_devices_default_to_the_visible_ones(tmp_path, monkeypatch):
 
 # --- the workflow ------------------------------------------------------------------------------------
 
+
 def shell_commands(proc: subprocess.CompletedProcess) -> dict[str, list[str]]:
     """rule -> the shell commands `snakemake -n -p` prints for its jobs."""
     commands: dict[str, list[str]] = {}
@@ -216,19 +234,24 @@ def shell_commands(proc: subprocess.CompletedProcess) -> dict[str, list[str]]:
 def test_gpu_jobs_run_behind_the_launcher_whichever_executor_runs_them(tmp_path, monkeypatch):
     gpu = ROOT / "configs" / "gpu.yaml"
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    local = shell_commands(snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", "sample_losses",
-                                     configfile=gpu))
-    for rule, launcher in [("fine_tune", "ordermerge fine-tune --threads "),
-                           ("evaluate_single", "ordermerge evaluate "),
-                           ("sample_losses", "ordermerge sample-losses ")]:
-        assert local[rule] and all(c.startswith(f"python -m ordermerge.gpu_slots --gpus 1 -- {launcher}")
-                                   for c in local[rule]), local.get(rule, [])[:1]
+    local = shell_commands(
+        snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", "sample_losses", configfile=gpu)
+    )
+    for rule, launcher in [
+        ("fine_tune", "ordermerge fine-tune --threads "),
+        ("evaluate_single", "ordermerge evaluate "),
+        ("sample_losses", "ordermerge sample-losses "),
+    ]:
+        assert local[rule] and all(
+            c.startswith(f"python -m ordermerge.gpu_slots --gpus 1 -- {launcher}") for c in local[rule]
+        ), local.get(rule, [])[:1]
     assert local["orders"] and not any("gpu_slots" in c for c in local["orders"] + local["prepare_data"])
     # The workflow does not ask where it runs: inside a SLURM allocation the commands are the same, and the
     # launcher runs them unchanged there (test_slurm_jobs_run_unchanged)
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    on_slurm = shell_commands(snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", "sample_losses",
-                                        configfile=gpu))
+    on_slurm = shell_commands(
+        snakemake(tmp_path, "-n", "-p", "--until", "evaluate_single", "sample_losses", configfile=gpu)
+    )
     assert {r: sorted(c) for r, c in on_slurm.items()} == {r: sorted(c) for r, c in local.items()}
 
 
@@ -242,10 +265,28 @@ def test_cpu_configs_keep_their_commands(tmp_path):
     env.pop("SLURM_JOB_ID", None)
 
     def slurm_dry_run(config: Path) -> dict[str, list[str]]:
-        proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-s", str(ROOT / "Snakefile"),
-                               "-d", str(tmp_path / "slurm"), "--configfile", str(config),
-                               "--profile", str(ROOT / "profiles" / "slurm"), "-n", "-p", "--until", "evaluate_single"],
-                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        proc = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "snakemake"),
+                "-s",
+                str(ROOT / "Snakefile"),
+                "-d",
+                str(tmp_path / "slurm"),
+                "--configfile",
+                str(config),
+                "--profile",
+                str(ROOT / "profiles" / "slurm"),
+                "-n",
+                "-p",
+                "--until",
+                "evaluate_single",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return shell_commands(proc)
 
@@ -253,5 +294,6 @@ def test_cpu_configs_keep_their_commands(tmp_path):
     assert slurm["fine_tune"] and slurm["evaluate_single"]
     assert not any("gpu_slots" in c for cs in slurm.values() for c in cs)
     gpu = slurm_dry_run(ROOT / "configs" / "gpu.yaml")
-    assert gpu["fine_tune"] and all(c.startswith("python -m ordermerge.gpu_slots --gpus 1 -- ordermerge fine-tune")
-                                    for c in gpu["fine_tune"])
+    assert gpu["fine_tune"] and all(
+        c.startswith("python -m ordermerge.gpu_slots --gpus 1 -- ordermerge fine-tune") for c in gpu["fine_tune"]
+    )

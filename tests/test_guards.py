@@ -9,12 +9,15 @@ import pytest
 from ordermerge.storage.guards import OverlapError, refuse_duplicates, refuse_overlap
 
 
-@pytest.mark.parametrize("out, relation", [
-    ("run0", "is"),
-    ("run0/sub", "lies inside"),
-    (".", "contains"),
-    ("x/../run0", "is"),
-])
+@pytest.mark.parametrize(
+    "out, relation",
+    [
+        ("run0", "is"),
+        ("run0/sub", "lies inside"),
+        (".", "contains"),
+        ("x/../run0", "is"),
+    ],
+)
 def test_overlap_is_refused_with_both_paths(tmp_path, out, relation):
     (tmp_path / "run0").mkdir()
     (tmp_path / "x").mkdir()
@@ -49,6 +52,7 @@ def test_duplicate_paths_and_duplicate_contents(tmp_path):
 
 # --- every writing command, through the CLI: refused before anything is written ------------------
 
+
 def _tree(tmp_path):
     for d in ("base", "run0", "run1", "data"):
         (tmp_path / d).mkdir()
@@ -59,24 +63,132 @@ def _tree(tmp_path):
 
 
 CASES = {
-    "merge-output-is-an-input": ["merge", "--base", "base", "--method", "average", "--force", "--out", "run0", "run0", "run1"],
-    "merge-output-inside-an-input": ["merge", "--base", "base", "--method", "select", "--force", "--out", "run1/m", "run0", "run1"],
-    "merge-output-contains-the-base": ["merge", "--base", "base", "--method", "average", "--force", "--out", ".", "run0", "run1"],
+    "merge-output-is-an-input": [
+        "merge",
+        "--base",
+        "base",
+        "--method",
+        "average",
+        "--force",
+        "--out",
+        "run0",
+        "run0",
+        "run1",
+    ],
+    "merge-output-inside-an-input": [
+        "merge",
+        "--base",
+        "base",
+        "--method",
+        "select",
+        "--force",
+        "--out",
+        "run1/m",
+        "run0",
+        "run1",
+    ],
+    "merge-output-contains-the-base": [
+        "merge",
+        "--base",
+        "base",
+        "--method",
+        "average",
+        "--force",
+        "--out",
+        ".",
+        "run0",
+        "run1",
+    ],
     "merge-same-model-twice": ["merge", "--base", "base", "--method", "average", "--out", "m", "run0", "./run0"],
-    "fine-tune-into-its-base": ["fine-tune", "--base", "base", "--train", "data/train.jsonl", "--order", "order.npy",
-                                "--out-dir", "base", "--run-name", "r", "--task-spec", "{}", "--train-cfg", "{}", "--seed", "0"],
-    "orders-over-the-train-split": ["orders", "--train", "data/train.jsonl", "--task", "t", "--scheme", "shuffle", "--run", "0",
-                                    "--epochs", "1", "--batch-size", "1", "--seed", "0", "--out", "data/train.jsonl"],
-    "sample-losses-over-a-split": ["sample-losses", "--model-dir", "run0", "--split", "train=data/train.jsonl",
-                                   "--task-spec", "{}", "--out", "data/train.jsonl"],
-    "evaluate-into-the-model": ["evaluate", "--model-dir", "run0", "--val", "data/val.jsonl", "--test", "data/test.jsonl",
-                                "--task-spec", "{}", "--eval-cfg", "{}", "--out", "run0/metrics.json",
-                                "--generations", "g.jsonl"],
-    "prepare-data-into-the-base": ["prepare-data", "--task", "t", "--spec", "{}", "--base", "base", "--seed", "0",
-                                   "--out-dir", "base/data"],
+    "fine-tune-into-its-base": [
+        "fine-tune",
+        "--base",
+        "base",
+        "--train",
+        "data/train.jsonl",
+        "--order",
+        "order.npy",
+        "--out-dir",
+        "base",
+        "--run-name",
+        "r",
+        "--task-spec",
+        "{}",
+        "--train-cfg",
+        "{}",
+        "--seed",
+        "0",
+    ],
+    "orders-over-the-train-split": [
+        "orders",
+        "--train",
+        "data/train.jsonl",
+        "--task",
+        "t",
+        "--scheme",
+        "shuffle",
+        "--run",
+        "0",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "1",
+        "--seed",
+        "0",
+        "--out",
+        "data/train.jsonl",
+    ],
+    "sample-losses-over-a-split": [
+        "sample-losses",
+        "--model-dir",
+        "run0",
+        "--split",
+        "train=data/train.jsonl",
+        "--task-spec",
+        "{}",
+        "--out",
+        "data/train.jsonl",
+    ],
+    "evaluate-into-the-model": [
+        "evaluate",
+        "--model-dir",
+        "run0",
+        "--val",
+        "data/val.jsonl",
+        "--test",
+        "data/test.jsonl",
+        "--task-spec",
+        "{}",
+        "--eval-cfg",
+        "{}",
+        "--out",
+        "run0/metrics.json",
+        "--generations",
+        "g.jsonl",
+    ],
+    "prepare-data-into-the-base": [
+        "prepare-data",
+        "--task",
+        "t",
+        "--spec",
+        "{}",
+        "--base",
+        "base",
+        "--seed",
+        "0",
+        "--out-dir",
+        "base/data",
+    ],
     "base-model-over-its-source": ["base-model", "--source", "run0", "--out", "run0"],
-    "analyze-into-a-model-dir": ["analyze", "--config-json", '{"models": {"m": {}}}', "--results-dir", ".",
-                                 "--out-dir", "m"],
+    "analyze-into-a-model-dir": [
+        "analyze",
+        "--config-json",
+        '{"models": {"m": {}}}',
+        "--results-dir",
+        ".",
+        "--out-dir",
+        "m",
+    ],
 }
 
 
@@ -109,8 +221,20 @@ def test_merge_refuses_two_copies_of_one_run_by_content(tmp_path, capsys):
     shutil.copytree(tmp_path / "run0", tmp_path / "run0-copy")
     save_model_dir(tmp_path / "run1", fine_tuned_state(base, 1))
     with pytest.raises(SystemExit) as exc:
-        main(["merge", "--base", str(tmp_path / "base"), "--method", "average", "--out", str(tmp_path / "m"),
-              str(tmp_path / "run0"), str(tmp_path / "run1"), str(tmp_path / "run0-copy")])
+        main(
+            [
+                "merge",
+                "--base",
+                str(tmp_path / "base"),
+                "--method",
+                "average",
+                "--out",
+                str(tmp_path / "m"),
+                str(tmp_path / "run0"),
+                str(tmp_path / "run1"),
+                str(tmp_path / "run0-copy"),
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "same sha256" in err and "run0-copy" in err
     assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".tmp-*"))

@@ -81,15 +81,24 @@ def test_mirror_task_loads_in_lm_eval(peaky, tmp_path):
 
 def test_lm_eval_exact_match_equals_ours_per_sample(peaky, tmp_path, no_network):
     model, tokenizer = load_model(peaky)
-    records = [{"sample_id": f"s{i}", "prompt": f"What is {i} plus {3 * i + 1}?" + " ok" * (i % 3), "answer": ""}
-               for i in range(8)]
+    records = [
+        {"sample_id": f"s{i}", "prompt": f"What is {i} plus {3 * i + 1}?" + " ok" * (i % 3), "answer": ""}
+        for i in range(8)
+    ]
     ours = greedy_answers(model, tokenizer, records, SPEC["system_prompt"], 4, EVAL["max_new_tokens"])
     for i, (r, g) in enumerate(zip(records, ours)):  # half right (our own answer), half wrong
         r["answer"] = f"#### {extract_number(g)}" if i % 2 == 0 and extract_number(g) else "#### 123456789"
     right = [exact_match(g, r["answer"]) for g, r in zip(ours, records)]
     assert 0 < sum(right) < len(right)
-    out = harness.harness_stage(peaky, write_jsonl(tmp_path / "test.jsonl", records), SPEC, EVAL,
-                                {"model": "tiny", "task": "gsm"}, tmp_path / "m.json", tmp_path / "s.jsonl")
+    out = harness.harness_stage(
+        peaky,
+        write_jsonl(tmp_path / "test.jsonl", records),
+        SPEC,
+        EVAL,
+        {"model": "tiny", "task": "gsm"},
+        tmp_path / "m.json",
+        tmp_path / "s.jsonl",
+    )
     samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "s.jsonl") if s["filter"] == harness.FILTER}
     for r, g, ok in zip(records, ours, right):
         s = samples[r["sample_id"]]
@@ -97,7 +106,12 @@ def test_lm_eval_exact_match_equals_ours_per_sample(peaky, tmp_path, no_network)
         assert s["answer"] == (extract_number(s["cut"]) or harness.NO_ANSWER)
         assert bool(s["exact_match"]) == ok
     row, *stock = out["rows"]  # ours, then lm-eval's GSM8K filters on the same generations
-    assert (row["harness"], row["metric"], row["filter"], row["n"]) == ("ordermerge_gsm", "exact_match", "ordermerge", 8)
+    assert (row["harness"], row["metric"], row["filter"], row["n"]) == (
+        "ordermerge_gsm",
+        "exact_match",
+        "ordermerge",
+        8,
+    )
     assert [r["filter"] for r in stock] == ["strict-match", "flexible-extract"]
     assert row["value"] == pytest.approx(sum(right) / len(right))
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == out["rows"]
@@ -107,7 +121,9 @@ def test_lm_eval_text_exact_match_and_f1_equal_ours_per_sample(peaky, tmp_path, 
     """A text task (answer: text): lm-eval decodes the same line, our filter takes the same answer, and its
     own copy of SQuAD's normalisation and F1 (process_results) scores it as ours does, alias by alias."""
     model, tokenizer = load_model(peaky)
-    records = [{"sample_id": f"t{i}", "prompt": f"Name colour {i}." + " ok" * (i % 3), "response": "x"} for i in range(8)]
+    records = [
+        {"sample_id": f"t{i}", "prompt": f"Name colour {i}." + " ok" * (i % 3), "response": "x"} for i in range(8)
+    ]
     ours = greedy_answers(model, tokenizer, records, SPEC["system_prompt"], 4, EVAL["max_new_tokens"], kind="text")
     for i, (r, g) in enumerate(zip(records, ours)):  # right: our own answer among the aliases; else a partial one
         words = extract_text_answer(g).split()
@@ -115,10 +131,25 @@ def test_lm_eval_text_exact_match_and_f1_equal_ours_per_sample(peaky, tmp_path, 
         r["answer"] = r["answers"][0]
     right = [exact_match_text(extract_text_answer(g), r["answers"]) for g, r in zip(ours, records)]
     assert 0 < sum(right) < len(right)
-    ident = {"model": "tiny", "task": "words", "scheme": "shuffle", "kind": "single", "method": "single", "seed": None,
-             "run": 0, "epoch": 1}
-    out = harness.harness_stage(peaky, write_jsonl(tmp_path / "test.jsonl", records), SPEC, EVAL, ident,
-                                tmp_path / "m.json", tmp_path / "m.samples.jsonl")
+    ident = {
+        "model": "tiny",
+        "task": "words",
+        "scheme": "shuffle",
+        "kind": "single",
+        "method": "single",
+        "seed": None,
+        "run": 0,
+        "epoch": 1,
+    }
+    out = harness.harness_stage(
+        peaky,
+        write_jsonl(tmp_path / "test.jsonl", records),
+        SPEC,
+        EVAL,
+        ident,
+        tmp_path / "m.json",
+        tmp_path / "m.samples.jsonl",
+    )
     samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "m.samples.jsonl")}
     assert {s["filter"] for s in samples.values()} == {harness.FILTER}  # no GSM8K extraction for words
     for r, g, ok in zip(records, ours, right):
@@ -138,8 +169,11 @@ def test_lm_eval_text_exact_match_and_f1_equal_ours_per_sample(peaky, tmp_path, 
     write_jsonl(tmp_path / "e.generations.jsonl", rows)
     table, differ = agreement_table([(tmp_path / "e", tmp_path / "m")])
     [row] = table.to_dict("records")
-    assert (row["metric"], row["ordermerge"], row["lm_eval"]) == ("exact_match", metrics["exact_match"],
-                                                                 pytest.approx(values["exact_match"]))
+    assert (row["metric"], row["ordermerge"], row["lm_eval"]) == (
+        "exact_match",
+        metrics["exact_match"],
+        pytest.approx(values["exact_match"]),
+    )
     assert (row["disagree"], row["other_text"], differ) == (0, 0, {})
 
 
@@ -148,11 +182,25 @@ def test_lm_eval_mc_accuracy_equals_ours(peaky, tmp_path, no_network):
     records = []
     for i in range(6):
         choices = [f"choice {i}", "no", "a longer one " + "x" * i, "yes"][: 2 + i % 3]
-        records.append({"sample_id": f"mc{i}", "prompt": f"Question {i}: which?", "choices": choices,
-                        "label": i % len(choices), "answer": choices[i % len(choices)]})
+        records.append(
+            {
+                "sample_id": f"mc{i}",
+                "prompt": f"Question {i}: which?",
+                "choices": choices,
+                "label": i % len(choices),
+                "answer": choices[i % len(choices)],
+            }
+        )
     ours = mc_rows(records, choice_logprobs(model, tokenizer, records, SPEC["system_prompt"], 4))
-    out = harness.harness_stage(peaky, write_jsonl(tmp_path / "test.jsonl", records), SPEC, EVAL,
-                                {"model": "tiny", "task": "mc"}, tmp_path / "m.json", tmp_path / "s.jsonl")
+    out = harness.harness_stage(
+        peaky,
+        write_jsonl(tmp_path / "test.jsonl", records),
+        SPEC,
+        EVAL,
+        {"model": "tiny", "task": "mc"},
+        tmp_path / "m.json",
+        tmp_path / "s.jsonl",
+    )
     samples = {s["sample_id"]: s for s in read_jsonl(tmp_path / "s.jsonl")}
     for o in ours:
         s = samples[o["sample_id"]]
@@ -174,17 +222,29 @@ def test_standard_task_names_reach_lm_eval_unchanged(peaky, tmp_path, monkeypatc
 
     def fake(**kwargs):
         seen.update(kwargs)
-        return {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,flexible-extract": 0.25}},
-                "n-samples": {"gsm8k": {"effective": 4}}}
+        return {
+            "results": {"gsm8k": {"alias": "gsm8k", "exact_match,flexible-extract": 0.25}},
+            "n-samples": {"gsm8k": {"effective": 4}},
+        }
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
-    out = harness.harness_stage(peaky, None, SPEC, {**EVAL, "harness": ["gsm8k", "arc_easy"]}, {"model": "tiny"},
-                                tmp_path / "m.json")
+    out = harness.harness_stage(
+        peaky, None, SPEC, {**EVAL, "harness": ["gsm8k", "arc_easy"]}, {"model": "tiny"}, tmp_path / "m.json"
+    )
     assert seen["tasks"] == ["gsm8k", "arc_easy"] and seen["model"] == "hf"
     assert seen["manager"] == {"include_path": None, "include_defaults": True}
     assert seen["model_args"]["pretrained"] == str(peaky)
-    assert out["rows"] == [{"model": "tiny", "harness": "gsm8k", "metric": "exact_match", "filter": "flexible-extract",
-                            "value": 0.25, "stderr": None, "n": 4}]
+    assert out["rows"] == [
+        {
+            "model": "tiny",
+            "harness": "gsm8k",
+            "metric": "exact_match",
+            "filter": "flexible-extract",
+            "value": 0.25,
+            "stderr": None,
+            "n": 4,
+        }
+    ]
 
 
 def test_cli_refuses_an_output_inside_its_input(peaky, tmp_path, capsys):
@@ -197,19 +257,34 @@ def test_cli_refuses_an_output_inside_its_input(peaky, tmp_path, capsys):
 def test_agreement_table_counts_and_lists_the_samples_scored_differently(tmp_path):
     from ordermerge.analysis.harness import agreement_markdown, agreement_table, tidy_harness
 
-    ident = {"model": "m", "task": "gsm", "scheme": "shuffle", "kind": "single", "method": "single", "seed": None,
-             "run": 0, "epoch": 2}
-    ours = [{"sample_id": "a", "generation": "#### 5", "correct": True},
-            {"sample_id": "b", "generation": "7", "correct": False}]
-    theirs = [{"harness": "ordermerge_gsm", "sample_id": "a", "cut": "#### 5", "answer": "5", "exact_match": 1.0},
-              {"harness": "ordermerge_gsm", "sample_id": "b", "cut": "8", "answer": "8", "exact_match": 1.0}]
+    ident = {
+        "model": "m",
+        "task": "gsm",
+        "scheme": "shuffle",
+        "kind": "single",
+        "method": "single",
+        "seed": None,
+        "run": 0,
+        "epoch": 2,
+    }
+    ours = [
+        {"sample_id": "a", "generation": "#### 5", "correct": True},
+        {"sample_id": "b", "generation": "7", "correct": False},
+    ]
+    theirs = [
+        {"harness": "ordermerge_gsm", "sample_id": "a", "cut": "#### 5", "answer": "5", "exact_match": 1.0},
+        {"harness": "ordermerge_gsm", "sample_id": "b", "cut": "8", "answer": "8", "exact_match": 1.0},
+    ]
     (tmp_path / "e.json").write_text(json.dumps({**ident, "task_metric": "exact_match", "exact_match": 0.5}))
     write_jsonl(tmp_path / "e.generations.jsonl", ours)
-    rows = [{**ident, "harness": "ordermerge_gsm", "metric": "exact_match", "filter": "ordermerge", "value": 1.0, "n": 2},
-            {**ident, "harness": "gsm8k", "metric": "exact_match", "filter": "strict-match", "value": 0.0, "n": 9}]
+    rows = [
+        {**ident, "harness": "ordermerge_gsm", "metric": "exact_match", "filter": "ordermerge", "value": 1.0, "n": 2},
+        {**ident, "harness": "gsm8k", "metric": "exact_match", "filter": "strict-match", "value": 0.0, "n": 9},
+    ]
     stock = [{**t, "filter": "strict-match", "answer": "[invalid]", "exact_match": 0.0} for t in theirs]
-    rows.append({**ident, "harness": "ordermerge_gsm", "metric": "exact_match", "filter": "strict-match", "value": 0.0,
-                 "n": 2})
+    rows.append(
+        {**ident, "harness": "ordermerge_gsm", "metric": "exact_match", "filter": "strict-match", "value": 0.0, "n": 2}
+    )
     (tmp_path / "h.json").write_text(json.dumps({**ident, "rows": rows}))
     write_jsonl(tmp_path / "h.samples.jsonl", [{**t, "filter": "ordermerge"} for t in theirs] + stock)
     table, differ = agreement_table([(tmp_path / "e", tmp_path / "h")])
@@ -223,6 +298,8 @@ def test_agreement_table_counts_and_lists_the_samples_scored_differently(tmp_pat
     assert "`b` (ordermerge): gold None; ours '7' (wrong), lm-eval '8' (right); generations differ" in text
     assert "`a` (strict-match): gold None; ours '5' (right), lm-eval '[invalid]' (wrong); the same generation" in text
     tidy = tidy_harness([tmp_path / "h"])
-    assert tidy[["harness", "metric"]].values.tolist() == [["ordermerge_gsm", "exact_match"],
-                                                          ["gsm8k", "exact_match,strict-match"],
-                                                          ["ordermerge_gsm", "exact_match,strict-match"]]
+    assert tidy[["harness", "metric"]].values.tolist() == [
+        ["ordermerge_gsm", "exact_match"],
+        ["gsm8k", "exact_match,strict-match"],
+        ["ordermerge_gsm", "exact_match,strict-match"],
+    ]

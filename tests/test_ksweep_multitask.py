@@ -22,14 +22,15 @@ from ordermerge.analysis.subsets import (
     token_mean_loss,
 )
 from ordermerge.config import ConfigError, load_config, validate_config
-from ordermerge.merging.subsets import draw_subsets, sweep_plan, sweep_sizes
 from ordermerge.merging.registry import merge_variants
+from ordermerge.merging.subsets import draw_subsets, sweep_plan, sweep_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tests" / "configs" / "smoke.yaml"
 
 
 # --- subsets -----------------------------------------------------------------------------------
+
 
 def test_default_sizes_are_even_up_to_k_and_k_itself():
     assert sweep_sizes(4, None) == [2, 4]
@@ -81,15 +82,34 @@ def test_sweep_plan_and_merge_variants():
 
 # --- builders on synthetic inputs with known answers ------------------------------------------------
 
+
 def _single():
-    return pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "run": [0, 1, 2, 3],
-                         "val_loss": [1.0, 2.0, 3.0, 4.0], "exact_match": [0.1, 0.2, 0.3, 0.4]})
+    return pd.DataFrame(
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "run": [0, 1, 2, 3],
+            "val_loss": [1.0, 2.0, 3.0, 4.0],
+            "exact_match": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
 
 
 def test_ksweep_table_means_stds_and_deltas():
-    sweep = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32",
-                          "method": ["average"] * 3 + ["select"] * 2, "subset_size": [2, 2, 4, 2, 2],
-                          "val_loss": [2.0, 3.0, 1.5, 2.5, 2.5], "exact_match": np.nan})
+    sweep = pd.DataFrame(
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "method": ["average"] * 3 + ["select"] * 2,
+            "subset_size": [2, 2, 4, 2, 2],
+            "val_loss": [2.0, 3.0, 1.5, 2.5, 2.5],
+            "exact_match": np.nan,
+        }
+    )
     t = ksweep_table(sweep, _single()).set_index(["method", "subset_size"])
     assert t.loc[("average", 2), "n_subsets"] == 2
     assert t.loc[("average", 2), "val_loss_mean"] == pytest.approx(2.5)
@@ -103,13 +123,20 @@ def test_ksweep_table_means_stds_and_deltas():
 
 
 def test_table3_deltas_against_each_tasks_single_model():
-    single = pd.DataFrame({"model": "m", "precision": "fp32", "task": ["a", "b"], "val_loss": [1.0, 2.0],
-                           "exact_match": [0.5, 0.25]})
-    merged = pd.DataFrame({"model": "m", "precision": "fp32", "task": ["a", "a", "b", "b", "a", "b"],
-                           "method": ["select", "select", "select", "select", "average", "average"],
-                           "seed": [0, 1, 0, 1, 0, 0],
-                           "val_loss": [1.5, 2.5, 2.0, 3.0, 1.25, 2.25],
-                           "exact_match": [0.25, 0.25, 0.0, 0.5, 0.5, 0.25]})
+    single = pd.DataFrame(
+        {"model": "m", "precision": "fp32", "task": ["a", "b"], "val_loss": [1.0, 2.0], "exact_match": [0.5, 0.25]}
+    )
+    merged = pd.DataFrame(
+        {
+            "model": "m",
+            "precision": "fp32",
+            "task": ["a", "a", "b", "b", "a", "b"],
+            "method": ["select", "select", "select", "select", "average", "average"],
+            "seed": [0, 1, 0, 1, 0, 0],
+            "val_loss": [1.5, 2.5, 2.0, 3.0, 1.25, 2.25],
+            "exact_match": [0.25, 0.25, 0.0, 0.5, 0.5, 0.25],
+        }
+    )
     t = table3(merged, single, ["average", "select"]).set_index(["task", "method"])
     assert t.loc[("a", "single-task"), "val_loss_mean"] == 1.0
     assert t.loc[("a", "select"), "val_loss_mean"] == pytest.approx(2.0)
@@ -126,10 +153,24 @@ def test_table3_deltas_against_each_tasks_single_model():
 
 
 def test_tidy_extra_marks_kind_and_drops_uncomputed_metrics():
-    frame = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "kind": "ksweep", "method": "average",
-                          "seed": 0, "run": None, "epoch": 3, "subset_size": [2, 4], "subset": [0, 0],
-                          "merged": ["run0 run1", "run0 run1 run2 run3"], "val_loss": [1.0, 0.9],
-                          "exact_match": np.nan})
+    frame = pd.DataFrame(
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "kind": "ksweep",
+            "method": "average",
+            "seed": 0,
+            "run": None,
+            "epoch": 3,
+            "subset_size": [2, 4],
+            "subset": [0, 0],
+            "merged": ["run0 run1", "run0 run1 run2 run3"],
+            "val_loss": [1.0, 0.9],
+            "exact_match": np.nan,
+        }
+    )
     tidy = tidy_extra(frame)
     assert set(tidy["metric"]) == {"val_loss"} and len(tidy) == 2 and set(tidy["kind"]) == {"ksweep"}
     assert list(tidy["subset_size"]) == [2, 4]
@@ -141,8 +182,18 @@ def test_token_mean_loss_weights_by_tokens_and_keeps_val():
 
 
 def test_ksweep_figure_is_written(tmp_path):
-    sweep = pd.DataFrame({"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "method": ["average", "average", "select"],
-                          "subset_size": [2, 4, 2], "val_loss": [2.0, 1.5, 2.2], "exact_match": [0.2, 0.3, 0.1]})
+    sweep = pd.DataFrame(
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "method": ["average", "average", "select"],
+            "subset_size": [2, 4, 2],
+            "val_loss": [2.0, 1.5, 2.2],
+            "exact_match": [0.2, 0.3, 0.1],
+        }
+    )
     t = ksweep_table(sweep, _single())
     path = tmp_path / "ksweep.png"
     plot_ksweep(t, _single(), "K-sweep test", path)
@@ -150,6 +201,7 @@ def test_ksweep_figure_is_written(tmp_path):
 
 
 # --- config rules ----------------------------------------------------------------------------------
+
 
 def _smoke(**patch):
     cfg = yaml.safe_load(SMOKE.read_text())
@@ -162,19 +214,27 @@ def test_defaults_are_off():
     assert cfg["ksweep"]["enabled"] is False and cfg["multitask"]["tasks"] == []
 
 
-@pytest.mark.parametrize("patch,expected", [
-    ({"ksweep": {"enabled": True, "sizes": [2, 3]}}, "ksweep.sizes[1]: 3 — larger than runs (K = 2)"),
-    ({"ksweep": {"sizes": [1]}}, "ksweep.sizes[0]: 1 — must be >= 2"),
-    ({"ksweep": {"methods": ["averge"]}}, "ksweep.methods[0]: 'averge' — unknown merge method (did you mean 'average'?)"),
-    ({"ksweep": {"subsets": 0}}, "ksweep.subsets: 0 — must be >= 1"),
-    ({"multitask": {"tasks": ["gsm", "asdiv"]}}, "multitask.tasks[1]: 'asdiv' — not a task of this config"),
-    ({"multitask": {"tasks": ["gsm"]}}, "multitask.tasks: ['gsm'] — a multi-task merge needs at least 2 tasks"),
-    ({"multitask": {"tasks": ["gsm", "gsm"]}}, "multitask.tasks: ['gsm', 'gsm'] — duplicate entries"),
-    ({"multitask": {"tasks": "gsm"}}, "multitask.tasks: 'gsm' — wrong type"),
-    ({"multitask": {"methods": ["resample9"]}}, "multitask.methods[0]: 'resample9' — resampleN needs n in 1..8"),
-    ({"tasks": {"multitask": {"source": "asdiv", "n_train": 8, "n_val": 4, "n_test": 4, "max_length": 120}}},
-     "tasks.multitask: 'multitask' — reserved"),
-])
+@pytest.mark.parametrize(
+    "patch,expected",
+    [
+        ({"ksweep": {"enabled": True, "sizes": [2, 3]}}, "ksweep.sizes[1]: 3 — larger than runs (K = 2)"),
+        ({"ksweep": {"sizes": [1]}}, "ksweep.sizes[0]: 1 — must be >= 2"),
+        (
+            {"ksweep": {"methods": ["averge"]}},
+            "ksweep.methods[0]: 'averge' — unknown merge method (did you mean 'average'?)",
+        ),
+        ({"ksweep": {"subsets": 0}}, "ksweep.subsets: 0 — must be >= 1"),
+        ({"multitask": {"tasks": ["gsm", "asdiv"]}}, "multitask.tasks[1]: 'asdiv' — not a task of this config"),
+        ({"multitask": {"tasks": ["gsm"]}}, "multitask.tasks: ['gsm'] — a multi-task merge needs at least 2 tasks"),
+        ({"multitask": {"tasks": ["gsm", "gsm"]}}, "multitask.tasks: ['gsm', 'gsm'] — duplicate entries"),
+        ({"multitask": {"tasks": "gsm"}}, "multitask.tasks: 'gsm' — wrong type"),
+        ({"multitask": {"methods": ["resample9"]}}, "multitask.methods[0]: 'resample9' — resampleN needs n in 1..8"),
+        (
+            {"tasks": {"multitask": {"source": "asdiv", "n_train": 8, "n_val": 4, "n_test": 4, "max_length": 120}}},
+            "tasks.multitask: 'multitask' — reserved",
+        ),
+    ],
+)
 def test_bad_sections_give_one_line_naming_key_value_and_fix(patch, expected):
     with pytest.raises(ConfigError) as err:
         validate_config(_smoke(**patch))
@@ -182,19 +242,30 @@ def test_bad_sections_give_one_line_naming_key_value_and_fix(patch, expected):
 
 
 def test_multitask_run_must_exist():
-    cfg = _smoke(tasks={**yaml.safe_load(SMOKE.read_text())["tasks"],
-                        "asdiv": {"source": "asdiv", "n_train": 8, "n_val": 4, "n_test": 4, "max_length": 120}},
-                 multitask={"tasks": ["gsm", "asdiv"], "run": 2})
+    cfg = _smoke(
+        tasks={
+            **yaml.safe_load(SMOKE.read_text())["tasks"],
+            "asdiv": {"source": "asdiv", "n_train": 8, "n_val": 4, "n_test": 4, "max_length": 120},
+        },
+        multitask={"tasks": ["gsm", "asdiv"], "run": 2},
+    )
     with pytest.raises(ConfigError, match=r"multitask.run: 2 — runs are numbered 0..1"):
         validate_config(cfg)
 
 
 # --- the DAG with both enabled ------------------------------------------------------------------------
 
+
 def both_config(path: Path) -> Path:
     cfg = yaml.safe_load(SMOKE.read_text())
-    cfg["tasks"]["asdiv"] = {"source": "asdiv", "max_length": 120, "n_train": 8, "n_val": 4, "n_test": 4,
-                             "system_prompt": cfg["tasks"]["gsm"]["system_prompt"]}
+    cfg["tasks"]["asdiv"] = {
+        "source": "asdiv",
+        "max_length": 120,
+        "n_train": 8,
+        "n_val": 4,
+        "n_test": 4,
+        "system_prompt": cfg["tasks"]["gsm"]["system_prompt"],
+    }
     cfg["runs"] = 3
     cfg["ksweep"] = {"enabled": True, "subsets": 2, "methods": ["average", "select"]}
     cfg["multitask"] = {"tasks": ["gsm", "asdiv"], "methods": ["average", "select"], "seeds": [0, 1]}
@@ -241,6 +312,7 @@ def test_multitask_test_config_plans_both_features(tmp_path):
 
 # --- a real run: the K-sweep added to the shared smoke run ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smoke_with_ksweep(smoke_run, tmp_path_factory):
     """The smoke run's results, hard-linked (nothing copied; the shared run stays untouched, since
@@ -278,7 +350,9 @@ def test_smoke_ksweep_reuses_the_runs_and_writes_its_figure_and_table(smoke_with
     assert t["single_val_loss_mean"].notna().all()
     # the size-K average merges the same checkpoints as the main average merge: same val loss
     main = pd.read_csv(results / "tables" / "table1.csv").set_index("method")
-    assert t.set_index("method").loc["average", "val_loss_mean"] == pytest.approx(main.loc["average", "val_loss_mean"], abs=1e-6)
+    assert t.set_index("method").loc["average", "val_loss_mean"] == pytest.approx(
+        main.loc["average", "val_loss_mean"], abs=1e-6
+    )
     tidy = pd.read_csv(results / "tables" / "metrics.csv")
     sweep = tidy[tidy["kind"] == "ksweep"]
     assert len(sweep) == 2 and set(sweep["metric"]) == {"val_loss"} and (sweep["merged"] == "run0 run1").all()

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+
 from helpers import TASK_SPEC, write_train
-
 from ordermerge.data.formatting import encode_example
-
 from ordermerge.data.prepare import read_jsonl
 from ordermerge.scoring.losses import load_model, per_sample_losses, sample_losses_stage
 

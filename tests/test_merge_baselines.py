@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from helpers import lm_zoo, merge_cases, merge_request, merge_zoo
 from helpers import read_weights as _weights
-
+from ordermerge.cli import main
 from ordermerge.merging import registry
 from ordermerge.merging import task_vectors as tv
-from ordermerge.cli import main
-from ordermerge.merging.engine import merge_models
 from ordermerge.merging.bits import CHUNK, chunk_rng, stored_bits, weighted_average
+from ordermerge.merging.engine import merge_models
 
 K = 3
 WEIGHTS = [0.5, 0.3, 0.2]
@@ -37,6 +37,7 @@ def _floats(zoo):
 
 
 # --- plain references: whole tensors, the same fp32 ops in the same order -------------------------
+
 
 def ref_task_arithmetic(tensors, base, weights, scale):
     acc = torch.zeros(base.shape)
@@ -65,8 +66,9 @@ def ref_ties(tensors, base, weights, scale, density):
 
 def ref_dare_keep(name, k, n, p, seed):
     """Chunk c's mask comes from chunk c's own stream: K rows of the chunk's length."""
-    parts = [tv.dare_keep_mask(k, min(CHUNK, n - lo), p, chunk_rng(seed, name, c))
-             for c, lo in enumerate(range(0, n, CHUNK))]
+    parts = [
+        tv.dare_keep_mask(k, min(CHUNK, n - lo), p, chunk_rng(seed, name, c)) for c, lo in enumerate(range(0, n, CHUNK))
+    ]
     return torch.from_numpy(np.concatenate(parts, axis=1))
 
 
@@ -99,6 +101,7 @@ def _same_bits(a, b, name):
 
 # --- the engine equals the references -------------------------------------------------------------
 
+
 def test_task_arithmetic_equals_reference_bit_for_bit(zoo, tmp_path):
     prov = _merge(zoo, tmp_path / "m", method="task_arithmetic", weights=WEIGHTS, scale=0.7)
     merged = _weights(tmp_path / "m")
@@ -112,7 +115,7 @@ def test_task_arithmetic_equals_reference_bit_for_bit(zoo, tmp_path):
 def test_task_arithmetic_with_uniform_weights_and_unit_scale_is_the_average(zoo, tmp_path):
     _merge(zoo, tmp_path / "ta", method="task_arithmetic")
     merged = _weights(tmp_path / "ta")
-    for name, b, tensors in _floats(zoo):
+    for name, _b, tensors in _floats(zoo):
         avg = weighted_average(tensors, [1 / K] * K)
         # base + mean(θ_i − base) and mean(θ_i) differ only by fp32 rounding: at most 1 bf16 ulp, rarely
         ulps = (stored_bits(merged[name]).int() - stored_bits(avg).int()).abs()
@@ -136,9 +139,11 @@ def _radix_thresholds(taus: torch.Tensor, density: float, chunk: int) -> tuple[t
     """ties' per-tensor thresholds from the radix select over chunks of (K, n) task vectors, through
     the functions methods/ties.py calls; and whether the low-bits pass was needed."""
     rank = torch.full((taus.shape[0],), tv.ties_rank(taus.shape[1], density))
-    parts = [taus[:, lo:lo + chunk].contiguous() for lo in range(0, taus.shape[1], chunk)]
+    parts = [taus[:, lo : lo + chunk].contiguous() for lo in range(0, taus.shape[1], chunk)]
     keys = sum(tv.key_histogram(p.clone()) for p in parts)
-    assert torch.equal(tv.high_from_keys(keys), sum(tv.high_histogram(p) for p in parts))  # pass 1 of the plain radix select
+    assert torch.equal(
+        tv.high_from_keys(keys), sum(tv.high_histogram(p) for p in parts)
+    )  # pass 1 of the plain radix select
     high, left, need = tv.first_pass(keys, rank)
     low = tv.top_bin(sum(tv.low_histogram(p.clone(), high) for p in parts), left)[0] if need else torch.zeros_like(high)
     return tv.magnitude_threshold(high, low), need
@@ -162,8 +167,9 @@ def test_radix_thresholds_are_the_exact_kth_largest_with_or_without_the_second_p
     elif case == "ties at the threshold":
         taus = torch.randint(-3, 4, (k, n), generator=g).float() * 0.125
     else:  # bf16 weights moved across a power of two: τ needs more than 8 bits
-        rows = (base.float() * 1.7 + 0.3).to(torch.bfloat16).expand(k, n) + \
-               torch.randn(k, n, generator=g).to(torch.bfloat16) * 0.01
+        rows = (base.float() * 1.7 + 0.3).to(torch.bfloat16).expand(k, n) + torch.randn(k, n, generator=g).to(
+            torch.bfloat16
+        ) * 0.01
         taus = rows.to(torch.bfloat16).float() - base.float()
     rank = tv.ties_rank(n, density)
     expected = torch.sort(taus.abs(), dim=1, descending=True).values[:, rank - 1]
@@ -198,7 +204,9 @@ def test_dare_equals_reference_bit_for_bit(zoo, tmp_path):
 def test_dare_without_drops_is_task_arithmetic(zoo, tmp_path):
     _merge(zoo, tmp_path / "dare", method="dare", drop_rate=0.0, seed=1)
     _merge(zoo, tmp_path / "ta", method="task_arithmetic")
-    assert (tmp_path / "dare" / "model.safetensors").read_bytes() == (tmp_path / "ta" / "model.safetensors").read_bytes()
+    assert (tmp_path / "dare" / "model.safetensors").read_bytes() == (
+        tmp_path / "ta" / "model.safetensors"
+    ).read_bytes()
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
@@ -244,6 +252,7 @@ def test_model_stock_ratio_edge_cases():
 
 # --- determinism ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lm(tiny_base, tmp_path_factory):
     """Loadable models and held-out data, for the methods that score candidates on data."""
@@ -262,8 +271,14 @@ def test_bytes_do_not_depend_on_threads_input_shards_or_output_shards(zoo, tmp_p
         torch.set_num_threads(1)
         merge_models(z["base"], out_dir=tmp_path / "one", seed=4, progress=False, **merge_request(key, z))
         torch.set_num_threads(3)
-        merge_models(z["base"], out_dir=tmp_path / "many", seed=4, shard_size="300KB" if z is zoo else "20KB",
-                     progress=False, **merge_request(key, z, z["sharded"]))
+        merge_models(
+            z["base"],
+            out_dir=tmp_path / "many",
+            seed=4,
+            shard_size="300KB" if z is zoo else "20KB",
+            progress=False,
+            **merge_request(key, z, z["sharded"]),
+        )
     finally:
         torch.set_num_threads(threads)
     assert len(list((tmp_path / "many").glob("model-*.safetensors"))) >= 2
@@ -273,7 +288,9 @@ def test_bytes_do_not_depend_on_threads_input_shards_or_output_shards(zoo, tmp_p
         _same_bits(one[name], many[name], name)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to torch: GPU bytes == CPU bytes unchecked")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU visible to torch: GPU bytes == CPU bytes unchecked"
+)
 @pytest.mark.parametrize("key", merge_cases())  # every registered method: a new one is tested here too
 def test_cuda_gives_the_cpu_bytes(zoo, tmp_path, key, request):
     z = _zoo_for(key, zoo, request)
@@ -286,10 +303,13 @@ def test_cuda_gives_the_cpu_bytes(zoo, tmp_path, key, request):
         weights = None
         merge_models(z["base"], out_dir=tmp_path / "cpu", seed=3, progress=False, **kw)
     merge_models(z["base"], out_dir=tmp_path / "gpu", weights=weights, seed=3, device="cuda", progress=False, **kw)
-    assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == (tmp_path / "gpu" / "model.safetensors").read_bytes()
+    assert (tmp_path / "cpu" / "model.safetensors").read_bytes() == (
+        tmp_path / "gpu" / "model.safetensors"
+    ).read_bytes()
 
 
 # --- names, parameters and bad input --------------------------------------------------------------
+
 
 def test_method_keys_round_trip():
     for key in registry.method_keys():
@@ -317,8 +337,11 @@ BAD = [
     (["--method", "task_arithmetic", "--scale", "0"], "--scale must be > 0, got 0.0"),
     (["--method", "ties", "--scale", "nan"], "--scale must be > 0, got nan"),
     (["--method", "dare", "--density", "0.5"], "--density applies to ties only, not dare"),
-    (["--method", "select", "--scale", "2"],  # every method taking scale is named, from the registry
-     f"--scale applies to {', '.join(m.name for m in registry.METHODS.values() if 'scale' in m.params)} only, not select"),
+    (
+        ["--method", "select", "--scale", "2"],  # every method taking scale is named, from the registry
+        f"--scale applies to {', '.join(m.name for m in registry.METHODS.values() if 'scale' in m.params)} "
+        "only, not select",
+    ),
     (["--method", "model_stock", "--weights", "1,2,3"], "model_stock averages the inputs uniformly"),
 ]
 if not torch.cuda.is_available():
@@ -337,8 +360,24 @@ def test_bad_parameters_fail_with_one_line(zoo, tmp_path, capsys, args, message)
 
 
 def test_provenance_and_model_card_name_the_method_and_its_parameters(zoo, tmp_path):
-    main(["merge", "--base", str(zoo["base"]), "--method", "dare", "--drop-rate", "0.3", "--scale", "2",
-          "--seed", "9", "--out", str(tmp_path / "m"), *map(str, zoo["models"])])
+    main(
+        [
+            "merge",
+            "--base",
+            str(zoo["base"]),
+            "--method",
+            "dare",
+            "--drop-rate",
+            "0.3",
+            "--scale",
+            "2",
+            "--seed",
+            "9",
+            "--out",
+            str(tmp_path / "m"),
+            *map(str, zoo["models"]),
+        ]
+    )
     prov = json.loads((tmp_path / "m" / "merge.json").read_text())
     assert (prov["method"], prov["method_key"], prov["seed"]) == ("dare", "dare", 9)
     assert prov["parameters"] == {"drop_rate": 0.3, "scale": 2.0} and prov["device"] == "cpu"

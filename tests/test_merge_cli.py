@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from helpers import fine_tuned_state as _fine_tune
 from helpers import merge_base_state as _base_state
 from helpers import read_weights as _weights
 from helpers import save_model_dir as _save
-
-from ordermerge.storage.checkpoint import INDEX_NAME, CheckpointError, LazyCheckpoint
 from ordermerge.cli import main
-from ordermerge.merging.engine import merge_models
 from ordermerge.merging.bits import CHUNK, chunk_rng, draw_indices, select, stored_bits, weighted_average
+from ordermerge.merging.engine import merge_models
+from ordermerge.storage.checkpoint import INDEX_NAME, CheckpointError, LazyCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     """A base and K=4 fine-tunes, single-file and sharded (same tensors)."""
@@ -46,13 +46,29 @@ def _merge(zoo, out, models=None, **kw):
 
 def _cli(*args) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, "-m", "ordermerge", "merge", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ordermerge", "merge", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_same_seed_same_bytes_other_seed_differs(zoo, tmp_path):
-    r = _cli("--base", zoo["base"], "--method", "select", "--resample", "2", "--seed", 3,
-             "--out", tmp_path / "cli", *zoo["models"])
+    r = _cli(
+        "--base",
+        zoo["base"],
+        "--method",
+        "select",
+        "--resample",
+        "2",
+        "--seed",
+        3,
+        "--out",
+        tmp_path / "cli",
+        *zoo["models"],
+    )
     assert r.returncode == 0, r.stderr
     assert "resampled per round" in r.stdout
     _merge(zoo, tmp_path / "api", method="select", resample=2, seed=3)
@@ -95,14 +111,24 @@ def test_streaming_merge_equals_whole_tensor_math(zoo, tmp_path, method, kw):
 def test_sharded_inputs_merge_like_single_file(zoo, tmp_path):
     _merge(zoo, tmp_path / "single", method="select", resample=1, seed=2)
     _merge(zoo, tmp_path / "sharded", models=zoo["sharded"], method="select", resample=1, seed=2)
-    assert (tmp_path / "single" / "model.safetensors").read_bytes() == \
-        (tmp_path / "sharded" / "model.safetensors").read_bytes()
+    assert (tmp_path / "single" / "model.safetensors").read_bytes() == (
+        tmp_path / "sharded" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_small_shard_size_writes_shards_and_a_valid_index(zoo, tmp_path):
     _merge(zoo, tmp_path / "one", method="average")
-    r = _cli("--base", zoo["base"], "--method", "average", "--shard-size", "200KB", "--out", tmp_path / "many",
-             *zoo["models"])
+    r = _cli(
+        "--base",
+        zoo["base"],
+        "--method",
+        "average",
+        "--shard-size",
+        "200KB",
+        "--out",
+        tmp_path / "many",
+        *zoo["models"],
+    )
     assert r.returncode == 0, r.stderr
     shards = sorted((tmp_path / "many").glob("model-*-of-*.safetensors"))
     assert len(shards) >= 2 and not (tmp_path / "many" / "model.safetensors").exists()
@@ -267,12 +293,12 @@ def _reference_select(stack: np.ndarray, base: np.ndarray, seed: int, name: str,
     k, n = stack.shape
     outs, counts, redrawn = [], np.zeros(k, dtype=np.int64), np.zeros(rounds, dtype=np.int64)
     for c, lo in enumerate(range(0, n, CHUNK)):
-        part = stack[:, lo:lo + CHUNK]
+        part = stack[:, lo : lo + CHUNK]
         rng = chunk_rng(seed, name, c)
         idx = draw_indices(part.shape[1], [1 / k] * k, rng)
         cols = np.arange(part.shape[1])
         for r in range(rounds):
-            zero = part[idx, cols] == base[lo:lo + CHUNK]
+            zero = part[idx, cols] == base[lo : lo + CHUNK]
             redrawn[r] += zero.sum()
             idx = np.where(zero, draw_indices(part.shape[1], [1 / k] * k, rng), idx)
         outs.append(part[idx, cols])

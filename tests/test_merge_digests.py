@@ -7,10 +7,9 @@ import json
 import random
 
 import numpy as np
-
 import pytest
-from helpers import lm_zoo, merge_cases, merge_request, merge_zoo
 
+from helpers import lm_zoo, merge_cases, merge_request, merge_zoo
 from ordermerge.merging import registry
 from ordermerge.merging.digests import Budget, StreamingDigest, sha256_of_dir
 from ordermerge.merging.engine import merge_models

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from helpers import write_train
 
+from helpers import write_train
 from ordermerge.cli import main
 from ordermerge.merging.engine import merge_models
 
@@ -28,8 +28,10 @@ def _fine_tune(base, out, records, steps: int = 30):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    batch = collate([encode_example(tokenizer, r["prompt"], r["response"], None, TASK_SPEC["max_length"])
-                     for r in records], tokenizer.pad_token_id)
+    batch = collate(
+        [encode_example(tokenizer, r["prompt"], r["response"], None, TASK_SPEC["max_length"]) for r in records],
+        tokenizer.pad_token_id,
+    )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         losses, scored = token_losses(model, batch)
@@ -65,8 +67,11 @@ def soup_zoo(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("soup")
     data = write_train(root / "heldout.jsonl", n=8)
     trained = _fine_tune(tiny_base, root / "trained", read_jsonl(data))
-    models = [_perturbed(trained, root / "good0", 0.3, 1), _perturbed(trained, root / "bad", 0.02, 2, factor=6.0),
-              _perturbed(trained, root / "good1", 0.3, 3)]
+    models = [
+        _perturbed(trained, root / "good0", 0.3, 1),
+        _perturbed(trained, root / "bad", 0.02, 2, factor=6.0),
+        _perturbed(trained, root / "good1", 0.3, 3),
+    ]
     return {"base": tiny_base, "models": models, "data": data}
 
 
@@ -76,15 +81,30 @@ def _sha(directory):
 
 def test_leaves_out_the_bad_input_and_writes_the_average_of_the_rest(soup_zoo, tmp_path):
     z = soup_zoo
-    main(["merge", "--base", str(z["base"]), "--method", "greedy_soup", "--data", str(z["data"]),
-          "--task-spec", json.dumps(TASK_SPEC), "--out", str(tmp_path / "soup"), *map(str, z["models"])])
+    main(
+        [
+            "merge",
+            "--base",
+            str(z["base"]),
+            "--method",
+            "greedy_soup",
+            "--data",
+            str(z["data"]),
+            "--task-spec",
+            json.dumps(TASK_SPEC),
+            "--out",
+            str(tmp_path / "soup"),
+            *map(str, z["models"]),
+        ]
+    )
     prov = json.loads((tmp_path / "soup" / "merge.json").read_text())
     soup = prov["greedy_soup"]
     good0, bad, good1 = map(str, z["models"])
     assert soup["ingredients"] == [good0, good1] and soup["split"] == "heldout"
     assert soup["ranking"][-1] == bad and set(soup["ranking"]) == {good0, bad, good1}
-    assert set(soup["losses"]) == {good0, bad, good1} and soup["losses"][bad] > max(soup["losses"][good0],
-                                                                                    soup["losses"][good1])
+    assert set(soup["losses"]) == {good0, bad, good1} and soup["losses"][bad] > max(
+        soup["losses"][good0], soup["losses"][good1]
+    )
     assert [c["accepted"] for c in soup["candidates"]] == [True, False]
     assert [len(c["ingredients"]) for c in soup["candidates"]] == [2, 3]
     assert soup["soup_loss"] == soup["candidates"][0]["loss"]
@@ -97,8 +117,18 @@ def test_leaves_out_the_bad_input_and_writes_the_average_of_the_rest(soup_zoo, t
 def test_data_is_required(soup_zoo, tmp_path, capsys):
     z = soup_zoo
     with pytest.raises(SystemExit) as exc:
-        main(["merge", "--base", str(z["base"]), "--method", "greedy_soup", "--out", str(tmp_path / "x"),
-              *map(str, z["models"])])
+        main(
+            [
+                "merge",
+                "--base",
+                str(z["base"]),
+                "--method",
+                "greedy_soup",
+                "--out",
+                str(tmp_path / "x"),
+                *map(str, z["models"]),
+            ]
+        )
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "greedy_soup chooses on held-out data: pass --data" in err
     assert not (tmp_path / "x").exists()

@@ -14,7 +14,7 @@ def test_select_takes_every_element_whole_from_one_model():
     models = _models()
     out, stats = select(models, [0.25] * 4, 0)
     stack = torch.stack(models)
-    matches = (stored_bits(stack) == stored_bits(out).unsqueeze(0))
+    matches = stored_bits(stack) == stored_bits(out).unsqueeze(0)
     assert bool(matches.any(0).all())
     assert sum(stats.counts) == out.numel()
     assert out.dtype == torch.bfloat16 and out.shape == models[0].shape
@@ -80,10 +80,10 @@ def test_resample_only_redraws_where_the_drawn_task_vector_is_zero():
     for rounds, stats in ((0, s0), (1, s1)):
         expected = float(((z / k) ** (rounds + 1)).sum())
         zeros = stats.zero_after if rounds else int(zero_plain.sum())
-        assert abs(zeros - expected) < 4 * expected ** 0.5 + 1
+        assert abs(zeros - expected) < 4 * expected**0.5 + 1
     _, s3 = select(models, [0.25] * k, 9, base=base, resample=3)
     expected = float(((z / k) ** 4).sum())
-    assert abs(s3.zero_after - expected) < 4 * expected ** 0.5 + 1
+    assert abs(s3.zero_after - expected) < 4 * expected**0.5 + 1
     assert len(s3.resampled) == 3 and s3.resampled[0] == s1.resampled[0]
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, merge_base_state, merge_shapes, read_weights, save_model_dir
 
+from helpers import ROOT, merge_base_state, merge_shapes, read_weights, save_model_dir
 from ordermerge.cli import main
 from ordermerge.config import ConfigError, validate_config
 from ordermerge.merging.bits import stored_bits
@@ -35,8 +35,12 @@ def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("sphere")
     a, b = _random_state(1), _random_state(2, scale=0.5)
     a["model.layers.0.mlp.weight"][0, :5] = -0.0
-    return {"base": save_model_dir(root / "base", merge_base_state()), "states": [a, b],
-            "models": [save_model_dir(root / "a", a), save_model_dir(root / "b", b, shards=2)], "root": root}
+    return {
+        "base": save_model_dir(root / "base", merge_base_state()),
+        "states": [a, b],
+        "models": [save_model_dir(root / "a", a), save_model_dir(root / "b", b, shards=2)],
+        "root": root,
+    }
 
 
 def _merge(base, models, out, **kw):
@@ -60,6 +64,7 @@ def _within_one_rounding(got: torch.Tensor, expected: torch.Tensor, inputs: list
 
 
 # --- direct ports of mergekit's functions (torch, whole tensors) ------------------------------------
+
 
 def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):
     """mergekit.merge_methods.slerp.slerp in torch fp32, as mergekit runs it on (cast) tensors."""
@@ -111,6 +116,7 @@ def mergekit_karcher(tensors, alphas, max_iter=10, tol=1e-5):
 
 # --- slerp ----------------------------------------------------------------------------------------
 
+
 def test_slerp_at_0_and_1_gives_the_inputs_bytes(pair, tmp_path):
     for t, which in ((0.0, 0), (1.0, 1)):
         merged, prov = _merge(pair["base"], pair["models"], tmp_path / f"t{t}", method="slerp", t=t)
@@ -127,8 +133,9 @@ def test_slerp_equals_mergekits_formula_within_one_rounding(pair, tmp_path, t):
     a, b = (_floats(s) for s in pair["states"])
     for name in a:
         _within_one_rounding(merged[name], mergekit_slerp(t, a[name], b[name]), [a[name], b[name]], name)
-        cos = float(torch.nn.functional.cosine_similarity(a[name].double().reshape(1, -1),
-                                                          b[name].double().reshape(1, -1)))
+        cos = float(
+            torch.nn.functional.cosine_similarity(a[name].double().reshape(1, -1), b[name].double().reshape(1, -1))
+        )
         assert prov["per_tensor"][name]["cos"] == pytest.approx(cos, abs=1e-12)
     assert prov["stats"]["slerp_tensors"] == len(a) and prov["stats"]["lerp_tensors"] == 0
 
@@ -158,19 +165,25 @@ def test_slerp_coefficients_on_the_unit_circle():
 
 # --- karcher --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trio(pair):
     """Three unrelated models of different norms."""
     c = _random_state(3, scale=2.0)
-    return {"base": pair["base"], "states": [*pair["states"], c],
-            "models": [*pair["models"], save_model_dir(pair["root"] / "c", c)]}
+    return {
+        "base": pair["base"],
+        "states": [*pair["states"], c],
+        "models": [*pair["models"], save_model_dir(pair["root"] / "c", c)],
+    }
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_karcher_of_identical_models_is_that_model(pair, tmp_path, k):
     a = pair["states"][0]
-    copies = [save_model_dir(tmp_path / f"copy{i}", {**a, "model.position_ids": a["model.position_ids"] + i})
-              for i in range(k)]  # float weights identical; the files differ (the engine refuses duplicates)
+    copies = [
+        save_model_dir(tmp_path / f"copy{i}", {**a, "model.position_ids": a["model.position_ids"] + i})
+        for i in range(k)
+    ]  # float weights identical; the files differ (the engine refuses duplicates)
     merged, prov = _merge(pair["base"], copies, tmp_path / "m", method="karcher")
     for name, expected in _floats(pair["states"][0]).items():
         assert torch.equal(stored_bits(merged[name]), stored_bits(expected)), name
@@ -192,8 +205,10 @@ def test_karcher_of_two_models_of_equal_norm_is_slerp_at_half(pair, tmp_path):
     slerp interpolates the raw weights, karcher the directions, then scales by the mean norm)."""
     g = torch.Generator().manual_seed(5)
     a = pair["states"][0]
-    shuffled = {n: (t.reshape(-1)[torch.randperm(t.numel(), generator=g)].reshape(t.shape)
-                    if t.is_floating_point() else t) for n, t in a.items()}  # the same values: the same norm
+    shuffled = {
+        n: (t.reshape(-1)[torch.randperm(t.numel(), generator=g)].reshape(t.shape) if t.is_floating_point() else t)
+        for n, t in a.items()
+    }  # the same values: the same norm
     models = [pair["models"][0], save_model_dir(tmp_path / "shuffled", shuffled)]
     karcher, _ = _merge(pair["base"], models, tmp_path / "k", method="karcher")
     slerp, _ = _merge(pair["base"], models, tmp_path / "s", method="slerp", t=0.5)
@@ -223,9 +238,22 @@ def test_karcher_weights_pick_the_mean():
 
 # --- the command line and the workflow config -----------------------------------------------------
 
+
 def test_cli_slerp_with_t(pair, tmp_path, capsys):
-    main(["merge", "--base", str(pair["base"]), "--method", "slerp", "--t", "0.3", "--out", str(tmp_path / "m"),
-          *map(str, pair["models"])])
+    main(
+        [
+            "merge",
+            "--base",
+            str(pair["base"]),
+            "--method",
+            "slerp",
+            "--t",
+            "0.3",
+            "--out",
+            str(tmp_path / "m"),
+            *map(str, pair["models"]),
+        ]
+    )
     out = capsys.readouterr().out
     assert "(slerp, seed 0)" in out and "slerp tensors: 3; lerp tensors: 0" in out
     prov = json.loads((tmp_path / "m" / "merge.json").read_text())
@@ -234,8 +262,11 @@ def test_cli_slerp_with_t(pair, tmp_path, capsys):
 
 BAD = [
     (["--method", "slerp", "--t", "1.5"], 2, "--t must be in [0, 1], got 1.5"),
-    (["--method", "slerp"], 3, "slerp merges at most 2 models, got 3; pass 2 MODEL_DIRs, or use a method that "
-                               "merges any K"),
+    (
+        ["--method", "slerp"],
+        3,
+        "slerp merges at most 2 models, got 3; pass 2 MODEL_DIRs, or use a method that merges any K",
+    ),
     (["--method", "slerp", "--weights", "1,3"], 2, "slerp weighs the 2 models by --t, not by weights; drop --weights"),
     (["--method", "average", "--t", "0.3"], 2, "--t applies to slerp only, not average; drop it"),
     (["--method", "karcher", "--max-iter", "0"], 2, "--max-iter must be in [1, 1000], got 0"),

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from helpers import merge_zoo, read_weights
 
+from helpers import merge_zoo, read_weights
 from ordermerge.cli import main
 from ordermerge.merging.methods.tsv import tsv_delta
 
@@ -49,8 +49,7 @@ def reference(base: dict, states: list[dict], weights: list[float], scale: float
 
 
 def _tsv(zoo, out, *extra):
-    main(["merge", "--base", str(zoo["base"]), "--method", "tsv", *extra, "--out", str(out),
-          *map(str, zoo["models"])])
+    main(["merge", "--base", str(zoo["base"]), "--method", "tsv", *extra, "--out", str(out), *map(str, zoo["models"])])
     return read_weights(out), json.loads((out / "merge.json").read_text())
 
 
@@ -64,10 +63,10 @@ def test_engine_gives_the_reference_bytes(zoo, tmp_path):
     got, prov = _tsv(zoo, tmp_path / "m", "--scale", "1.5", "--weights", ",".join(map(str, WEIGHTS)))
     assert set(got) == set(want)
     for name in want:
-        assert got[name].dtype == want[name].dtype and torch.equal(got[name].view(torch.int16 if got[name].dtype
-                                                                                   == torch.bfloat16 else got[name].dtype),
-                                                                   want[name].view(torch.int16 if want[name].dtype
-                                                                                   == torch.bfloat16 else want[name].dtype)), name
+        assert got[name].dtype == want[name].dtype and torch.equal(
+            got[name].view(torch.int16 if got[name].dtype == torch.bfloat16 else got[name].dtype),
+            want[name].view(torch.int16 if want[name].dtype == torch.bfloat16 else want[name].dtype),
+        ), name
     assert (prov["method"], prov["parameters"]) == ("tsv", {"scale": 1.5})
     assert "Gargiulo" in (tmp_path / "m" / "README.md").read_text()
 
@@ -92,13 +91,26 @@ def test_orthogonal_low_rank_task_vectors_are_summed_exactly():
     g = torch.Generator().manual_seed(1)
     u, _ = torch.linalg.qr(torch.randn(10, 8, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
-    taus = torch.stack([sum(torch.outer(u[:, j], v[:, j]) * (j + 1) for j in (2 * i, 2 * i + 1))
-                        for i in range(4)]).float()
+    taus = torch.stack(
+        [sum(torch.outer(u[:, j], v[:, j]) * (j + 1) for j in (2 * i, 2 * i + 1)) for i in range(4)]
+    ).float()
     assert torch.allclose(tsv_delta(taus), taus.sum(0), atol=1e-5)
 
 
 def test_tsv_takes_scale_only(zoo, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["merge", "--base", str(zoo["base"]), "--method", "tsv", "--density", "0.5", "--out",
-              str(tmp_path / "x"), *map(str, zoo["models"])])
+        main(
+            [
+                "merge",
+                "--base",
+                str(zoo["base"]),
+                "--method",
+                "tsv",
+                "--density",
+                "0.5",
+                "--out",
+                str(tmp_path / "x"),
+                *map(str, zoo["models"]),
+            ]
+        )
     assert "--density applies to ties only, not tsv" in capsys.readouterr().err

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import merge_zoo, read_weights
 
+from helpers import merge_zoo, read_weights
 from ordermerge.cli import main
 from ordermerge.merging import mergekit_config, registry
 from ordermerge.merging.mergekit_config import ConfigError, translate
@@ -136,16 +136,41 @@ parameters:
 # config, the same merge as flags (base and models are the zoo's), flags given beside --config
 SAME = {
     "linear": (LINEAR, ["--base", "ft0", "--method", "average", "--weights", "1.0,0.3,0.5"], []),
-    "task_arithmetic": (TASK_ARITHMETIC, ["--base", "base", "--method", "task_arithmetic", "--weights", "1,0.5,0.5",
-                                          "--scale", "1.6"], []),
-    "ties": (TIES, ["--base", "base", "--method", "ties", "--density", "0.5", "--scale", "1", "--weights",
-                    "0.5,0.3,0.2"], []),
-    "dare_linear": (DARE_LINEAR, ["--base", "base", "--method", "dare", "--drop-rate", "0.9", "--scale", "3",
-                                  "--weights", "1,1,1", "--seed", "5"], ["--seed", "5"]),
+    "task_arithmetic": (
+        TASK_ARITHMETIC,
+        ["--base", "base", "--method", "task_arithmetic", "--weights", "1,0.5,0.5", "--scale", "1.6"],
+        [],
+    ),
+    "ties": (
+        TIES,
+        ["--base", "base", "--method", "ties", "--density", "0.5", "--scale", "1", "--weights", "0.5,0.3,0.2"],
+        [],
+    ),
+    "dare_linear": (
+        DARE_LINEAR,
+        [
+            "--base",
+            "base",
+            "--method",
+            "dare",
+            "--drop-rate",
+            "0.9",
+            "--scale",
+            "3",
+            "--weights",
+            "1,1,1",
+            "--seed",
+            "5",
+        ],
+        ["--seed", "5"],
+    ),
     "model_stock": (MODEL_STOCK, ["--base", "base", "--method", "model_stock"], []),
     "select": (SELECT, ["--base", "base", "--method", "select", "--resample", "1", "--seed", "2"], ["--seed", "2"]),
-    "resample1": (SELECT.replace("merge_method: select", "merge_method: resample1").replace(
-        "parameters:\n  resample: 1\n", ""), ["--base", "base", "--method", "select", "--resample", "1"], []),
+    "resample1": (
+        SELECT.replace("merge_method: select", "merge_method: resample1").replace("parameters:\n  resample: 1\n", ""),
+        ["--base", "base", "--method", "select", "--resample", "1"],
+        [],
+    ),
 }
 
 
@@ -179,9 +204,9 @@ def test_mergekit_weights_and_lambda_mean_what_they_mean_there(zoo, tmp_path):
     for name in ("model.layers.0.mlp.weight", "model.norm.weight"):
         base, fts = _fp32(zoo, name)
         expected = base + 0.8 * sum(w * (ft - base) for w, ft in zip((1.0, 0.5, 0.5), fts))
-        torch.testing.assert_close(ta[name].float(), expected.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(ta[name].float(), expected.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6)
         expected = sum(w * ft for w, ft in zip((1.0, 0.3, 0.5), fts)) / 1.8
-        torch.testing.assert_close(linear[name].float(), expected.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-6)
+        torch.testing.assert_close(linear[name].float(), expected.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6)
 
 
 def test_ties_record_says_where_it_differs_from_mergekit(zoo, tmp_path):
@@ -190,12 +215,17 @@ def test_ties_record_says_where_it_differs_from_mergekit(zoo, tmp_path):
     notes = " ".join(record["differences_from_mergekit"])
     assert "floor(density·n)" in notes and "is base_model: left out" in notes
     assert "arithmetic in" not in notes  # dtype: float32 is what ordermerge computes in
-    _run("--config", _config(zoo, TIES.replace("dtype: float32\nout_dtype: bfloat16", "dtype: bfloat16")),
-         "--out", tmp_path / "ties16")
+    _run(
+        "--config",
+        _config(zoo, TIES.replace("dtype: float32\nout_dtype: bfloat16", "dtype: bfloat16")),
+        "--out",
+        tmp_path / "ties16",
+    )
     record = json.loads((tmp_path / "ties16" / "merge.json").read_text())["config"]
     assert any("arithmetic in bfloat16" in n for n in record["differences_from_mergekit"])
-    assert (tmp_path / "ties" / "model.safetensors").read_bytes() == \
-        (tmp_path / "ties16" / "model.safetensors").read_bytes()
+    assert (tmp_path / "ties" / "model.safetensors").read_bytes() == (
+        tmp_path / "ties16" / "model.safetensors"
+    ).read_bytes()
 
 
 REFUSED = {  # name: (edit of a config, the key the message must name)
@@ -203,28 +233,37 @@ REFUSED = {  # name: (edit of a config, the key the message must name)
     "tokenizer_source": (lambda t: t + "tokenizer_source: union\n", "tokenizer_source"),
     "chat_template": (lambda t: t + "chat_template: chatml\n", "chat_template"),
     "unknown top key": (lambda t: t + "merge_seed: 3\n", "merge_seed"),
-    "density gradient": (lambda t: t.replace("density: 0.5\n      weight: 0.5",
-                                             "density: [1, 0.7, 0.1]\n      weight: 0.5"),
-                         "models[1].parameters.density"),
-    "filtered weight": (lambda t: t.replace("weight: 0.3", "weight:\n        - filter: mlp\n          value: 0.5\n"
-                                            "        - value: 0"), "models[2].parameters.weight"),
-    "per-model densities": (lambda t: t.replace("density: 0.5\n      weight: 0.3", "density: 0.3\n      weight: 0.3"),
-                            "one density for all inputs"),
+    "density gradient": (
+        lambda t: t.replace("density: 0.5\n      weight: 0.5", "density: [1, 0.7, 0.1]\n      weight: 0.5"),
+        "models[1].parameters.density",
+    ),
+    "filtered weight": (
+        lambda t: t.replace("weight: 0.3", "weight:\n        - filter: mlp\n          value: 0.5\n        - value: 0"),
+        "models[2].parameters.weight",
+    ),
+    "per-model densities": (
+        lambda t: t.replace("density: 0.5\n      weight: 0.3", "density: 0.3\n      weight: 0.3"),
+        "one density for all inputs",
+    ),
     "normalize false": (lambda t: t.replace("normalize: true", "normalize: false"), "parameters.normalize"),
     "rescale": (lambda t: t.replace("int8_mask: true", "rescale: true"), "parameters.rescale"),
     "negative weight": (lambda t: t.replace("weight: 0.3", "weight: -0.3"), "non-negative"),
     "nan weight": (lambda t: t.replace("weight: 0.3", "weight: .nan"), "finite number"),
     "string weight": (lambda t: t.replace("weight: 0.3", "weight: '0.3'"), "models[2].parameters.weight"),
-    "unknown per-model key": (lambda t: t.replace("weight: 0.3", "weight: 0.3\n      gamma: 0.01"),
-                              "models[2].parameters.gamma"),
+    "unknown per-model key": (
+        lambda t: t.replace("weight: 0.3", "weight: 0.3\n      gamma: 0.01"),
+        "models[2].parameters.gamma",
+    ),
     "dare_ties": (lambda t: t.replace("merge_method: ties", "merge_method: dare_ties"), "dare_ties"),
     "della": (lambda t: t.replace("merge_method: ties", "merge_method: della"), "della"),
     "unknown method": (lambda t: t.replace("merge_method: ties", "merge_method: frankenmerge"), "frankenmerge"),
     "lora": (lambda t: t.replace("model: ft1", "model: ft1+adapter"), "model+lora"),
     "revision": (lambda t: t.replace("model: ft1", "model: ft1@main"), "revision"),
     "hub id": (lambda t: t.replace("model: ft1", "model: HuggingFaceTB/SmolLM2-135M"), "models[2].model"),
-    "layer_range": (lambda t: t.replace("  - model: ft1\n", "  - model: ft1\n    layer_range: [0, 2]\n"),
-                    "layer_range"),
+    "layer_range": (
+        lambda t: t.replace("  - model: ft1\n", "  - model: ft1\n    layer_range: [0, 2]\n"),
+        "layer_range",
+    ),
     "no base": (lambda t: t.replace("base_model: base\n", ""), "base_model"),
     "half-precision arithmetic": (lambda t: t.replace("dtype: float32", "dtype: float16"), "dtype: float16"),
     "float32 output": (lambda t: t.replace("out_dtype: bfloat16\n", ""), "out_dtype: bfloat16"),
@@ -242,19 +281,24 @@ def test_keys_it_cannot_honour_are_refused_by_name(zoo, tmp_path, capsys, case):
 
 
 OTHER_REFUSALS = {
-    "linear without weights": (LINEAR.replace("    parameters:\n      weight: 0.3\n", ""),
-                               "models[1].parameters.weight"),
+    "linear without weights": (
+        LINEAR.replace("    parameters:\n      weight: 0.3\n", ""),
+        "models[1].parameters.weight",
+    ),
     "linear with a base it would merge": (LINEAR + "base_model: base\n", "base_model"),
     "linear unnormalised": (LINEAR + "parameters:\n  normalize: false\n", "parameters.normalize"),
     "task_arithmetic density": (TASK_ARITHMETIC.replace("lambda: 0.8", "density: 0.5"), "parameters.density"),
     "dare_linear no rescale": (DARE_LINEAR + "parameters:\n  rescale: false\n", "parameters.rescale"),
-    "model_stock weights": (MODEL_STOCK.replace("  - model: ft1\n",
-                                                "  - model: ft1\n    parameters:\n      weight: 2\n"),
-                            "weight"),
+    "model_stock weights": (
+        MODEL_STOCK.replace("  - model: ft1\n", "  - model: ft1\n    parameters:\n      weight: 2\n"),
+        "weight",
+    ),
     "model_stock filter_wise": (MODEL_STOCK + "parameters:\n  filter_wise: true\n", "parameters.filter_wise"),
     "select with mergekit's lambda": (SELECT.replace("resample: 1", "lambda: 1.0"), "parameters.lambda"),
-    "resample key and parameter disagree": (SELECT.replace("merge_method: select", "merge_method: resample2"),
-                                            "contradicts"),
+    "resample key and parameter disagree": (
+        SELECT.replace("merge_method: select", "merge_method: resample2"),
+        "contradicts",
+    ),
     "one model": (MODEL_STOCK.replace("  - model: ft1\n  - model: ft2\n", ""), "at least 2"),
 }
 
@@ -267,8 +311,17 @@ def test_other_methods_refuse_what_they_cannot_express(zoo, tmp_path, capsys, ca
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags", [["--method", "ties"], ["--density", "0.3"], ["--resample", "0"],
-                                   ["--weights", "1,1,1"], ["--base", "base"], ["ft0"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--method", "ties"],
+        ["--density", "0.3"],
+        ["--resample", "0"],
+        ["--weights", "1,1,1"],
+        ["--base", "base"],
+        ["ft0"],
+    ],
+)
 def test_flags_that_define_the_merge_are_refused_beside_config(zoo, tmp_path, capsys, flags):
     err = _refusal(capsys, "--config", _config(zoo, TIES), "--out", tmp_path / "out", *flags)
     assert "not both" in err and (flags[0] if flags[0].startswith("--") else "MODEL_DIR") in err
@@ -278,8 +331,9 @@ def test_paths_are_relative_to_the_config_file(zoo, tmp_path, monkeypatch):
     sub = zoo["base"].parent / "configs"
     sub.mkdir(exist_ok=True)
     config = sub / "ta.yml"
-    config.write_text(TASK_ARITHMETIC.replace("model: ft", "model: ../ft")
-                      .replace("base_model: base", "base_model: ../base"))
+    config.write_text(
+        TASK_ARITHMETIC.replace("model: ft", "model: ../ft").replace("base_model: base", "base_model: ../base")
+    )
     monkeypatch.chdir(tmp_path)  # nothing named ft0 here: only the config's directory can resolve them
     _run("--config", config, "--out", tmp_path / "rel")
     record = json.loads((tmp_path / "rel" / "merge.json").read_text())
@@ -290,8 +344,11 @@ def test_output_over_the_config_is_refused_even_with_force(zoo, tmp_path, capsys
     folder = tmp_path / "job"
     folder.mkdir()
     config = folder / "merge.yml"
-    config.write_text(TASK_ARITHMETIC.replace("model: ft", f"model: {zoo['base'].parent}/ft")
-                      .replace("base_model: base", f"base_model: {zoo['base']}"))
+    config.write_text(
+        TASK_ARITHMETIC.replace("model: ft", f"model: {zoo['base'].parent}/ft").replace(
+            "base_model: base", f"base_model: {zoo['base']}"
+        )
+    )
     err = _refusal(capsys, "--config", config, "--out", folder, "--force")
     assert "--config" in err and config.exists()
 

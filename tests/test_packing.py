@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import write_train
 
+from helpers import write_train
 from ordermerge.batching import collate, collate_packed, per_sample_sums, token_losses
 from ordermerge.data.formatting import IGNORE_INDEX
 from ordermerge.data.prepare import read_jsonl
@@ -32,7 +32,7 @@ def uneven_examples(vocab: int) -> list[dict]:
     out = []
     for n in (3, 61, 7, 40):
         ids = torch.randint(5, vocab, (n,), generator=g).tolist()
-        labels = [IGNORE_INDEX] * (n // 3 + 1) + ids[n // 3 + 1:]
+        labels = [IGNORE_INDEX] * (n // 3 + 1) + ids[n // 3 + 1 :]
         out.append({"input_ids": ids, "labels": labels})
     return out
 
@@ -68,8 +68,9 @@ def test_packed_gradients_equal_padded(model_tok):
     grads, losses = [], []
     for packing in (False, True):
         model.zero_grad(set_to_none=True)
-        losses.append(backward_batch(model, ex, 2, tok.pad_token_id, n_scored, torch.device("cpu"), False,
-                                     packing=packing))
+        losses.append(
+            backward_batch(model, ex, 2, tok.pad_token_id, n_scored, torch.device("cpu"), False, packing=packing)
+        )
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)

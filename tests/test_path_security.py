@@ -25,8 +25,12 @@ SMOKE = yaml.safe_load((ROOT / "tests" / "configs" / "smoke.yaml").read_text())
 ESCAPES = ["..", "../../etc", "/etc", "a/../../b", "a\\..\\b", ".hidden", ".", "{run}", "x*", "~root"]
 ALREADY_IN_CATALOGUE = {("models", "a/b"), ("tasks", "../x")}
 # Counted by tests/reliability_counts.py (configs rejected, with the catalogue).
-PATH_ESCAPE_CASES = [(section, name) for section in ("models", "tasks") for name in ESCAPES
-                     if (section, name) not in ALREADY_IN_CATALOGUE]
+PATH_ESCAPE_CASES = [
+    (section, name)
+    for section in ("models", "tasks")
+    for name in ESCAPES
+    if (section, name) not in ALREADY_IN_CATALOGUE
+]
 
 
 @pytest.mark.parametrize("section, name", PATH_ESCAPE_CASES, ids=[f"{s}:{n}" for s, n in PATH_ESCAPE_CASES])
@@ -51,16 +55,36 @@ def test_remote_code_only_by_the_config_key_and_with_its_revision(tmp_path):
     """A dry run prints the base-model commands of a trusted (pinned) and a default model."""
     cfg = copy.deepcopy(SMOKE)
     revision = "0123456789abcdef0123456789abcdef01234567"
-    cfg["models"] = {"trusted": {"source": "org/trusted", "trust_remote_code": True, "revision": revision},
-                     "plain": {"source": "org/plain"}}
+    cfg["models"] = {
+        "trusted": {"source": "org/trusted", "trust_remote_code": True, "revision": revision},
+        "plain": {"source": "org/plain"},
+    }
     path = tmp_path / "remote.yaml"
     path.write_text(yaml.safe_dump(cfg))
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([str(bin_dir / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(tmp_path),
-                           "--configfile", str(path), "-n", "-p", "--cores", "1",
-                           "results/trusted/base", "results/plain/base"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [
+            str(bin_dir / "snakemake"),
+            "-s",
+            str(ROOT / "Snakefile"),
+            "-d",
+            str(tmp_path),
+            "--configfile",
+            str(path),
+            "-n",
+            "-p",
+            "--cores",
+            "1",
+            "results/trusted/base",
+            "results/plain/base",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     commands = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "ordermerge base-model" in line]
     trusted = [c for c in commands if "org/trusted" in c]

@@ -15,10 +15,14 @@ def test_concrete_paths_are_the_layout_the_results_tree_has():
     assert p.of("checkpoint", **w, run=1, epoch=3) == "results/m/t/shuffle/runs/run1/epoch3"
     assert p.of("rounded", **w, precision="bf16", run=1, epoch=3) == "results/m/t/shuffle/runs/run1/bf16/epoch3"
     w["precision"] = "fp32"
-    assert p.of("merged", **w, epoch=3, method="resample1", mseed=0) == \
-        "results/m/t/shuffle/fp32/merged/epoch3/resample1/seed0"
-    assert p.of("merged_losses", **w, method="select", mseed=1, epoch=2) == \
-        "results/m/t/shuffle/fp32/losses/merged/select/seed1/epoch2.csv"
+    assert (
+        p.of("merged", **w, epoch=3, method="resample1", mseed=0)
+        == "results/m/t/shuffle/fp32/merged/epoch3/resample1/seed0"
+    )
+    assert (
+        p.of("merged_losses", **w, method="select", mseed=1, epoch=2)
+        == "results/m/t/shuffle/fp32/losses/merged/select/seed1/epoch2.csv"
+    )
     assert p.of("table", name="table1", ext="md") == "results/tables/table1.md"
 
 
@@ -32,7 +36,7 @@ def test_patterns_keep_open_wildcards_and_partial_fills_some():
         "val_losses": "out/dir/{model}/{task}/{scheme}/{precision}/eval/merged/{method}/seed{mseed}.val_losses.csv",
     }
     with pytest.raises(AttributeError):
-        p.no_such_artefact
+        _ = p.no_such_artefact
 
 
 def test_every_template_lives_under_the_results_dir():
@@ -45,8 +49,14 @@ def test_analysis_reads_the_planned_evaluations_not_whatever_lies_in_the_tree(tm
 
     from ordermerge.analysis.run import evaluations, load_metrics
 
-    cfg = {"models": {"m": {}}, "tasks": {"t": {}}, "schemes": ["shuffle"], "runs": 2, "precisions": ["fp32"],
-           "merge": {"methods": ["average", "select"], "seeds": [0, 1]}}
+    cfg = {
+        "models": {"m": {}},
+        "tasks": {"t": {}},
+        "schemes": ["shuffle"],
+        "runs": 2,
+        "precisions": ["fp32"],
+        "merge": {"methods": ["average", "select"], "seeds": [0, 1]},
+    }
     p = Paths(str(tmp_path))
     w = {"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32"}
     planned = [p.of("eval_single", **w, run=k) for k in range(2)]
@@ -65,7 +75,9 @@ def test_logs_of_two_results_dirs_never_share_a_file():
 
     assert job_log("fine_tune") == "logs/fine_tune/{model}_{task}_{scheme}_run{run}.log"
     assert job_log("fine_tune", "results") == job_log("fine_tune")
-    assert job_log("fine_tune", "results-study/linear") == \
-        "logs/results-study/linear/fine_tune/{model}_{task}_{scheme}_run{run}.log"
+    assert (
+        job_log("fine_tune", "results-study/linear")
+        == "logs/results-study/linear/fine_tune/{model}_{task}_{scheme}_run{run}.log"
+    )
     assert job_benchmark("merge", "/abs/out").startswith("logs/abs/out/merge/")
     assert job_log("analyze", "other") == "logs/other/analyze.log"

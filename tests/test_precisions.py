@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from helpers import merge_base_state, read_weights, save_model_dir
-
 from ordermerge.cli import main
 from ordermerge.config import ConfigError, validate_config
 from ordermerge.merging.engine import merge_models
@@ -33,16 +32,23 @@ def zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("precisions")
     base = merge_base_state()
     fts = [fp32_fine_tune(base, i) for i in range(3)]
+
     def save(directory, state, dtype):  # config.json states the stored dtype, as the workflow's models do
         out = save_model_dir(directory, state)
         (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "dtype": dtype}))
         return out
 
     base_dir = save(root / "base", base, "bfloat16")
-    return {"base_state": base, "fts": fts, "base": base_dir,
-            "base32": save_model_dir(root / "base32", {k: v.float() if v.is_floating_point() else v
-                                                      for k, v in base.items()}),
-            "models": [save(root / f"ft{i}", s, "float32") for i, s in enumerate(fts)], "root": root}
+    return {
+        "base_state": base,
+        "fts": fts,
+        "base": base_dir,
+        "base32": save_model_dir(
+            root / "base32", {k: v.float() if v.is_floating_point() else v for k, v in base.items()}
+        ),
+        "models": [save(root / f"ft{i}", s, "float32") for i, s in enumerate(fts)],
+        "root": root,
+    }
 
 
 def test_nearest_twin_is_exactly_the_rounding_of_fp32(zoo, tmp_path):
@@ -62,7 +68,7 @@ def test_nearest_twin_is_exactly_the_rounding_of_fp32(zoo, tmp_path):
             tau, tau_r = t.double() - b, t.to(torch.bfloat16).double() - b
             changed += int((tau != 0).sum())
             erased += int(((tau != 0) & (tau_r == 0)).sum())
-            lost, norm = lost + float(((tau - tau_r) ** 2).sum()), norm + float((tau ** 2).sum())
+            lost, norm = lost + float(((tau - tau_r) ** 2).sum()), norm + float((tau**2).sum())
     assert summary["changed_fp32"] == changed and summary["erased"] == erased > 0
     assert summary["relative_norm_lost"] == pytest.approx((lost / norm) ** 0.5, rel=1e-9)
     assert json.loads((out / ROUND_JSON).read_text())["erased"] == erased
@@ -72,7 +78,6 @@ def test_round_twin_equals_a_fine_tune_saved_in_bf16(tmp_path):
     """The workflow's bf16 precision is what `train.save_dtype: bfloat16` stores, bit for bit: one tiny
     fine-tune saved both ways (same seed, order and training) against the fp32 save rounded."""
     from helpers import build_tiny_base, fine_tune_cmd, run_cli, train_cfg, write_train
-
     from ordermerge.data.orders import make_order, save_order
 
     base = build_tiny_base(tmp_path / "base")
@@ -84,15 +89,28 @@ def test_round_twin_equals_a_fine_tune_saved_in_bf16(tmp_path):
         outs[dtype] = tmp_path / dtype
         run_cli(fine_tune_cmd(base, train, order, outs[dtype], train_cfg(epochs=1, batch_size=4, save_dtype=dtype)))
     twin = tmp_path / "twin"
-    main(["round", "--model-dir", str(outs["float32"] / "epoch1"), "--base", str(base), "--precision", "bf16",
-          "--seed", "0", "--out", str(twin)])
+    main(
+        [
+            "round",
+            "--model-dir",
+            str(outs["float32"] / "epoch1"),
+            "--base",
+            str(base),
+            "--precision",
+            "bf16",
+            "--seed",
+            "0",
+            "--out",
+            str(twin),
+        ]
+    )
     a, b = read_weights(twin), read_weights(outs["bfloat16"] / "epoch1")
     assert a.keys() == b.keys()
     for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name].view(torch.int16) if a[name].dtype ==
-                                                              torch.bfloat16 else a[name],
-                                                              b[name].view(torch.int16) if b[name].dtype ==
-                                                              torch.bfloat16 else b[name]), name
+        assert a[name].dtype == b[name].dtype and torch.equal(
+            a[name].view(torch.int16) if a[name].dtype == torch.bfloat16 else a[name],
+            b[name].view(torch.int16) if b[name].dtype == torch.bfloat16 else b[name],
+        ), name
 
 
 def test_stochastic_rounding_is_unbiased_seeded_and_between_neighbours():
@@ -147,8 +165,21 @@ def test_a_base_that_does_not_widen_exactly_is_refused(zoo, tmp_path):
 
 def test_round_refuses_widening_and_never_writes_over_its_input(zoo, tmp_path):
     with pytest.raises(SystemExit):
-        main(["round", "--model-dir", str(zoo["models"][0]), "--base", str(zoo["base"]), "--precision", "bf16",
-              "--seed", "0", "--out", str(zoo["models"][0])])
+        main(
+            [
+                "round",
+                "--model-dir",
+                str(zoo["models"][0]),
+                "--base",
+                str(zoo["base"]),
+                "--precision",
+                "bf16",
+                "--seed",
+                "0",
+                "--out",
+                str(zoo["models"][0]),
+            ]
+        )
     from ordermerge.storage.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="cannot be widened"):
@@ -172,8 +203,11 @@ def _cfg(**over):
 
 def test_config_precisions_come_from_the_registry_and_must_be_reachable():
     assert validate_config(_cfg())["precisions"] == ["fp32", "bf16"]
-    with pytest.raises(ConfigError, match=r"precisions\[0\]: fp32 — cannot be made from checkpoints saved in "
-                                          r"bfloat16.*set train.save_dtype: float32"):
+    with pytest.raises(
+        ConfigError,
+        match=r"precisions\[0\]: fp32 — cannot be made from checkpoints saved in "
+        r"bfloat16.*set train.save_dtype: float32",
+    ):
         validate_config(_cfg(**{"train.save_dtype": "bfloat16"}))
     assert validate_config(_cfg(**{"train.save_dtype": "bfloat16", "precisions": ["bf16"]}))["precisions"] == ["bf16"]
     with pytest.raises(ConfigError, match="bf17"):

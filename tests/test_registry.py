@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import fine_tuned_state, merge_base_state, save_model_dir
 
+from helpers import fine_tuned_state, merge_base_state, save_model_dir
 from ordermerge.cli import build_parser
 from ordermerge.config import ConfigError, load_schema, validate_config
 from ordermerge.merging import registry
@@ -100,8 +100,9 @@ def test_data_flags_refused_for_methods_that_use_no_data(tmp_path):
     b = save_model_dir(tmp_path / "base", base)
     models = [save_model_dir(tmp_path / f"m{i}", fine_tuned_state(base, i)) for i in range(2)]
     with pytest.raises(ValueError, match="average uses no data; drop --data and --task-spec"):
-        merge_models(b, models, tmp_path / "out", method="average", data=tmp_path / "x.jsonl", task_spec={},
-                     progress=False)
+        merge_models(
+            b, models, tmp_path / "out", method="average", data=tmp_path / "x.jsonl", task_spec={}, progress=False
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -116,4 +117,5 @@ def test_methods_page_table_is_the_registry():
     block = re.search(r"<!-- methods:begin.*?-->\n(.*?)<!-- methods:end -->", page, re.S)
     assert block, "docs/methods.md lacks the generated method table"
     assert block.group(1).strip() == markdown_table().strip(), (
-        "docs/methods.md's method table is stale: replace it by the output of `python -m ordermerge.merging.registry`")
+        "docs/methods.md's method table is stale: replace it by the output of `python -m ordermerge.merging.registry`"
+    )

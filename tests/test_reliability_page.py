@@ -11,7 +11,8 @@ def test_reliability_page_block_is_current():
     expected = rc.render(rc.counts())
     assert found.group(0) == expected, (
         "docs/reliability.md's counts are stale; regenerate them with "
-        "`python tests/reliability_counts.py --write` and commit docs/reliability.md")
+        "`python tests/reliability_counts.py --write` and commit docs/reliability.md"
+    )
 
 
 def test_counts_follow_the_test_modules(monkeypatch):

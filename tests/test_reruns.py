@@ -25,8 +25,13 @@ TREE_CONFIG = [SMOKE, ROOT / "tests" / "configs" / "reruns.yaml"]
 # Snakemake's reasons for a job (the dry run's `reason:` line of each job): the job reruns for its own sake
 # (Snakemake checks these only for a job that no job before it already reruns), or it is new, or it only
 # follows a job before it. A new job's "Updated input files" says nothing: it runs anyway.
-OWN = ("params have changed", "code has changed", "set of input files has changed",
-       "software environment definition has changed", "updated input files")
+OWN = (
+    "params have changed",
+    "code has changed",
+    "set of input files has changed",
+    "software environment definition has changed",
+    "updated input files",
+)
 NEW = ("missing output files", "output files have to be generated")
 
 
@@ -40,8 +45,13 @@ def planned(proc) -> dict[str, set[str]]:
             rule = m.group(1)
         elif (m := re.match(r"^\s+reason: (.*)$", line)) and rule not in (None, "all"):
             reasons = [r.split(":")[0].strip().lower() for r in m.group(1).split("; ")]
-            kind = "new" if any(r.startswith(NEW) for r in reasons) else \
-                "reruns" if any(r.startswith(OWN) for r in reasons) else "follows"
+            kind = (
+                "new"
+                if any(r.startswith(NEW) for r in reasons)
+                else "reruns"
+                if any(r.startswith(OWN) for r in reasons)
+                else "follows"
+            )
             out[kind].add(rule)
     return out
 
@@ -58,8 +68,12 @@ def build_finished_tree(work: Path) -> Path:
     run)."""
     t0 = time.perf_counter()
     dry = snakemake(work, "-n", configfile=TREE_CONFIG)
-    outputs = {o.strip() for line in (dry.stdout + dry.stderr).splitlines()
-               if (m := re.match(r"^\s+output: (.*)$", line)) for o in m.group(1).split(",")}
+    outputs = {
+        o.strip()
+        for line in (dry.stdout + dry.stderr).splitlines()
+        if (m := re.match(r"^\s+output: (.*)$", line))
+        for o in m.group(1).split(",")
+    }
     for out in outputs:
         path = work / out
         if path.suffix:  # every file the workflow writes has an extension; every directory output has none
@@ -68,8 +82,7 @@ def build_finished_tree(work: Path) -> Path:
         else:
             path.mkdir(parents=True, exist_ok=True)
     snakemake(work, "--touch", "--forceall", "--notemp", configfile=TREE_CONFIG)
-    assert planned(snakemake(work, "-n", configfile=TREE_CONFIG)) == {"reruns": set(), "new": set(),
-                                                                      "follows": set()}
+    assert planned(snakemake(work, "-n", configfile=TREE_CONFIG)) == {"reruns": set(), "new": set(), "follows": set()}
     print(f"fake finished tree: {len(outputs)} outputs in {time.perf_counter() - t0:.1f} s")
     return work
 
@@ -82,31 +95,35 @@ def finished_tree(tmp_path_factory):
 def test_table_has_every_config_key():
     """One entry per leaf key of the schema (merge parameters and precisions as the registries inject them)."""
     keys = reruns.leaf_keys(load_schema())
-    assert sorted(reruns.TABLE) == sorted(keys), (set(keys) ^ set(reruns.TABLE))
+    assert sorted(reruns.TABLE) == sorted(keys), set(keys) ^ set(reruns.TABLE)
     for key, effect in reruns.TABLE.items():
         assert set(effect.reruns) <= set(reruns.RULES), key
 
 
 def test_doc_is_the_table():
-    assert (ROOT / "docs" / "reruns.md").read_text() == reruns.markdown(), \
+    assert (ROOT / "docs" / "reruns.md").read_text() == reruns.markdown(), (
         "regenerate: PYTHONPATH=src python -m ordermerge.reruns > docs/reruns.md"
+    )
 
 
 def test_overlay_sets_the_first_entry():
     cfg = tree_config()
     assert reruns.overlay("tasks.*.n_test", reruns.Effect(5), cfg) == {"tasks": {"gsm": {"n_test": 5}}}
     assert reruns.overlay("resources.*.cpus", reruns.Effect(2), cfg) == {"resources": {"default": {"cpus": 2}}}
-    assert reruns.overlay("train.lora_r", reruns.Effect(8, also={"train": {"method": "lora"}}), cfg) == \
-        {"train": {"lora_r": 8, "method": "lora"}}
+    assert reruns.overlay("train.lora_r", reruns.Effect(8, also={"train": {"method": "lora"}}), cfg) == {
+        "train": {"lora_r": 8, "method": "lora"}
+    }
 
 
 def test_planned_reads_the_reasons():
     class Proc:
-        stdout = ("rule fine_tune:\n    output: a\n    reason: Params have changed since last execution: x: 1\n"
-                  "rule merge:\n    reason: Missing output files: m; Updated input files: a\n"
-                  "localrule analyze:\n    reason: Input files updated by another job: m\n"
-                  "rule merge:\n    reason: Set of input files has changed since last execution\n"
-                  "localrule all:\n    reason: Input files updated by another job: t\n")
+        stdout = (
+            "rule fine_tune:\n    output: a\n    reason: Params have changed since last execution: x: 1\n"
+            "rule merge:\n    reason: Missing output files: m; Updated input files: a\n"
+            "localrule analyze:\n    reason: Input files updated by another job: m\n"
+            "rule merge:\n    reason: Set of input files has changed since last execution\n"
+            "localrule all:\n    reason: Input files updated by another job: t\n"
+        )
         stderr = ""
 
     assert planned(Proc) == {"reruns": {"fine_tune", "merge"}, "new": {"merge"}, "follows": {"analyze"}}
@@ -126,7 +143,8 @@ def test_key_reruns_what_the_table_says(key, finished_tree, tmp_path):
         return
     assert proc.returncode == 0, f"{key}: change refused:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
     plan = planned(proc)
-    assert plan["reruns"] == set(effect.reruns), f"{key}: reruns {sorted(plan['reruns'])}, declared " \
-                                                 f"{sorted(effect.reruns)}"
+    assert plan["reruns"] == set(effect.reruns), (
+        f"{key}: reruns {sorted(plan['reruns'])}, declared {sorted(effect.reruns)}"
+    )
     assert bool(plan["new"]) == effect.adds, f"{key}: new jobs of {sorted(plan['new'])}, declared adds={effect.adds}"
     assert seconds < 60, f"{key}: the dry run took {seconds:.0f} s"

@@ -33,10 +33,16 @@ FORBIDDEN = {
 }
 # Calls that are only safe with an argument: (name, call pattern, required argument pattern).
 NEEDS_ARG = [
-    ("np.load without allow_pickle=False", re.compile(r"\b(np|numpy)\.load\s*\("),
-     re.compile(r"\ballow_pickle\s*=\s*False\b")),
-    ("yaml.load without SafeLoader", re.compile(r"\byaml\.load(_all)?\s*\("),
-     re.compile(r"\bLoader\s*=\s*(yaml\.)?C?SafeLoader\b")),
+    (
+        "np.load without allow_pickle=False",
+        re.compile(r"\b(np|numpy)\.load\s*\("),
+        re.compile(r"\ballow_pickle\s*=\s*False\b"),
+    ),
+    (
+        "yaml.load without SafeLoader",
+        re.compile(r"\byaml\.load(_all)?\s*\("),
+        re.compile(r"\bLoader\s*=\s*(yaml\.)?C?SafeLoader\b"),
+    ),
 ]
 
 
@@ -61,7 +67,7 @@ def call_text(code: str, start: int) -> str:
     for j in range(i, len(code)):
         depth += {"(": 1, ")": -1}.get(code[j], 0)
         if depth == 0:
-            return code[start:j + 1]
+            return code[start : j + 1]
     return code[start:]
 
 
@@ -70,8 +76,11 @@ def findings(source: str, name: str = "<source>") -> list[str]:
     line_of = lambda pos: code.count("\n", 0, pos) + 1  # noqa: E731
     out = [f"{name}:{line_of(m.start())}: {what}" for what, pat in FORBIDDEN.items() for m in pat.finditer(code)]
     for what, call, arg in NEEDS_ARG:
-        out += [f"{name}:{line_of(m.start())}: {what}" for m in call.finditer(code)
-                if not arg.search(call_text(code, m.start()))]
+        out += [
+            f"{name}:{line_of(m.start())}: {what}"
+            for m in call.finditer(code)
+            if not arg.search(call_text(code, m.start()))
+        ]
     return sorted(out)
 
 
@@ -79,24 +88,28 @@ def test_src_never_unpickles_or_trusts_remote_code():
     files = sorted(SRC.rglob("*.py"))
     assert files, f"no sources under {SRC}"
     found = [f for path in files for f in findings(path.read_text(), str(path.relative_to(ROOT)))]
-    assert not found, "unsafe loading in src/ (use safetensors / np.load(..., allow_pickle=False)):\n  " + \
-        "\n  ".join(found)
+    assert not found, "unsafe loading in src/ (use safetensors / np.load(..., allow_pickle=False)):\n  " + "\n  ".join(
+        found
+    )
 
 
-@pytest.mark.parametrize("snippet, hits", [
-    ("import torch\nstate = torch.load(path)\n", ["torch.load"]),
-    ("import pickle\nobj = pickle.load(fh)\nobj = pickle.loads(b)\n", ["pickle.load/loads"] * 2),
-    ("import dill\n", ["dill"]),
-    ("from joblib import load\nx = joblib.load(p)\n", ["joblib.load"]),
-    ("a = np.load(p)\n", ["np.load without allow_pickle=False"]),
-    ("a = np.load(p, allow_pickle=True)\n", ["allow_pickle=True", "np.load without allow_pickle=False"]),
-    ("a = np.load(\n    p,\n    allow_pickle=False,\n)\n", []),
-    ("m = AutoModel.from_pretrained(p, trust_remote_code = True)\n", ["trust_remote_code=True"]),
-    ("m = AutoModel.from_pretrained(p, trust_remote_code=trust)\n", []),
-    ("c = yaml.load(fh)\n", ["yaml.load without SafeLoader"]),
-    ("c = yaml.load(fh, Loader=yaml.SafeLoader)\nd = yaml.safe_load(fh)\n", []),
-    ('"""Never torch.load( or pickle.loads here."""\n# dill is not used; np.load(p) neither\n', []),
-])
+@pytest.mark.parametrize(
+    "snippet, hits",
+    [
+        ("import torch\nstate = torch.load(path)\n", ["torch.load"]),
+        ("import pickle\nobj = pickle.load(fh)\nobj = pickle.loads(b)\n", ["pickle.load/loads"] * 2),
+        ("import dill\n", ["dill"]),
+        ("from joblib import load\nx = joblib.load(p)\n", ["joblib.load"]),
+        ("a = np.load(p)\n", ["np.load without allow_pickle=False"]),
+        ("a = np.load(p, allow_pickle=True)\n", ["allow_pickle=True", "np.load without allow_pickle=False"]),
+        ("a = np.load(\n    p,\n    allow_pickle=False,\n)\n", []),
+        ("m = AutoModel.from_pretrained(p, trust_remote_code = True)\n", ["trust_remote_code=True"]),
+        ("m = AutoModel.from_pretrained(p, trust_remote_code=trust)\n", []),
+        ("c = yaml.load(fh)\n", ["yaml.load without SafeLoader"]),
+        ("c = yaml.load(fh, Loader=yaml.SafeLoader)\nd = yaml.safe_load(fh)\n", []),
+        ('"""Never torch.load( or pickle.loads here."""\n# dill is not used; np.load(p) neither\n', []),
+    ],
+)
 def test_scanner_finds_what_it_should(snippet, hits):
     """The scan above is only worth something if it catches each pattern (and not documentation)."""
     assert [f.split(": ", 1)[1] for f in findings(snippet)] == sorted(hits)

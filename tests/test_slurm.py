@@ -43,11 +43,14 @@ LOCAL_RULES = {"prepare_data", "orders", "analyze", "all"}
 # cheap: the resources of each rule and the sbatch flags the plugin makes of them
 # --------------------------------------------------------------------------------------------------
 
+
 def builtin_resources(rule: str, attempt: int = 1) -> dict:
     """A rule's built-in numbers: the workflow profile's set-resources (profiles/default), at ``attempt``."""
     profile = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
-    return {name: eval(str(value), {}, {"attempt": attempt})  # the profile's expressions, as Snakemake does
-            for name, value in profile["set-resources"][rule].items()}
+    return {
+        name: eval(str(value), {}, {"attempt": attempt})  # the profile's expressions, as Snakemake does
+        for name, value in profile["set-resources"][rule].items()
+    }
 
 
 def job_resources(rule: str, cfg: dict, attempt: int = 1) -> tuple[dict, int]:
@@ -74,8 +77,14 @@ def sbatch_call(rule: str, config_path: Path, attempt: int = 1) -> str:
 
     res, threads = job_resources(rule, yaml.safe_load(config_path.read_text()), attempt)
     job = SimpleNamespace(resources=_Resources(res), threads=threads, name=rule)
-    params = {"run_uuid": "x", "slurm_logfile": "/tmp/x.log", "comment_str": f"rule_{rule}",
-              "account": "", "partition": "", "workdir": "/tmp"}
+    params = {
+        "run_uuid": "x",
+        "slurm_logfile": "/tmp/x.log",
+        "comment_str": f"rule_{rule}",
+        "account": "",
+        "partition": "",
+        "workdir": "/tmp",
+    }
     return get_submit_command(job, params) + set_gres_string(job)
 
 
@@ -90,9 +99,10 @@ def test_gpu_fine_tune_asks_slurm_for_a_gpu_memory_time_and_cpus():
 
 def test_config_overrides_partition_account_and_gpu_model(tmp_path):
     cfg = yaml.safe_load(SMOKE.read_text())
-    cfg["resources"] = {"default": {"partition": "cpu", "account": "proj1"},
-                        "fine_tune": {"gpus": 2, "gpu_model": "a100", "partition": "gpu", "cpus": 6,
-                                      "slurm_extra": "--exclusive"}}
+    cfg["resources"] = {
+        "default": {"partition": "cpu", "account": "proj1"},
+        "fine_tune": {"gpus": 2, "gpu_model": "a100", "partition": "gpu", "cpus": 6, "slurm_extra": "--exclusive"},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     ft, ft_threads = job_resources("fine_tune", cfg)
@@ -135,6 +145,7 @@ def test_profiles_parse_and_name_real_options():
 # a real cluster: the session's SLURM run of the smoke config (tests/smoke_runs.py)
 # --------------------------------------------------------------------------------------------------
 
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -156,19 +167,26 @@ def local_run(smoke_runs):
 
 def job_rules(log: str) -> dict[str, str]:
     """Snakemake job id -> rule, from the job blocks Snakemake prints ('rule X:' ... 'jobid: N')."""
-    return {m.group(2): m.group(1) for m in re.finditer(r"^(?:local)?rule (\w+):\n(?:[ \t]+.*\n)*?[ \t]+jobid: (\d+)$",
-                                                        log, re.M)}
+    return {
+        m.group(2): m.group(1)
+        for m in re.finditer(r"^(?:local)?rule (\w+):\n(?:[ \t]+.*\n)*?[ \t]+jobid: (\d+)$", log, re.M)
+    }
 
 
 def submitted(log: str) -> dict[str, str]:
     """SLURM job id -> rule: plain jobs ('submitted with SLURM jobid N (log: .../rule_X/...)') as 'N',
     array tasks ('Submitted array job with Snakemake IDs a,b and SLURM job ID N. The individual task
     IDs are s-e.') as 'N_i'."""
-    jobs = {m.group(1): m.group(2) for m in
-            re.finditer(r"submitted with SLURM jobid (\d+) \(log: \S*?/slurm_logs/rule_(\w+)/", log)}
+    jobs = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"submitted with SLURM jobid (\d+) \(log: \S*?/slurm_logs/rule_(\w+)/", log)
+    }
     rules = job_rules(log)
-    for m in re.finditer(r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)\. "
-                         r"The individual task IDs are (\d+)-(\d+)", log):
+    for m in re.finditer(
+        r"Submitted array job with Snakemake IDs ([\d,]+) and SLURM job ID (\d+)\. "
+        r"The individual task IDs are (\d+)-(\d+)",
+        log,
+    ):
         ids, first = m.group(1).split(","), int(m.group(3))
         assert len(ids) == int(m.group(4)) - first + 1, m.group(0)
         for k, sid in enumerate(ids):
@@ -183,7 +201,10 @@ def jobcomp_records(text: str) -> dict[str, dict[str, str]]:
         fields = dict(re.findall(r"(\w+)=(\S*)", line))
         if "JobId" in fields:
             recs[fields["JobId"]] = fields
-            if fields.get("ArrayJobId", "0") not in ("", "0") and fields.get("ArrayTaskId", "") not in ("", "4294967294"):
+            if fields.get("ArrayJobId", "0") not in ("", "0") and fields.get("ArrayTaskId", "") not in (
+                "",
+                "4294967294",
+            ):
                 recs[f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"] = fields
     return recs
 

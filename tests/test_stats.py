@@ -50,15 +50,46 @@ def test_binned_means_with_ci():
 
 
 def test_table1_means_stds_deltas_and_paired_test():
-    rows = [{"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "kind": "single", "method": "single", "run": k,
-             "seed": None, "epoch": 3, "val_loss": v, "exact_match": e} for k, (v, e) in enumerate([(1.0, 0.1), (1.2, 0.3)])]
-    rows += [{"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "kind": "merged", "method": "select", "run": None,
-              "seed": s, "epoch": 3, "val_loss": v, "exact_match": 0.4} for s, v in enumerate([0.9, 0.95])]
+    rows = [
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "kind": "single",
+            "method": "single",
+            "run": k,
+            "seed": None,
+            "epoch": 3,
+            "val_loss": v,
+            "exact_match": e,
+        }
+        for k, (v, e) in enumerate([(1.0, 0.1), (1.2, 0.3)])
+    ]
+    rows += [
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "kind": "merged",
+            "method": "select",
+            "run": None,
+            "seed": s,
+            "epoch": 3,
+            "val_loss": v,
+            "exact_match": 0.4,
+        }
+        for s, v in enumerate([0.9, 0.95])
+    ]
     ids = [f"s{i}" for i in range(20)]
     single = [pd.DataFrame({"sample_id": ids, "loss": np.linspace(1, 2, 20) + d}) for d in (0.0, 0.2)]
     merged = [pd.DataFrame({"sample_id": ids, "loss": np.linspace(1, 2, 20) - 0.1})]
-    t = table1(pd.DataFrame(rows), ["select"], {("m", "t", "shuffle", "fp32", "single"): single,
-                                                 ("m", "t", "shuffle", "fp32", "select"): merged})
+    t = table1(
+        pd.DataFrame(rows),
+        ["select"],
+        {("m", "t", "shuffle", "fp32", "single"): single, ("m", "t", "shuffle", "fp32", "select"): merged},
+    )
     s, m = t[t.method == "single"].iloc[0], t[t.method == "select"].iloc[0]
     assert np.isclose(s.val_loss_mean, 1.1) and np.isclose(s.val_loss_std, np.std([1.0, 1.2], ddof=1))
     assert np.isclose(m.val_loss_delta, 0.925 - 1.1) and np.isclose(m.exact_match_delta, 0.2)
@@ -70,10 +101,14 @@ def _eval_frames(n, k, seeds, shift, seed, noise=0.05):
     rng = np.random.default_rng(seed)
     ids = [f"s{i}" for i in range(n)]
     difficulty, tokens = rng.gamma(2.0, 0.5, n), rng.integers(5, 60, n)
-    single = [pd.DataFrame({"sample_id": ids, "loss": difficulty + rng.normal(0, noise, n), "tokens": tokens})
-              for _ in range(k)]
-    merged = [pd.DataFrame({"sample_id": ids, "loss": difficulty + shift + rng.normal(0, noise, n), "tokens": tokens})
-              for _ in range(seeds)]
+    single = [
+        pd.DataFrame({"sample_id": ids, "loss": difficulty + rng.normal(0, noise, n), "tokens": tokens})
+        for _ in range(k)
+    ]
+    merged = [
+        pd.DataFrame({"sample_id": ids, "loss": difficulty + shift + rng.normal(0, noise, n), "tokens": tokens})
+        for _ in range(seeds)
+    ]
     return single, merged
 
 
@@ -117,15 +152,43 @@ def test_task_score_interval_and_beats_best_use_higher_is_better():
 
 def test_table1_carries_intervals_and_beats_best_columns():
     single, merged = _eval_frames(n=60, k=2, seeds=2, shift=-0.1, seed=9)
-    rows = [{"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "kind": "single", "method": "single", "run": k,
-             "seed": None, "epoch": 3, "exact_match": 0.2,
-             "val_loss": float((f.loss * f.tokens).sum() / f.tokens.sum())} for k, f in enumerate(single)]
-    rows += [{"model": "m", "task": "t", "scheme": "shuffle", "precision": "fp32", "kind": "merged", "method": "select", "run": None,
-              "seed": s, "epoch": 3, "exact_match": 0.3,
-              "val_loss": float((f.loss * f.tokens).sum() / f.tokens.sum())} for s, f in enumerate(merged)]
+    rows = [
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "kind": "single",
+            "method": "single",
+            "run": k,
+            "seed": None,
+            "epoch": 3,
+            "exact_match": 0.2,
+            "val_loss": float((f.loss * f.tokens).sum() / f.tokens.sum()),
+        }
+        for k, f in enumerate(single)
+    ]
+    rows += [
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "kind": "merged",
+            "method": "select",
+            "run": None,
+            "seed": s,
+            "epoch": 3,
+            "exact_match": 0.3,
+            "val_loss": float((f.loss * f.tokens).sum() / f.tokens.sum()),
+        }
+        for s, f in enumerate(merged)
+    ]
     key = ("m", "t", "shuffle", "fp32")
-    scores = {(*key, "single"): [pd.DataFrame({"sample_id": ["a", "b", "c"], "correct": [1.0, 0.0, 0.0]})] * 2,
-              (*key, "select"): [pd.DataFrame({"sample_id": ["a", "b", "c"], "correct": [1.0, 1.0, 0.0]})] * 2}
+    scores = {
+        (*key, "single"): [pd.DataFrame({"sample_id": ["a", "b", "c"], "correct": [1.0, 0.0, 0.0]})] * 2,
+        (*key, "select"): [pd.DataFrame({"sample_id": ["a", "b", "c"], "correct": [1.0, 1.0, 0.0]})] * 2,
+    }
     t = table1(pd.DataFrame(rows), ["select"], {(*key, "single"): single, (*key, "select"): merged}, scores, seed=0)
     m = t[t.method == "select"].iloc[0]
     assert m.val_loss_delta_ci_low <= m.val_loss_delta <= m.val_loss_delta_ci_high < 0

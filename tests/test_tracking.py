@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import TASK_SPEC, train_cfg, write_train
 
 import ordermerge.train.loop as train_mod
+from helpers import TASK_SPEC, train_cfg, write_train
 from ordermerge import paths
 from ordermerge.config import ConfigError, validate_config
 from ordermerge.data.orders import make_order, save_order
@@ -43,8 +43,18 @@ def identity(results: Path) -> tracking.RunIdentity:
 
 
 def run(tiny, out: Path, ident, **cfg) -> Path:
-    fine_tune(tiny["base"], tiny["train"], tiny["order"], out, TASK_SPEC, train_cfg(**cfg), seed=1, run_name="r0",
-              progress=False, tracker_identity=ident)
+    fine_tune(
+        tiny["base"],
+        tiny["train"],
+        tiny["order"],
+        out,
+        TASK_SPEC,
+        train_cfg(**cfg),
+        seed=1,
+        run_name="r0",
+        progress=False,
+        tracker_identity=ident,
+    )
     return out
 
 
@@ -58,9 +68,9 @@ def records(path: Path):
     data = path.read_bytes()
     pos = 0
     while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
         pos += 12
-        yield data[pos:pos + length]
+        yield data[pos : pos + length]
         pos += length + 4
     assert pos == len(data), f"{path}: a truncated record"
 
@@ -103,8 +113,9 @@ def test_tensorboard_logs_every_step_as_steps_csv(tiny, tmp_path):
     # The same training as without a tracker: report_to changes no result.
     plain = run(tiny, tmp_path / "plain", None, epochs=2)
     drop = ("seconds", "tokens_per_s")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in steps_csv(out)] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in steps_csv(plain)]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in steps_csv(out)] == [
+        {k: v for k, v in r.items() if k not in drop} for r in steps_csv(plain)
+    ]
     assert (out / "epoch2" / "model.safetensors").read_bytes() == (plain / "epoch2" / "model.safetensors").read_bytes()
 
 
@@ -170,8 +181,10 @@ def test_config_names_the_package_of_a_tracker_not_installed(backend, monkeypatc
         monkeypatch.setattr(tracking, "installed", lambda module: module != backend)
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
-    assert err.value.problems == [f"train.report_to[1]: '{backend}' — the {backend} package is not installed; "
-                                  f"pip install {backend}, or drop {backend} from train.report_to"]
+    assert err.value.problems == [
+        f"train.report_to[1]: '{backend}' — the {backend} package is not installed; "
+        f"pip install {backend}, or drop {backend} from train.report_to"
+    ]
 
 
 def test_default_is_steps_csv_only(monkeypatch):

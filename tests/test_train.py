@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-from helpers import TASK_SPEC, cli_env, fine_tune_cmd, run_cli, train_cfg, write_train
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import ordermerge.train.loop as train_mod
+from helpers import TASK_SPEC, cli_env, fine_tune_cmd, run_cli, train_cfg, write_train
 from ordermerge.data.orders import batches_of, make_order, save_order
 from ordermerge.train.loop import TIMING_COLUMNS, fine_tune
 
@@ -41,7 +41,9 @@ def order_file(path: Path, scheme: str = "shuffle", epochs: int = 2, batch: int 
 
 
 def run(tiny, out: Path, order: Path, **cfg) -> Path:
-    fine_tune(tiny["base"], tiny["train"], order, out, TASK_SPEC, train_cfg(**cfg), seed=1, run_name="r0", progress=False)
+    fine_tune(
+        tiny["base"], tiny["train"], order, out, TASK_SPEC, train_cfg(**cfg), seed=1, run_name="r0", progress=False
+    )
     return out
 
 
@@ -66,18 +68,20 @@ def assert_same_files(a: Path, b: Path, epochs: int) -> None:
 
 # 1. The optimizer sees exactly the order ------------------------------------------------------
 
+
 @pytest.mark.parametrize("scheme", ["shuffle", "fixbatch"])
 @pytest.mark.parametrize("micro", [None, 3])
 def test_optimizer_sees_exactly_the_order(tiny, tmp_path, monkeypatch, scheme, micro):
     from transformers import AutoTokenizer
 
     from ordermerge.data.formatting import encode_example
-
     from ordermerge.data.prepare import read_jsonl
 
     tok = AutoTokenizer.from_pretrained(tiny["base"])
-    index = {tuple(encode_example(tok, r["prompt"], r["response"], None, TASK_SPEC["max_length"])["input_ids"]): i
-             for i, r in enumerate(read_jsonl(tiny["train"]))}
+    index = {
+        tuple(encode_example(tok, r["prompt"], r["response"], None, TASK_SPEC["max_length"])["input_ids"]): i
+        for i, r in enumerate(read_jsonl(tiny["train"]))
+    }
     assert len(index) == N
     seen, current = [], []
     real = train_mod.token_losses
@@ -124,7 +128,6 @@ def test_gradient_accumulation_equals_one_batch(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ordermerge.data.formatting import encode_example
-
     from ordermerge.data.prepare import read_jsonl
 
     tok = AutoTokenizer.from_pretrained(tiny["base"])
@@ -152,6 +155,7 @@ def test_gradient_accumulation_equals_one_batch(tiny, tmp_path):
 
 # 2. Resume --------------------------------------------------------------------------------------
 
+
 class Interrupted(BaseException):
     pass
 
@@ -175,11 +179,19 @@ def interrupt_after(monkeypatch, target: str, calls: int) -> None:
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-@pytest.mark.parametrize("where", [("backward_batch", 6), ("resume.publish", 1), ("resume.save_state", 2),
-                                   ("resume.write_steps", 0)])
+@pytest.mark.parametrize(
+    "where", [("backward_batch", 6), ("resume.publish", 1), ("resume.save_state", 2), ("resume.write_steps", 0)]
+)
 def test_interrupted_run_resumes_bit_identically(tiny, tmp_path, monkeypatch, method, where):
-    cfg = {"epochs": 3, "micro_batch_size": 2, "method": method, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
-           "lora_target_modules": ["q_proj", "v_proj", "down_proj"]}
+    cfg = {
+        "epochs": 3,
+        "micro_batch_size": 2,
+        "method": method,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,
+        "lora_target_modules": ["q_proj", "v_proj", "down_proj"],
+    }
     order = order_file(tmp_path / "order.npy", epochs=3)
     ref = run(tiny, tmp_path / "ref", order, **cfg)
     out = tmp_path / "out"
@@ -234,13 +246,23 @@ def test_killed_cli_run_resumes_bit_identically(tiny, tmp_path):
 
 # 3. LoRA -----------------------------------------------------------------------------------------
 
+
 def test_lora_saves_merged_full_checkpoints_and_the_adapter(tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     order = order_file(tmp_path / "order.npy")
-    out = run(tiny, tmp_path / "out", order, method="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
-              lora_target_modules=["q_proj", "v_proj"], save_dtype="float32")
+    out = run(
+        tiny,
+        tmp_path / "out",
+        order,
+        method="lora",
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj"],
+        save_dtype="float32",
+    )
     base = weights(tiny["base"])
     full = weights(out / "epoch2")
     assert sorted(full) == sorted(base) and all(full[k].shape == base[k].shape for k in base)
@@ -252,8 +274,9 @@ def test_lora_saves_merged_full_checkpoints_and_the_adapter(tiny, tmp_path):
     ids = torch.tensor([[2, 50, 60, 70, 80, 90, 3]])
     merged = AutoModelForCausalLM.from_pretrained(out / "epoch2")
     assert merged.dtype == torch.float32
-    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32),
-                                        out / "epoch2" / "adapter")
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32), out / "epoch2" / "adapter"
+    )
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=1e-5, rtol=1e-5)
 
@@ -269,6 +292,7 @@ def test_lora_checkpoints_are_merge_compatible_in_the_base_dtype(tiny, tmp_path)
 
 
 # 4. Precision -------------------------------------------------------------------------------------
+
 
 def test_bf16_compute_trains_fp32_masters_and_saves_save_dtype(tiny, tmp_path):
     order = order_file(tmp_path / "order.npy")
@@ -288,6 +312,7 @@ def test_bf16_compute_trains_fp32_masters_and_saves_save_dtype(tiny, tmp_path):
 
 
 # 7. Several processes ---------------------------------------------------------------------------
+
 
 def test_two_processes_match_one(tiny, tmp_path):
     n = 13  # batch 4 leaves a last batch of 1: one rank gets an empty share
@@ -334,13 +359,27 @@ def fsdp_runs(tiny, tmp_path_factory):
     """One uninterrupted 2-process FSDP run and its 1-process reference (13 samples, 3 epochs)."""
     d = tmp_path_factory.mktemp("fsdp")
     n = 13  # batch 4 leaves a last batch of 1: rank 1 runs a zero-weighted filler pass
-    runs = {"dir": d, "train": write_train(d / "train13.jsonl", n), "order": order_file(d / "order.npy", epochs=3, n=n),
-            "cfg": train_cfg(epochs=3, save_dtype="float32", micro_batch_size=1)}
+    runs = {
+        "dir": d,
+        "train": write_train(d / "train13.jsonl", n),
+        "order": order_file(d / "order.npy", epochs=3, n=n),
+        "cfg": train_cfg(epochs=3, save_dtype="float32", micro_batch_size=1),
+    }
     runs["fsdp_cfg"] = {**runs["cfg"], "parallel": "fsdp"}
-    fine_tune(tiny["base"], runs["train"], runs["order"], d / "one", TASK_SPEC, runs["cfg"], seed=1, run_name="r0",
-              progress=False)
-    done = run_cli(fine_tune_cmd(tiny["base"], runs["train"], runs["order"], d / "two", runs["fsdp_cfg"],
-                                 launcher=TORCHRUN_2))
+    fine_tune(
+        tiny["base"],
+        runs["train"],
+        runs["order"],
+        d / "one",
+        TASK_SPEC,
+        runs["cfg"],
+        seed=1,
+        run_name="r0",
+        progress=False,
+    )
+    done = run_cli(
+        fine_tune_cmd(tiny["base"], runs["train"], runs["order"], d / "two", runs["fsdp_cfg"], launcher=TORCHRUN_2)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return runs
 
@@ -397,12 +436,12 @@ def test_fsdp_interrupted_run_resumes_with_any_world_size(tiny, fsdp_runs, tmp_p
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_fsdp_micro_batch_count_is_that_of_the_largest_share(world):
-    from ordermerge.train import distributed
-    from ordermerge.train import fsdp
+    from ordermerge.train import distributed, fsdp
 
     for n in range(0, 20):
         for micro in (1, 2, 3, 4):
-            shares = [distributed.my_slice(list(range(n)), distributed.Ranks(r, world, torch.device("cpu")))
-                      for r in range(world)]
+            shares = [
+                distributed.my_slice(list(range(n)), distributed.Ranks(r, world, torch.device("cpu")))
+                for r in range(world)
+            ]
             assert fsdp.micro_batch_count(n, world, micro) == max(-(-len(s) // micro) for s in shares)
-

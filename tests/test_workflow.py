@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pandas as pd
 import pytest
 import yaml
+
 from helpers import ROOT, SMOKE, planned_jobs, snakemake
 
 
@@ -17,10 +17,23 @@ def test_dry_run_plans_every_stage(tmp_path):
     # plus each method's first seed at epoch 1 (Fig. 4), whose per-sample losses are scored (Fig. 3, 4);
     # eval.harness [mirror]: lm-eval on every evaluated model. Everything after fine_tune once per precision
     # (fp32 as saved, bf16 rounded from it: one round per run and scored epoch)
-    assert jobs == {"all": 1, "analyze": 1, "base_model": 1, "evaluate_merged": 10, "evaluate_single": 4,
-                    "fine_tune": 2, "round_checkpoint": 4, "merge": 16, "orders": 2, "prepare_data": 1,
-                    "sample_losses": 8, "sample_losses_merged": 12, "harness_single": 4, "harness_merged": 10,
-                    "total": 76}
+    assert jobs == {
+        "all": 1,
+        "analyze": 1,
+        "base_model": 1,
+        "evaluate_merged": 10,
+        "evaluate_single": 4,
+        "fine_tune": 2,
+        "round_checkpoint": 4,
+        "merge": 16,
+        "orders": 2,
+        "prepare_data": 1,
+        "sample_losses": 8,
+        "sample_losses_merged": 12,
+        "harness_single": 4,
+        "harness_merged": 10,
+        "total": 76,
+    }
 
 
 def test_default_config_dry_run(tmp_path):
@@ -72,11 +85,22 @@ def test_unreadable_gold_answers_fail_before_the_first_job(tmp_path):
     """A user's JSONL of word answers: inferred as text and said so; scored as numeric, refused with the
     counts and the key to set, before any job (docs/own-data.md)."""
     words = tmp_path / "words.jsonl"
-    words.write_text("".join(json.dumps({"question": f"Repeat the word: w{chr(97 + i % 26)}{i}x", "answer": "blue"}) + "\n"
-                             for i in range(20)))
+    words.write_text(
+        "".join(
+            json.dumps({"question": f"Repeat the word: w{chr(97 + i % 26)}{i}x", "answer": "blue"}) + "\n"
+            for i in range(20)
+        )
+    )
     cfg = yaml.safe_load(SMOKE.read_text())
-    spec = {"source": "hf", "path": "json", "data_files": str(words), "max_length": 64, "n_train": 8, "n_val": 4,
-            "n_test": 4}
+    spec = {
+        "source": "hf",
+        "path": "json",
+        "data_files": str(words),
+        "max_length": 64,
+        "n_train": 8,
+        "n_val": 4,
+        "n_test": 4,
+    }
     cfg["tasks"] = {"inferred": spec, "numbers": {**spec, "answer": "numeric"}}  # checked in this (sorted) order
     bad = tmp_path / "words.yaml"
     bad.write_text(yaml.safe_dump(cfg))
@@ -84,8 +108,10 @@ def test_unreadable_gold_answers_fail_before_the_first_job(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "tasks.inferred: answer: text (inferred: 0 of 20 gold answers hold a number; " in out
-    assert ("tasks.numbers: ordermerge check-data: error: tasks.numbers: 20 of 20 gold answers hold no number "
-            "(e.g. 'blue', 'blue', 'blue', ...); set tasks.numbers.answer: text") in out
+    assert (
+        "tasks.numbers: ordermerge check-data: error: tasks.numbers: 20 of 20 gold answers hold no number "
+        "(e.g. 'blue', 'blue', 'blue', ...); set tasks.numbers.answer: text"
+    ) in out
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()  # no job ran
 
 
@@ -161,8 +187,15 @@ def test_new_merge_seed_reruns_only_merges_and_what_depends_on_them(smoke_run):
     changed = smoke_run / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(snakemake(smoke_run, "-n", configfile=changed))
-    assert set(jobs) == {"all", "analyze", "merge", "evaluate_merged", "sample_losses_merged", "harness_merged",
-                         "total"}
+    assert set(jobs) == {
+        "all",
+        "analyze",
+        "merge",
+        "evaluate_merged",
+        "sample_losses_merged",
+        "harness_merged",
+        "total",
+    }
     # select and resample1 get seed 2; resample2 gets seeds 0, 1, 2 (+ seed 0 at epoch 1 for Fig. 4); each in
     # both precisions
     assert jobs["merge"] == 12 and jobs["evaluate_merged"] == jobs["harness_merged"] == 10
@@ -214,8 +247,17 @@ def test_smoke_run_states_its_intervals_and_where_the_time_went(smoke_run):
 
     stages = stage_table(smoke_run / "logs")
     assert stages.set_index("stage")["jobs"].to_dict() == {
-        "base_model": 1, "prepare_data": 1, "orders": 2, "fine_tune": 2, "round": 4, "sample_losses": 20,
-        "merge": 16, "evaluate": 14, "harness": 14, "analyze": 1}
+        "base_model": 1,
+        "prepare_data": 1,
+        "orders": 2,
+        "fine_tune": 2,
+        "round": 4,
+        "sample_losses": 20,
+        "merge": 16,
+        "evaluate": 14,
+        "harness": 14,
+        "analyze": 1,
+    }
     tokens = training_tokens(results)
     steps = [pd.read_csv(f) for f in sorted(results.rglob("steps.csv"))]
     assert tokens["tokens"] == sum(int(s["tokens"].sum()) for s in steps) > 0
@@ -232,15 +274,18 @@ def test_study_report_gathers_runs_without_recomputing(smoke_run, tmp_path):
     imb = pd.read_csv(results / "tables" / "imbalance.csv").iloc[0]
     assert f"{imb.rho_paired:+.3f} [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in readme
     assert readme.count("| resample1 |") == 4  # one Table 1 row per run and precision
-    assert (tmp_path / "docs" / "a" / "fig1_smollm2-135m_gsm_shuffle_bf16.png").read_bytes() == \
-        (results / "figures" / "fig1_smollm2-135m_gsm_shuffle_bf16.png").read_bytes()
+    assert (tmp_path / "docs" / "a" / "fig1_smollm2-135m_gsm_shuffle_bf16.png").read_bytes() == (
+        results / "figures" / "fig1_smollm2-135m_gsm_shuffle_bf16.png"
+    ).read_bytes()
     assert all(p.exists() for p in written)
 
 
 def test_the_report_opens_on_the_runs_answer(smoke_run, tmp_path):
     answer = (smoke_run / "results" / "answer.rst").read_text()
     imb = pd.read_csv(smoke_run / "results" / "tables" / "imbalance.csv").iloc[0]
-    assert f"paired ρ = **{imb.rho_paired:+.3f}** [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in answer
+    assert (
+        f"paired ρ = **{imb.rho_paired:+.3f}** [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in answer
+    )
     t1 = pd.read_csv(smoke_run / "results" / "tables" / "table1.csv")
     for p in ("fp32", "bf16"):  # one group per model/task/scheme/precision
         assert answer.count(f"**smollm2-135m / gsm / shuffle, stored in {p} (exact_match)**") == 1

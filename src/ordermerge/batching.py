@@ -36,9 +36,12 @@ def collate_packed(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Ten
         ids += e["input_ids"]
         pos += range(n)
         labels += [IGNORE_INDEX] + list(e["labels"][1:n])
-    return {"input_ids": torch.tensor([ids], dtype=torch.long), "position_ids": torch.tensor([pos], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "lengths": torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long)}
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "lengths": torch.tensor([len(e["input_ids"]) for e in examples], dtype=torch.long),
+    }
 
 
 def collate_for(packing: bool):
@@ -64,8 +67,9 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     """
     body = getattr(model, model.base_model_prefix)
     if "position_ids" in batch:  # packed: no mask and no cache, so transformers confines attention to each sample
-        hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                      use_cache=False).last_hidden_state
+        hidden = body(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state
     else:
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]

@@ -46,8 +46,8 @@ def cmd_prepare_data(a):
 
 
 def cmd_orders(a):
-    from ordermerge.data.prepare import read_jsonl
     from ordermerge.data.orders import make_order, save_order
+    from ordermerge.data.prepare import read_jsonl
 
     n = len(read_jsonl(a.train))
     save_order(make_order(n, a.epochs, a.scheme, a.batch_size, a.seed, a.task, a.run), a.out)
@@ -63,10 +63,12 @@ def cmd_fine_tune(a):
 
     identity = None
     if a.tracker_group or a.tracker_run or a.tracker_dir:
-        identity = RunIdentity(a.tracker_group or a.run_name, a.tracker_run or a.run_name,
-                               Path(a.tracker_dir) if a.tracker_dir else None)
-    fine_tune(a.base, a.train, a.order, a.out_dir, a.task_spec, a.train_cfg, a.seed, a.run_name,
-              tracker_identity=identity)
+        identity = RunIdentity(
+            a.tracker_group or a.run_name, a.tracker_run or a.run_name, Path(a.tracker_dir) if a.tracker_dir else None
+        )
+    fine_tune(
+        a.base, a.train, a.order, a.out_dir, a.task_spec, a.train_cfg, a.seed, a.run_name, tracker_identity=identity
+    )
 
 
 def cmd_sample_losses(a):
@@ -85,17 +87,30 @@ def cmd_merge(a):
 
     try:
         plan = _merge_config(a) if a.config else None
-        missing = [flag for flag, value in (("--base", a.base), ("--method", a.method), ("MODEL_DIR", a.models))
-                   if not value]
+        missing = [
+            flag for flag, value in (("--base", a.base), ("--method", a.method), ("MODEL_DIR", a.models)) if not value
+        ]
         if missing:
             raise ValueError(f"the following arguments are required: {', '.join(missing)} (or --config merge.yml)")
         weights = [float(w) for w in a.weights.split(",")] if a.weights else None
         params = {p: getattr(a, p) for p in registry.PARAMETERS}
         if plan is not None:
             weights, params = plan.weights, {**plan.params, **({"resample": plan.resample} if plan.resample else {})}
-        prov = merge_models(a.base, a.models, a.out, method=a.method, seed=a.seed, weights=weights,
-                            shard_size=a.shard_size, force=a.force, device=a.device, data=a.data,
-                            task_spec=a.task_spec, config=plan and plan.record(), **params)
+        prov = merge_models(
+            a.base,
+            a.models,
+            a.out,
+            method=a.method,
+            seed=a.seed,
+            weights=weights,
+            shard_size=a.shard_size,
+            force=a.force,
+            device=a.device,
+            data=a.data,
+            task_spec=a.task_spec,
+            config=plan and plan.record(),
+            **params,
+        )
     except (CheckpointError, ValueError, FileExistsError) as exc:
         print(f"ordermerge merge: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -115,14 +130,23 @@ def _merge_config(a):
     """``--config merge.yml``: the merge the (mergekit) YAML means, in ``a``; flags that define the merge refused."""
     from ordermerge.merging import mergekit_config, registry
 
-    given = [flag for flag, value in (("--base", a.base), ("--method", a.method), ("--weights", a.weights),
-                                      ("MODEL_DIR", a.models or None),
-                                      *((p.flag, getattr(a, p.name)) for p in registry.PARAMETERS.values()))
-             if value is not None]
+    given = [
+        flag
+        for flag, value in (
+            ("--base", a.base),
+            ("--method", a.method),
+            ("--weights", a.weights),
+            ("MODEL_DIR", a.models or None),
+            *((p.flag, getattr(a, p.name)) for p in registry.PARAMETERS.values()),
+        )
+        if value is not None
+    ]
     if given:
-        raise ValueError(f"--config {a.config} defines the merge; {', '.join(given)} would too: give the merge "
-                         "in the config or as flags, not both (--out, --seed, --force, --device, --threads, "
-                         "--shard-size, --data and --task-spec go beside --config)")
+        raise ValueError(
+            f"--config {a.config} defines the merge; {', '.join(given)} would too: give the merge "
+            "in the config or as flags, not both (--out, --seed, --force, --device, --threads, "
+            "--shard-size, --data and --task-spec go beside --config)"
+        )
     plan = mergekit_config.resolve(a.config)
     a.base, a.models, a.method, a.resample = str(plan.base), [str(m) for m in plan.models], plan.method, plan.resample
     _refuse_overwriting_inputs(a)  # again, now that the inputs are known
@@ -138,25 +162,38 @@ def _merge_parser(sub) -> None:
 
     names = list(registry.METHODS)
     s = sub.add_parser("merge", help=f"merge fine-tunes of one base ({', '.join(names)})")
-    s.add_argument("--config", help="a mergekit YAML config (merge_method, base_model, models, parameters): the "
-                   "merge it means, or a refusal naming the key it cannot honour (docs/mergekit.md); "
-                   "instead of --base, --method, MODEL_DIRs, --weights and the parameter flags")
+    s.add_argument(
+        "--config",
+        help="a mergekit YAML config (merge_method, base_model, models, parameters): the "
+        "merge it means, or a refusal naming the key it cannot honour (docs/mergekit.md); "
+        "instead of --base, --method, MODEL_DIRs, --weights and the parameter flags",
+    )
     s.add_argument("--base", help="the base model directory (task vectors are relative to it)")
-    s.add_argument("--method", choices=names,
-                   help="; ".join(f"{m.name}: {m.summary} ({m.citation})"
-                                  for m in registry.METHODS.values()).replace("%", "%%"))
+    s.add_argument(
+        "--method",
+        choices=names,
+        help="; ".join(f"{m.name}: {m.summary} ({m.citation})" for m in registry.METHODS.values()).replace("%", "%%"),
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--weights", help="comma-separated, one per model (normalised); default uniform")
     s.add_argument("--shard-size", default="5GB")
     for p in registry.PARAMETERS.values():  # default None: the engine fills in the registry's default
         users = ", ".join(m.name for m in registry.METHODS.values() if p.name in m.params)
-        s.add_argument(p.flag, type=int if p.integer else float, default=None,
-                       help=f"{users}: {p.help} (default {p.default}; {p.bounds()})".replace("%", "%%"))
+        s.add_argument(
+            p.flag,
+            type=int if p.integer else float,
+            default=None,
+            help=f"{users}: {p.help} (default {p.default}; {p.bounds()})".replace("%", "%%"),
+        )
     data_users = ", ".join(m.name for m in registry.METHODS.values() if m.needs_data) or "no method yet"
     s.add_argument("--data", help=f"held-out JSONL, for methods that choose on data ({data_users}) only")
     s.add_argument("--task-spec", type=_json_arg, help=f"the task's spec as JSON, with --data ({data_users})")
-    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="where the float math runs; cuda gives the CPU's bytes (select gathers bits on the CPU)")
+    s.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where the float math runs; cuda gives the CPU's bytes (select gathers bits on the CPU)",
+    )
     s.add_argument("--force", action="store_true", help="replace an existing output directory")
     s.add_argument("--threads", type=int)
     s.add_argument("--out", required=True)
@@ -168,8 +205,9 @@ def cmd_evaluate(a):
     _set_threads(a.threads)
     from ordermerge.scoring.evaluate import evaluate_model
 
-    m = evaluate_model(a.model_dir, a.val, a.test, a.task_spec, a.eval_cfg, a.out, a.generations, a.identity,
-                       a.val_losses)
+    m = evaluate_model(
+        a.model_dir, a.val, a.test, a.task_spec, a.eval_cfg, a.out, a.generations, a.identity, a.val_losses
+    )
     print(json.dumps(m))
 
 
@@ -188,9 +226,8 @@ def cmd_analyze(a):
 
 
 def cmd_timing(a):
-    from ordermerge.timing import report
-
     from ordermerge.paths import logs_dir
+    from ordermerge.timing import report
 
     print(report(Path(a.results_dir), Path(a.logs or logs_dir(a.results_dir)), a.since, a.wall, a.cores), end="")
 
@@ -224,8 +261,11 @@ def _refuse_overwriting_inputs(a) -> None:
     if a.command == "analyze":
         reads = {"--results-dir": [Path(a.results_dir) / m for m in a.config_json.get("models", {})]}
         writes = {"--out-dir": [Path(a.out_dir) / "tables", Path(a.out_dir) / "figures"]}
-    refuse_overlap(f"ordermerge {a.command}", {f"--{k.replace('_', '-')}": v for k, v in writes.items()},
-                   {(f"--{k.replace('_', '-')}" if k != "models" else "MODEL_DIR"): v for k, v in reads.items()})
+    refuse_overlap(
+        f"ordermerge {a.command}",
+        {f"--{k.replace('_', '-')}": v for k, v in writes.items()},
+        {(f"--{k.replace('_', '-')}" if k != "models" else "MODEL_DIR"): v for k, v in reads.items()},
+    )
     if a.command == "merge":
         refuse_duplicates("ordermerge merge", a.models)
 
@@ -243,8 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_base_model, reads=("source",), writes=("out",))
 
-    s = sub.add_parser("check-data", help="enough samples within max_length for the splits? (tokenizer only; "
-                                          "the workflow runs it before its first job)")
+    s = sub.add_parser(
+        "check-data",
+        help="enough samples within max_length for the splits? (tokenizer only; "
+        "the workflow runs it before its first job)",
+    )
     s.add_argument("--source", required=True, help="the model source, as for base-model")
     s.add_argument("--revision")
     s.add_argument("--trust-remote-code", action="store_true")
@@ -272,8 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_orders, reads=("train",), writes=("out",))
 
-    s = sub.add_parser("fine-tune", help="full or LoRA fine-tuning in a given order, a checkpoint per epoch; "
-                       "resumes after its last complete epoch; several processes under torchrun")
+    s = sub.add_parser(
+        "fine-tune",
+        help="full or LoRA fine-tuning in a given order, a checkpoint per epoch; "
+        "resumes after its last complete epoch; several processes under torchrun",
+    )
     for flag in ("--base", "--train", "--order", "--out-dir", "--run-name"):
         s.add_argument(flag, required=True)
     s.add_argument("--task-spec", type=_json_arg, required=True)
@@ -297,12 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ordermerge.storage.precisions import PRECISIONS
 
-    s = sub.add_parser("round", help="a checkpoint stored in a narrower precision (from its fp32 save), with what "
-                                     "rounding lost against the base (round.json)")
+    s = sub.add_parser(
+        "round",
+        help="a checkpoint stored in a narrower precision (from its fp32 save), with what "
+        "rounding lost against the base (round.json)",
+    )
     s.add_argument("--model-dir", required=True, help="the checkpoint as saved (fp32)")
     s.add_argument("--base", required=True, help="the base model directory (what the task vector is relative to)")
-    s.add_argument("--precision", required=True, choices=list(PRECISIONS),
-                   help="; ".join(f"{p.name}: {p.help}" for p in PRECISIONS.values()).replace("%", "%%"))
+    s.add_argument(
+        "--precision",
+        required=True,
+        choices=list(PRECISIONS),
+        help="; ".join(f"{p.name}: {p.help}" for p in PRECISIONS.values()).replace("%", "%%"),
+    )
     s.add_argument("--seed", type=int, default=0, help="stochastic rounding's seed (per tensor: seed and name)")
     s.add_argument("--threads", type=int)
     s.add_argument("--out", required=True)
@@ -315,13 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(flag, required=True)
     s.add_argument("--task-spec", type=_json_arg, required=True)
     s.add_argument("--eval-cfg", type=_json_arg, required=True)
-    s.add_argument("--identity", type=_json_arg, default={}, help="fields copied into the metrics (model, run, method...)")
+    s.add_argument(
+        "--identity", type=_json_arg, default={}, help="fields copied into the metrics (model, run, method...)"
+    )
     s.add_argument("--val-losses", help="also write per-sample validation losses (CSV) here")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_evaluate, reads=("model_dir", "val", "test"), writes=("out", "generations", "val_losses"))
 
-    s = sub.add_parser("harness", help="lm-eval-harness on one model: the task mirrored and/or standard "
-                                       "lm-eval tasks (eval.harness in --eval-cfg; default: mirror)")
+    s = sub.add_parser(
+        "harness",
+        help="lm-eval-harness on one model: the task mirrored and/or standard "
+        "lm-eval tasks (eval.harness in --eval-cfg; default: mirror)",
+    )
     s.add_argument("--model-dir", required=True)
     s.add_argument("--test", help="the task's test split (needed by mirror)")
     s.add_argument("--task-spec", type=_json_arg, default={})
@@ -361,14 +419,16 @@ def main(argv: list[str] | None = None) -> None:
         _refuse_overwriting_inputs(args)
         args.func(args)
     except Exception as exc:
-        from ordermerge.storage.atomic import DiskFullError
-        from ordermerge.storage.guards import OverlapError
-        from ordermerge.storage.checkpoint import CheckpointError
         from ordermerge.data.prepare import DataError
+        from ordermerge.storage.atomic import DiskFullError
+        from ordermerge.storage.checkpoint import CheckpointError
+        from ordermerge.storage.guards import OverlapError
 
         # Bad input or a full disk: the message says what and how to fix it; a traceback adds nothing
         # (ORDERMERGE_TRACEBACK=1 shows it anyway). Anything else is a bug: keep its traceback.
-        if not isinstance(exc, (CheckpointError, DataError, DiskFullError, OverlapError)) or os.environ.get("ORDERMERGE_TRACEBACK"):
+        if not isinstance(exc, (CheckpointError, DataError, DiskFullError, OverlapError)) or os.environ.get(
+            "ORDERMERGE_TRACEBACK"
+        ):
             raise
         print(f"ordermerge {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -21,8 +21,15 @@ from ordermerge.merging import registry
 from ordermerge.storage import precisions
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "array": "a list",
-              "object": "a mapping (key: value lines)", "boolean": "true or false", "null": "null (empty)"}
+TYPE_WORDS = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "array": "a list",
+    "object": "a mapping (key: value lines)",
+    "boolean": "true or false",
+    "null": "null (empty)",
+}
 HINTS = {"runs": "K fine-tunes to merge: K < 2 cannot merge"}
 
 
@@ -98,8 +105,10 @@ def _method_key_problem(value: str) -> str:
     for m in registry.METHODS.values():
         if m.key_prefix and re.fullmatch(rf"{re.escape(m.key_prefix)}-?\d+", value):
             lo, hi = int(registry.PARAMETERS[m.key_param].low) + 1, int(registry.PARAMETERS[m.key_param].high)
-            return (f"{m.key_prefix}N needs n in {lo}..{hi} (n must be {lo}..{hi}; plain `{m.name}` is n=0); "
-                    f"use {m.key_prefix}{lo} ... {m.key_prefix}{hi}, or {m.name}")
+            return (
+                f"{m.key_prefix}N needs n in {lo}..{hi} (n must be {lo}..{hi}; plain `{m.name}` is n=0); "
+                f"use {m.key_prefix}{lo} ... {m.key_prefix}{hi}, or {m.name}"
+            )
     return f"unknown merge method{did_you_mean(value, registry.method_keys())}; use {registry.describe_keys()}"
 
 
@@ -108,14 +117,20 @@ def _explain(error) -> list[str]:
     where, value, v, vv = _key_path(error.absolute_path), error.instance, error.validator, error.validator_value
     if "propertyNames" in error.relative_schema_path:
         kind = "model" if where == "models" else "task" if where == "tasks" else "entry"
-        return [f"{where}: {_show(value)} — not a valid {kind} name: names become directory names and "
-                f"Snakemake wildcards, so no '/', spaces, '..' or leading punctuation; use letters, digits, "
-                f"'-' and '_' (pattern {vv}), e.g. '{_safe_name(value)}'"]
+        return [
+            f"{where}: {_show(value)} — not a valid {kind} name: names become directory names and "
+            f"Snakemake wildcards, so no '/', spaces, '..' or leading punctuation; use letters, digits, "
+            f"'-' and '_' (pattern {vv}), e.g. '{_safe_name(value)}'"
+        ]
     if v == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         at = "" if where == "<top level>" else where + "."
-        return [f"{at}{k}: {_show(error.instance[k])} — unknown key{did_you_mean(k, allowed)}; "
-                f"allowed under {where}: {', '.join(allowed)}" for k in error.instance if k not in allowed]
+        return [
+            f"{at}{k}: {_show(error.instance[k])} — unknown key{did_you_mean(k, allowed)}; "
+            f"allowed under {where}: {', '.join(allowed)}"
+            for k in error.instance
+            if k not in allowed
+        ]
     if v == "required":
         at = "" if where == "<top level>" else where + "."
         m = re.match(r"'(.+)' is a required property", error.message)
@@ -123,14 +138,23 @@ def _explain(error) -> list[str]:
         return [f"{at}{k}: missing — a required key; add it (see config.yaml for an example)" for k in missing]
     if v == "type":
         expected = vv if isinstance(vv, list) else [vv]
-        got = {str: "a string", float: "a float", int: "an integer", bool: "a boolean", list: "a list",
-               dict: "a mapping", type(None): "null (empty)"}.get(type(value), type(value).__name__)
+        got = {
+            str: "a string",
+            float: "a float",
+            int: "an integer",
+            bool: "a boolean",
+            list: "a list",
+            dict: "a mapping",
+            type(None): "null (empty)",
+        }.get(type(value), type(value).__name__)
         want = " or ".join(TYPE_WORDS.get(t, t) for t in expected)
         fix = _type_fix(value, expected, error.schema.get("default"))
         return [f"{where}: {_show(value)} — wrong type: {got}, expected {want}; {fix}"]
     if v == "enum":
-        return [f"{where}: {_show(value)} — not an allowed value{did_you_mean(value, vv)}; "
-                f"use one of: {', '.join(map(str, vv))}"]
+        return [
+            f"{where}: {_show(value)} — not an allowed value{did_you_mean(value, vv)}; "
+            f"use one of: {', '.join(map(str, vv))}"
+        ]
     if v == "pattern" and re.search(r"(merge|ksweep|multitask)\.methods\[\d+\]$", where):
         return [f"{where}: {_show(value)} — {_method_key_problem(str(value))}"]
     bounds = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
@@ -160,8 +184,12 @@ def _strict_validator(schema: dict):
 def validate_config(config: dict | None, schema: dict | None = None) -> dict:
     """Return the config with defaults filled; raise ConfigError listing every problem found."""
     if not config:
-        raise ConfigError([f"<top level>: {_show(config)} — the config is empty, nothing to run; pass one with "
-                           "models and tasks, e.g. --configfile config.yaml"])
+        raise ConfigError(
+            [
+                f"<top level>: {_show(config)} — the config is empty, nothing to run; pass one with "
+                "models and tasks, e.g. --configfile config.yaml"
+            ]
+        )
     if not isinstance(config, Mapping):
         raise ConfigError([f"<top level>: {_show(config)} — the config must be a mapping of keys; see config.yaml"])
     schema = schema or load_schema()
@@ -174,8 +202,11 @@ def validate_config(config: dict | None, schema: dict | None = None) -> dict:
     # rule never repeats or builds on a bad value, and all problems show at once.
     checked = copy.deepcopy(config)
     for e in errors:
-        if e.validator not in ("additionalProperties", "required", "minProperties") and e.absolute_path \
-                and "propertyNames" not in e.relative_schema_path:
+        if (
+            e.validator not in ("additionalProperties", "required", "minProperties")
+            and e.absolute_path
+            and "propertyNames" not in e.relative_schema_path
+        ):
             _mask(checked, list(e.absolute_path))
     problems += semantic_problems(checked)
     problems += ignored_settings(raw, checked)

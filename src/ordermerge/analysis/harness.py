@@ -53,10 +53,19 @@ def _differences(mine: dict[str, dict], theirs: dict[str, dict], lm_metric: str,
             ours = a.get("generation")
             # a text task's row has its extracted answer; a numeric one's is the generation's number
             answer = a["prediction"] if "prediction" in a else extract_number(ours) if ours is not None else None
-            out.append({"sample_id": sid, "filter": filt, "ordermerge_correct": right_a, "lm_eval_correct": right_b,
-                        "gold": a.get("answer"), "ordermerge_answer": answer,
-                        "lm_eval_answer": b.get("answer"), "ordermerge_generation": ours,
-                        "lm_eval_generation": b.get("cut")})
+            out.append(
+                {
+                    "sample_id": sid,
+                    "filter": filt,
+                    "ordermerge_correct": right_a,
+                    "lm_eval_correct": right_b,
+                    "gold": a.get("answer"),
+                    "ordermerge_answer": answer,
+                    "lm_eval_answer": b.get("answer"),
+                    "ordermerge_generation": ours,
+                    "lm_eval_generation": b.get("cut"),
+                }
+            )
     return out
 
 
@@ -67,8 +76,11 @@ def _agreement(eval_stem: Path, harness_stem: Path) -> tuple[dict, list[dict]]:
     metric = ours.get("task_metric") or "exact_match"
     name, lm_metric = mirror_name(ours["task"]), SAME_METRIC[metric]
     main = FILTER if metric == "exact_match" else "none"
-    values = {r["filter"]: r for r in json.loads(Path(f"{harness_stem}{HARNESS_FILES['metrics']}").read_text())["rows"]
-              if r["harness"] == name and r["metric"] == lm_metric}
+    values = {
+        r["filter"]: r
+        for r in json.loads(Path(f"{harness_stem}{HARNESS_FILES['metrics']}").read_text())["rows"]
+        if r["harness"] == name and r["metric"] == lm_metric
+    }
     mine = {str(r["sample_id"]): r for r in _read_jsonl(Path(f"{eval_stem}{EVAL_FILES['generations']}"))}
     by_filter: dict[str, dict[str, dict]] = {}
     for r in _read_jsonl(Path(f"{harness_stem}{HARNESS_FILES['samples']}")):
@@ -76,11 +88,19 @@ def _agreement(eval_stem: Path, harness_stem: Path) -> tuple[dict, list[dict]]:
             by_filter.setdefault(r.get("filter") or "none", {})[str(r["sample_id"])] = r
     theirs = by_filter.get(main, {})
     differ = _differences(mine, theirs, lm_metric, main)
-    other_text = sum(1 for sid, a in mine.items() if "generation" in a and theirs.get(sid, {}).get("cut") != a["generation"])
-    row = {**{k: ours.get(k) for k in IDS}, "metric": metric, "ordermerge": ours.get(metric),
-           "lm_eval": values[main]["value"] if main in values else None, "n_ordermerge": len(mine),
-           "n_lm_eval": values[main]["n"] if main in values else len(theirs), "disagree": len(differ),
-           "other_text": other_text if metric == "exact_match" else None}
+    other_text = sum(
+        1 for sid, a in mine.items() if "generation" in a and theirs.get(sid, {}).get("cut") != a["generation"]
+    )
+    row = {
+        **{k: ours.get(k) for k in IDS},
+        "metric": metric,
+        "ordermerge": ours.get(metric),
+        "lm_eval": values[main]["value"] if main in values else None,
+        "n_ordermerge": len(mine),
+        "n_lm_eval": values[main]["n"] if main in values else len(theirs),
+        "disagree": len(differ),
+        "other_text": other_text if metric == "exact_match" else None,
+    }
     for filt in STOCK:
         if filt in by_filter:
             d = _differences(mine, by_filter[filt], lm_metric, filt)
@@ -112,23 +132,33 @@ def _fmt(v) -> str:
 
 
 def agreement_markdown(table: pd.DataFrame, differ: dict[str, list[dict]]) -> str:
-    lines = ["# lm-eval-harness vs ordermerge: the same models, the same test samples", "",
-             "lm-eval scores each task mirrored by `ordermerge harness` (the same prompt text, greedy decoding to "
-             "the same EOS and max_new_tokens, our answer extraction as its filter); `disagree` counts the samples "
-             "that one scores right and the other wrong, `other text` those whose generation, cut where ours stops, "
-             "is not ours.", "",
-             "| model | metric | ordermerge | lm-eval | n (ours / lm-eval) | disagree | other text |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# lm-eval-harness vs ordermerge: the same models, the same test samples",
+        "",
+        "lm-eval scores each task mirrored by `ordermerge harness` (the same prompt text, greedy decoding to "
+        "the same EOS and max_new_tokens, our answer extraction as its filter); `disagree` counts the samples "
+        "that one scores right and the other wrong, `other text` those whose generation, cut where ours stops, "
+        "is not ours.",
+        "",
+        "| model | metric | ordermerge | lm-eval | n (ours / lm-eval) | disagree | other text |",
+        "|---|---|---|---|---|---|---|",
+    ]
     records = table.to_dict("records")
     for r in records:
-        lines.append(f"| {_label(r)} | {r['metric']} | {_fmt(r['ordermerge'])} | {_fmt(r['lm_eval'])} | "
-                     f"{r['n_ordermerge']} / {r['n_lm_eval']} | {r['disagree']} | {_fmt(r['other_text'])} |")
+        lines.append(
+            f"| {_label(r)} | {r['metric']} | {_fmt(r['ordermerge'])} | {_fmt(r['lm_eval'])} | "
+            f"{r['n_ordermerge']} / {r['n_lm_eval']} | {r['disagree']} | {_fmt(r['other_text'])} |"
+        )
     stock = [f for f in STOCK if f"disagree_{f}" in table]
     if stock:
-        lines += ["", "lm-eval's own GSM8K answer extraction (`gsm8k.yaml`: " + ", ".join(stock) + ") on the same "
-                  "generations, and the samples it scores differently from ordermerge:", "",
-                  "| model | " + " | ".join(f"{f} | disagree" for f in stock) + " |",
-                  "|---|" + "---|---|" * len(stock)]
+        lines += [
+            "",
+            "lm-eval's own GSM8K answer extraction (`gsm8k.yaml`: " + ", ".join(stock) + ") on the same "
+            "generations, and the samples it scores differently from ordermerge:",
+            "",
+            "| model | " + " | ".join(f"{f} | disagree" for f in stock) + " |",
+            "|---|" + "---|---|" * len(stock),
+        ]
         for r in records:
             cells = " | ".join(f"{_fmt(r.get(f'lm_eval_{f}'))} | {_fmt(r.get(f'disagree_{f}'))}" for f in stock)
             lines.append(f"| {_label(r)} | {cells} |")
@@ -138,12 +168,19 @@ def agreement_markdown(table: pd.DataFrame, differ: dict[str, list[dict]]) -> st
         lines += ["", f"## {label}: {len(rows)} scored differently", ""]
         for d in rows[:SHOWN]:
             ours, theirs = d["ordermerge_generation"], d["lm_eval_generation"]
-            text = ("scored by log-likelihood" if ours is None and theirs is None else
-                    "the same generation" if ours == theirs else f"generations differ: lm-eval's {theirs!r}")
-            lines.append(f"- `{d['sample_id']}` ({d['filter']}): gold {d['gold']!r}; ours {d['ordermerge_answer']!r} "
-                         f"({'right' if d['ordermerge_correct'] else 'wrong'}), lm-eval "
-                         f"{d['lm_eval_answer'] or NO_ANSWER!r} ({'right' if d['lm_eval_correct'] else 'wrong'}); "
-                         f"{text}; our generation {ours!r}")
+            text = (
+                "scored by log-likelihood"
+                if ours is None and theirs is None
+                else "the same generation"
+                if ours == theirs
+                else f"generations differ: lm-eval's {theirs!r}"
+            )
+            lines.append(
+                f"- `{d['sample_id']}` ({d['filter']}): gold {d['gold']!r}; ours {d['ordermerge_answer']!r} "
+                f"({'right' if d['ordermerge_correct'] else 'wrong'}), lm-eval "
+                f"{d['lm_eval_answer'] or NO_ANSWER!r} ({'right' if d['lm_eval_correct'] else 'wrong'}); "
+                f"{text}; our generation {ours!r}"
+            )
         if len(rows) > SHOWN:
             lines.append(f"- ... {len(rows) - SHOWN} more in the per-sample files")
     return "\n".join(lines) + "\n"

@@ -14,18 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ordermerge.analysis.harness import agreement_markdown, agreement_table, tidy_harness
-from ordermerge.analysis.subsets import analyze_ksweep_and_multitask
-from ordermerge.storage.atomic import atomic_path
 from ordermerge.analysis.figures import plot_fig1, plot_fig3, plot_fig4
-from ordermerge.data.orders import first_epoch_positions, load_order
-from ordermerge.analysis.stats import (paired_rho, paired_rho_ci, permutation_p, residual_rho_ci, spearman,
-                                       verdict)
+from ordermerge.analysis.harness import agreement_markdown, agreement_table, tidy_harness
+from ordermerge.analysis.stats import paired_rho, paired_rho_ci, permutation_p, residual_rho_ci, spearman, verdict
 from ordermerge.analysis.storage import plot_storage, storage_markdown, storage_table, update_markdown, update_table
+from ordermerge.analysis.subsets import analyze_ksweep_and_multitask
 from ordermerge.analysis.tables import comparison, comparison_markdown, table1, table1_markdown, tidy_metrics
+from ordermerge.data.orders import first_epoch_positions, load_order
 from ordermerge.merging.registry import merge_variants
 from ordermerge.paths import EVAL_FILES, Paths
 from ordermerge.plan import figure_name, groups, has_fig4, has_harness_agreement, has_table2, has_table4, rounded
+from ordermerge.storage.atomic import atomic_path
 
 
 def _split_losses(csv: Path, split: str) -> pd.DataFrame:
@@ -79,8 +78,9 @@ def imbalance_row(positions: np.ndarray, losses: np.ndarray, anchor: int, seed: 
     }
 
 
-def evaluations(cfg: dict, results: Path, stems: tuple[str, str] = ("eval_single", "eval_merged")
-                ) -> list[tuple[tuple[str, str, str, str, str], Path]]:
+def evaluations(
+    cfg: dict, results: Path, stems: tuple[str, str] = ("eval_single", "eval_merged")
+) -> list[tuple[tuple[str, str, str, str, str], Path]]:
     """(model, task, scheme, precision, method) and the stem of every single-run and merged evaluation the
     config plans (paths.py spells them; registry.merge_variants says which seeds), in results-tree order;
     ``stems=HARNESS_STEMS``: their lm-eval evaluations, in the same order."""
@@ -90,8 +90,10 @@ def evaluations(cfg: dict, results: Path, stems: tuple[str, str] = ("eval_single
     for w in groups(cfg):
         key = tuple(w.values())
         out += [((*key, "single"), p.of(single, **w, run=k)) for k in range(cfg["runs"])]
-        out += [((*key, m), p.of(merged, **w, method=m, mseed=s))
-                for m, s in merge_variants(cfg["merge"]["methods"], cfg["merge"]["seeds"])]
+        out += [
+            ((*key, m), p.of(merged, **w, method=m, mseed=s))
+            for m, s in merge_variants(cfg["merge"]["methods"], cfg["merge"]["seeds"])
+        ]
     return sorted(((key, Path(stem)) for key, stem in out), key=lambda item: item[1])
 
 
@@ -115,8 +117,11 @@ def load_test_scores(cfg: dict, results: Path) -> dict:
     out: dict = {}
     for key, stem in evaluations(cfg, results):
         rows = pd.read_json(f"{stem}{EVAL_FILES['generations']}", lines=True, dtype={"sample_id": str})
-        frame = rows[["sample_id", "correct"]].astype({"correct": float}) if len(rows) else \
-            pd.DataFrame({"sample_id": pd.Series(dtype=str), "correct": pd.Series(dtype=float)})
+        frame = (
+            rows[["sample_id", "correct"]].astype({"correct": float})
+            if len(rows)
+            else pd.DataFrame({"sample_id": pd.Series(dtype=str), "correct": pd.Series(dtype=float)})
+        )
         out.setdefault(key, []).append(frame)
     return out
 
@@ -136,6 +141,7 @@ def _figure(out: Path, name: str) -> Path:
 
 def _loss_curves(p: Paths, w: dict, cfg: dict, split: str) -> dict[str, dict[int, list[float]]]:
     """Token-weighted mean loss per epoch: every single run, and each merge (first seed)."""
+
     def mean_loss(csv: Path) -> float:
         df = _split_losses(csv, split)
         return float((df["loss"] * df["tokens"]).sum() / df["tokens"].sum())
@@ -146,8 +152,9 @@ def _loss_curves(p: Paths, w: dict, cfg: dict, split: str) -> dict[str, dict[int
         for k in range(cfg["runs"]):
             curves["single"].setdefault(e, []).append(mean_loss(Path(p.of("run_losses", **w, run=k, epoch=e))))
         for method in loss_methods(cfg):
-            curves.setdefault(method, {})[e] = [mean_loss(Path(p.of("merged_losses", **w, method=method, mseed=seed,
-                                                                    epoch=e)))]
+            curves.setdefault(method, {})[e] = [
+                mean_loss(Path(p.of("merged_losses", **w, method=method, mseed=seed, epoch=e)))
+            ]
     return curves
 
 
@@ -177,22 +184,40 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
         positions, losses = position_loss_matrix(p, w, runs, epochs)
         row = {**w, "epoch": epochs, **imbalance_row(positions, losses, anchor, cfg["seed"])}
         imbalance.append(row)
-        plot_fig1(positions, losses, row, anchor,
-                  f"Fig. 1 — {where}: first-epoch position vs loss after epoch {epochs}",
-                  _figure(out, figure_name("fig1", **w)))
-        merged = {m: _split_losses(Path(p.of("merged_losses", **w, method=m, mseed=first_seed, epoch=epochs)),
-                                   "train")["loss"].to_numpy() for m in loss_methods(cfg)}
+        plot_fig1(
+            positions,
+            losses,
+            row,
+            anchor,
+            f"Fig. 1 — {where}: first-epoch position vs loss after epoch {epochs}",
+            _figure(out, figure_name("fig1", **w)),
+        )
+        merged = {
+            m: _split_losses(Path(p.of("merged_losses", **w, method=m, mseed=first_seed, epoch=epochs)), "train")[
+                "loss"
+            ].to_numpy()
+            for m in loss_methods(cfg)
+        }
         segments = max(2, min(10, positions.shape[1] // 4))
-        rows = plot_fig3(positions, losses, merged, anchor, segments,
-                         f"Fig. 3 — {where}: loss after epoch {epochs}\nby segment of run "
-                         f"{anchor}'s first-epoch order (merges: seed {first_seed})",
-                         _figure(out, figure_name("fig3", **w)))
+        rows = plot_fig3(
+            positions,
+            losses,
+            merged,
+            anchor,
+            segments,
+            f"Fig. 3 — {where}: loss after epoch {epochs}\nby segment of run "
+            f"{anchor}'s first-epoch order (merges: seed {first_seed})",
+            _figure(out, figure_name("fig3", **w)),
+        )
         fig3_rows += [{**w, **r} for r in rows]
         if has_fig4(cfg):
             split = "val" if "val" in cfg["losses"]["splits"] else "train"
-            plot_fig4(_loss_curves(p, w, cfg, split), split,
-                      f"Fig. 4 — {where}: {split} loss at each epoch, single vs merged",
-                      _figure(out, figure_name("fig4", **w)))
+            plot_fig4(
+                _loss_curves(p, w, cfg, split),
+                split,
+                f"Fig. 4 — {where}: {split} loss at each epoch, single vs merged",
+                _figure(out, figure_name("fig4", **w)),
+            )
     _write_table(out, "imbalance", pd.DataFrame(imbalance), None)
     _write_table(out, "fig3_rho", pd.DataFrame(fig3_rows), None)
     metrics = load_metrics(cfg, results)
@@ -201,19 +226,33 @@ def analyze(cfg: dict, results_dir: str | Path, out_dir: str | Path) -> None:
     extra = analyze_ksweep_and_multitask(cfg, results, out, metrics, _write_table)  # K-sweep, Table 3 (when configured)
     tidy = pd.concat([tidy_metrics(metrics), extra], ignore_index=True) if len(extra) else tidy_metrics(metrics)
     _write_table(out, "metrics", _with_harness(cfg, results, out, tidy), None)
-    t1 = table1(metrics, cfg["merge"]["methods"], load_val_losses(cfg, results), load_test_scores(cfg, results),
-                seed=cfg["seed"])
+    t1 = table1(
+        metrics,
+        cfg["merge"]["methods"],
+        load_val_losses(cfg, results),
+        load_test_scores(cfg, results),
+        seed=cfg["seed"],
+    )
     _write_table(out, "table1", t1, table1_markdown(t1))
     if rounded(cfg):
         st = storage_table(cfg, results, metrics)
         _write_table(out, "storage", st, storage_markdown(st))
         for (model, task, scheme), g in st.groupby(["model", "task", "scheme"], sort=False):
-            plot_storage(g, f"What storage precision lost — {model} / {task} / {scheme}: final checkpoints of the "
-                         f"{runs} runs", _figure(out, figure_name("storage", model, task, scheme)))
+            plot_storage(
+                g,
+                f"What storage precision lost — {model} / {task} / {scheme}: final checkpoints of the {runs} runs",
+                _figure(out, figure_name("storage", model, task, scheme)),
+            )
         up = update_table(cfg, results)
-        _write_table(out, "updates", up, update_markdown(up) if len(up) else
-                     "# What each stored model keeps of the update\n\nNeeds the saved precision and `average` among "
-                     "the merges (the reference update).\n")
+        _write_table(
+            out,
+            "updates",
+            up,
+            update_markdown(up)
+            if len(up)
+            else "# What each stored model keeps of the update\n\nNeeds the saved precision and `average` among "
+            "the merges (the reference update).\n",
+        )
     best = cfg["merge"]["methods"][-1]
     if has_table2(cfg):
         t2 = comparison(t1, "model", best)

@@ -58,7 +58,9 @@ def binned_means(x: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, n
 BOOTSTRAP = 2000
 
 
-def bootstrap_ci(statistic, n: int, seed: int, name: str, reps: int = BOOTSTRAP, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    statistic, n: int, seed: int, name: str, reps: int = BOOTSTRAP, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of ``statistic(idx)`` over ``reps`` resamples of the ``n`` samples with
     replacement (a sample is resampled whole, with all of its runs, seeds or models). Deterministic
     in (seed, name); NaN when n < 2."""
@@ -81,7 +83,9 @@ def format_ci(lo: float, hi: float, scale: float = 1.0, digits: int = 4) -> str:
 
 def paired_rho_ci(positions: np.ndarray, losses: np.ndarray, seed: int) -> tuple[float, float]:
     """95 % bootstrap interval of the paired ρ, resampling samples (columns: a sample keeps its K runs)."""
-    return bootstrap_ci(lambda idx: paired_rho(positions[:, idx], losses[:, idx]), positions.shape[1], seed, "paired-rho")
+    return bootstrap_ci(
+        lambda idx: paired_rho(positions[:, idx], losses[:, idx]), positions.shape[1], seed, "paired-rho"
+    )
 
 
 def residual_rho(positions: np.ndarray, losses: np.ndarray) -> float:
@@ -91,8 +95,9 @@ def residual_rho(positions: np.ndarray, losses: np.ndarray) -> float:
 
 
 def residual_rho_ci(positions: np.ndarray, losses: np.ndarray, seed: int) -> tuple[float, float]:
-    return bootstrap_ci(lambda idx: residual_rho(positions[:, idx], losses[:, idx]), positions.shape[1], seed,
-                        "residual-rho")
+    return bootstrap_ci(
+        lambda idx: residual_rho(positions[:, idx], losses[:, idx]), positions.shape[1], seed, "residual-rho"
+    )
 
 
 # An interval narrower than this on each side of 0 rules out an effect worth reporting, whichever its sign.

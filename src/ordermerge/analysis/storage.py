@@ -36,33 +36,55 @@ def storage_table(cfg: dict, results: Path, metrics: pd.DataFrame) -> pd.DataFra
                 w = {"model": model, "task": task, "scheme": scheme}
                 for precision in rounded(cfg):
                     for k in range(cfg["runs"]):
-                        info = json.loads((Path(p.of("rounded", **w, precision=precision, run=k, epoch=epochs))
-                                           / ROUND_JSON).read_text())
+                        info = json.loads(
+                            (
+                                Path(p.of("rounded", **w, precision=precision, run=k, epoch=epochs)) / ROUND_JSON
+                            ).read_text()
+                        )
                         after = single.loc[(model, task, scheme, precision, k), "val_loss"]
-                        before = single.loc[(model, task, scheme, base_precision, k), "val_loss"] \
-                            if base_precision else np.nan
-                        rows.append({**w, "precision": precision, "from": base_precision or cfg["train"]["save_dtype"],
-                                     "run": k, "elements": info["elements"],
-                                     "changed_fraction": info["changed_fp32"] / max(1, info["elements"]),
-                                     "zero_fraction": info["zero_fraction"], "erased_fraction": info["erased_fraction"],
-                                     "relative_norm_lost": info["relative_norm_lost"],
-                                     "val_loss_saved": before, "val_loss_rounded": after,
-                                     "val_loss_delta": after - before})
+                        before = (
+                            single.loc[(model, task, scheme, base_precision, k), "val_loss"]
+                            if base_precision
+                            else np.nan
+                        )
+                        rows.append(
+                            {
+                                **w,
+                                "precision": precision,
+                                "from": base_precision or cfg["train"]["save_dtype"],
+                                "run": k,
+                                "elements": info["elements"],
+                                "changed_fraction": info["changed_fp32"] / max(1, info["elements"]),
+                                "zero_fraction": info["zero_fraction"],
+                                "erased_fraction": info["erased_fraction"],
+                                "relative_norm_lost": info["relative_norm_lost"],
+                                "val_loss_saved": before,
+                                "val_loss_rounded": after,
+                                "val_loss_delta": after - before,
+                            }
+                        )
     return pd.DataFrame(rows)
 
 
 def storage_markdown(t: pd.DataFrame) -> str:
-    lines = ["# What storage precision lost (final checkpoints)", "",
-             "Task vector τ = θ − θ_base. changed: elements the saved update moves; erased: of all elements, those the",
-             "saved update moved and rounding set back to the base's value exactly; zero: elements equal to the base",
-             "after rounding (what resampleN redraws); norm lost: ‖τ_saved − τ_rounded‖ / ‖τ_saved‖. Val loss: the same",
-             "run evaluated as saved and as rounded.", "",
-             "| model | task | scheme | precision | run | changed % | erased % | zero % | norm lost % | val loss saved |"
-             " val loss rounded | Δ val loss |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# What storage precision lost (final checkpoints)",
+        "",
+        "Task vector τ = θ − θ_base. changed: elements the saved update moves; erased: of all elements, those the",
+        "saved update moved and rounding set back to the base's value exactly; zero: elements equal to the base",
+        "after rounding (what resampleN redraws); norm lost: ‖τ_saved − τ_rounded‖ / ‖τ_saved‖. Val loss: the same",
+        "run evaluated as saved and as rounded.",
+        "",
+        "| model | task | scheme | precision | run | changed % | erased % | zero % | norm lost % | val loss saved |"
+        " val loss rounded | Δ val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in t.itertuples():
-        lines.append(f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.run} | {100 * r.changed_fraction:.1f} | "
-                     f"{100 * r.erased_fraction:.1f} | {100 * r.zero_fraction:.1f} | {100 * r.relative_norm_lost:.1f} | "
-                     f"{r.val_loss_saved:.4f} | {r.val_loss_rounded:.4f} | {r.val_loss_delta:+.4f} |")
+        lines.append(
+            f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.run} | {100 * r.changed_fraction:.1f} | "
+            f"{100 * r.erased_fraction:.1f} | {100 * r.zero_fraction:.1f} | {100 * r.relative_norm_lost:.1f} | "
+            f"{r.val_loss_saved:.4f} | {r.val_loss_rounded:.4f} | {r.val_loss_delta:+.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -78,12 +100,25 @@ def plot_storage(t: pd.DataFrame, title: str, path: Path) -> None:
         g = t[t["precision"] == name].set_index("run").loc[runs]
         x = np.arange(len(runs)) + (i - (len(names) - 1) / 2) * width
         axes[0].bar(x, 100 * g["erased_fraction"], width, color=cmap(i), label=f"{name}: erased")
-        axes[0].bar(x, 100 * (g["zero_fraction"] - g["erased_fraction"]), width, bottom=100 * g["erased_fraction"],
-                    color=cmap(i), alpha=0.35, label=f"{name}: already equal to the base")
+        axes[0].bar(
+            x,
+            100 * (g["zero_fraction"] - g["erased_fraction"]),
+            width,
+            bottom=100 * g["erased_fraction"],
+            color=cmap(i),
+            alpha=0.35,
+            label=f"{name}: already equal to the base",
+        )
         axes[1].bar(x, 100 * g["relative_norm_lost"], width, color=cmap(i), label=name)
         for j, (before, after) in enumerate(zip(g["val_loss_saved"], g["val_loss_rounded"])):
-            axes[2].plot([0, 1], [before, after], "o-", color=cmap(i), alpha=0.8,
-                         label=f"{name} (mean Δ {g['val_loss_delta'].mean():+.4f})" if j == 0 else None)
+            axes[2].plot(
+                [0, 1],
+                [before, after],
+                "o-",
+                color=cmap(i),
+                alpha=0.8,
+                label=f"{name} (mean Δ {g['val_loss_delta'].mean():+.4f})" if j == 0 else None,
+            )
     for ax in axes[:2]:
         ax.set_xticks(range(len(runs)), [f"run {k}" for k in runs])
     axes[0].set_ylabel("task-vector elements (%)")
@@ -124,11 +159,18 @@ def update_table(cfg: dict, results: Path) -> pd.DataFrame:
                 w = {"model": model, "task": task, "scheme": scheme}
                 ref = LazyCheckpoint(p.of("merged", **w, precision=saved_p, epoch=epoch, method="average", mseed=seed))
                 for precision in cfg["precisions"]:
-                    dirs = {f"run{k}": (Path(p.of("checkpoint", **w, run=k, epoch=epoch)) if precision == saved_p
-                                        else Path(p.of("rounded", **w, precision=precision, run=k, epoch=epoch)))
-                            for k in range(cfg["runs"])}
-                    dirs |= {m: Path(p.of("merged", **w, precision=precision, epoch=epoch, method=m, mseed=seed))
-                             for m in methods}  # the first merge seed: every method is built for it
+                    dirs = {
+                        f"run{k}": (
+                            Path(p.of("checkpoint", **w, run=k, epoch=epoch))
+                            if precision == saved_p
+                            else Path(p.of("rounded", **w, precision=precision, run=k, epoch=epoch))
+                        )
+                        for k in range(cfg["runs"])
+                    }
+                    dirs |= {
+                        m: Path(p.of("merged", **w, precision=precision, epoch=epoch, method=m, mseed=seed))
+                        for m in methods
+                    }  # the first merge seed: every method is built for it
                     for name, d in dirs.items():
                         ck = LazyCheckpoint(d)
                         zeros = total = 0
@@ -145,27 +187,42 @@ def update_table(cfg: dict, results: Path) -> pd.DataFrame:
                             nn += float((tau * tau).sum())
                             rr += float((tau_ref * tau_ref).sum())
                         ck.close()
-                        rows.append({**w, "precision": precision, "model_kind": "single" if name.startswith("run")
-                                     else "merged", "method": "single" if name.startswith("run") else name,
-                                     "run": int(name[3:]) if name.startswith("run") else None,
-                                     "zero_fraction": zeros / max(1, total), "norm_ratio": (nn / rr) ** 0.5,
-                                     "cosine": dot / (nn * rr) ** 0.5 if nn and rr else float("nan")})
+                        rows.append(
+                            {
+                                **w,
+                                "precision": precision,
+                                "model_kind": "single" if name.startswith("run") else "merged",
+                                "method": "single" if name.startswith("run") else name,
+                                "run": int(name[3:]) if name.startswith("run") else None,
+                                "zero_fraction": zeros / max(1, total),
+                                "norm_ratio": (nn / rr) ** 0.5,
+                                "cosine": dot / (nn * rr) ** 0.5 if nn and rr else float("nan"),
+                            }
+                        )
                 ref.close()
         base.close()
     return pd.DataFrame(rows)
 
 
 def update_markdown(t: pd.DataFrame) -> str:
-    lines = ["# What each stored model keeps of the update", "",
-             "τ = θ − θ_base against τ_ref, the fp32 `average` merge's τ (the runs' mean update, nothing rounded).",
-             "zero: elements exactly equal to the base; ‖τ‖/‖τ_ref‖; cos(τ, τ_ref). Single runs: mean ± std over K.",
-             "", "| model | task | scheme | precision | method | zero % | ‖τ‖ / ‖τ_ref‖ | cos(τ, τ_ref) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# What each stored model keeps of the update",
+        "",
+        "τ = θ − θ_base against τ_ref, the fp32 `average` merge's τ (the runs' mean update, nothing rounded).",
+        "zero: elements exactly equal to the base; ‖τ‖/‖τ_ref‖; cos(τ, τ_ref). Single runs: mean ± std over K.",
+        "",
+        "| model | task | scheme | precision | method | zero % | ‖τ‖ / ‖τ_ref‖ | cos(τ, τ_ref) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     keys = ["model", "task", "scheme", "precision", "method"]
     for key, g in t.groupby(keys, sort=False):
-        def cell(col, scale=1.0, fmt=".3f"):
+
+        def cell(col, scale=1.0, fmt=".3f", g=g):
             v = g[col] * scale
             return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if len(v) > 1 else f"{v.mean():{fmt}}"
-        lines.append("| " + " | ".join(map(str, key)) + f" | {cell('zero_fraction', 100, '.1f')} | "
-                     f"{cell('norm_ratio')} | {cell('cosine')} |")
+
+        lines.append(
+            "| " + " | ".join(map(str, key)) + f" | {cell('zero_fraction', 100, '.1f')} | "
+            f"{cell('norm_ratio')} | {cell('cosine')} |"
+        )
     return "\n".join(lines) + "\n"

@@ -21,35 +21,49 @@ SEED = 0  # the pooled intervals' bootstrap seed (deterministic)
 
 
 def imbalance_markdown(runs: dict[str, Path]) -> str:
-    lines = ["| run | task | scheme | precision | n × K | paired ρ [95% CI] | perm. p | verdict | residual ρ [95% CI] |"
-             " loss, first vs last decile |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | task | scheme | precision | n × K | paired ρ [95% CI] | perm. p | verdict | residual ρ [95% CI] |"
+        " loss, first vs last decile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, results in runs.items():
         t = pd.read_csv(Paths(str(results)).of("table", name="imbalance", ext="csv"))
         for r in t.itertuples():
-            lines.append(f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.n_samples} × {r.runs} | {r.rho_paired:+.3f}"
-                         f"{format_ci(r.rho_paired_ci_low, r.rho_paired_ci_high, digits=3)} | {r.p_paired_permutation:.3g} | "
-                         f"{r.verdict_paired} | {r.rho_residual_pooled:+.3f}"
-                         f"{format_ci(r.rho_residual_ci_low, r.rho_residual_ci_high, digits=3)} | "
-                         f"{r.loss_first_decile:.4f} vs {r.loss_last_decile:.4f} |")
+            lines.append(
+                f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.n_samples} × {r.runs} | {r.rho_paired:+.3f}"
+                f"{format_ci(r.rho_paired_ci_low, r.rho_paired_ci_high, digits=3)} | {r.p_paired_permutation:.3g} | "
+                f"{r.verdict_paired} | {r.rho_residual_pooled:+.3f}"
+                f"{format_ci(r.rho_residual_ci_low, r.rho_residual_ci_high, digits=3)} | "
+                f"{r.loss_first_decile:.4f} vs {r.loss_last_decile:.4f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def merges_markdown(runs: dict[str, Path]) -> str:
-    lines = ["| run | task | scheme | precision | method | val loss | Δ vs mean single [95% CI] | Δ vs best single "
-             "[95% CI] | beats every single run (val loss) | score % | Δ score pts [95% CI] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | task | scheme | precision | method | val loss | Δ vs mean single [95% CI] | Δ vs best single "
+        "[95% CI] | beats every single run (val loss) | score % | Δ score pts [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, results in runs.items():
         t = pd.read_csv(Paths(str(results)).of("table", name="table1", ext="csv"))
         for r in t[t["method"] != "single"].itertuples():
-            score = "–" if r.task_score_mean != r.task_score_mean else (
-                f"{100 * r.task_score_mean:.1f} | {100 * r.task_score_delta:+.1f}"
-                f"{format_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}")
-            lines.append(f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.val_loss_mean:.4f} | "
-                         f"{r.val_loss_delta:+.4f}{format_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)} | "
-                         f"{r.val_loss_delta_best:+.4f}"
-                         f"{format_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)} | "
-                         f"{'yes' if r.val_loss_beats_best_single else 'no'} | "
-                         f"{score if score != '–' else '– | –'} |")
+            score = (
+                "–"
+                if r.task_score_mean != r.task_score_mean
+                else (
+                    f"{100 * r.task_score_mean:.1f} | {100 * r.task_score_delta:+.1f}"
+                    f"{format_ci(r.task_score_delta_ci_low, r.task_score_delta_ci_high, 100, 1)}"
+                )
+            )
+            lines.append(
+                f"| {name} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.val_loss_mean:.4f} | "
+                f"{r.val_loss_delta:+.4f}{format_ci(r.val_loss_delta_ci_low, r.val_loss_delta_ci_high)} | "
+                f"{r.val_loss_delta_best:+.4f}"
+                f"{format_ci(r.val_loss_delta_best_ci_low, r.val_loss_delta_best_ci_high)} | "
+                f"{'yes' if r.val_loss_beats_best_single else 'no'} | "
+                f"{score if score != '–' else '– | –'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -64,10 +78,15 @@ def pooled_rho_markdown(runs: dict[str, Path]) -> str:
     from ordermerge.analysis.stats import paired_rho, paired_rho_ci, permutation_p, verdict
 
     tables = {name: pd.read_csv(Paths(str(res)).of("table", name="imbalance", ext="csv")) for name, res in runs.items()}
-    keys = [k for k in map(_group_key, next(iter(tables.values())).itertuples())
-            if all(k in set(map(_group_key, t.itertuples())) for t in tables.values())]
-    lines = ["| task | scheme | precision | runs pooled | paired ρ [95% CI] | perm. p | verdict | "
-             "per-run ρ: sign agrees |", "|---|---|---|---|---|---|---|---|"]
+    keys = [
+        k
+        for k in map(_group_key, next(iter(tables.values())).itertuples())
+        if all(k in set(map(_group_key, t.itertuples())) for t in tables.values())
+    ]
+    lines = [
+        "| task | scheme | precision | runs pooled | paired ρ [95% CI] | perm. p | verdict | per-run ρ: sign agrees |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for key in keys:
         w = dict(zip(("model", "task", "scheme", "precision"), key))
         pos, loss, signs = [], [], []
@@ -81,17 +100,22 @@ def pooled_rho_markdown(runs: dict[str, Path]) -> str:
         rho = paired_rho(positions, losses)
         lo, hi = paired_rho_ci(positions, losses, SEED)
         agree = sum(sg == np.sign(rho) for sg in signs)
-        lines.append(f"| {w['task']} | {w['scheme']} | {w['precision']} | {len(positions)} | {rho:+.3f}"
-                     f"{format_ci(lo, hi, digits=3)} | {permutation_p(positions, losses, n_perm=499, seed=SEED):.3g} | "
-                     f"{verdict(lo, hi)} | {agree} of {len(signs)} replicates |")
+        lines.append(
+            f"| {w['task']} | {w['scheme']} | {w['precision']} | {len(positions)} | {rho:+.3f}"
+            f"{format_ci(lo, hi, digits=3)} | {permutation_p(positions, losses, n_perm=499, seed=SEED):.3g} | "
+            f"{verdict(lo, hi)} | {agree} of {len(signs)} replicates |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _val_matrix(stems: list[str]) -> tuple[pd.Index, np.ndarray, np.ndarray]:
     frames = [pd.read_csv(stem + EVAL_FILES["val_losses"]).set_index("sample_id").sort_index() for stem in stems]
     ids = frames[0].index
-    return ids, np.array([f.loc[ids, "loss"].to_numpy(float) for f in frames]), \
-        np.array([f.loc[ids, "tokens"].to_numpy(float) for f in frames])
+    return (
+        ids,
+        np.array([f.loc[ids, "loss"].to_numpy(float) for f in frames]),
+        np.array([f.loc[ids, "tokens"].to_numpy(float) for f in frames]),
+    )
 
 
 def pooled_merges_markdown(runs: dict[str, Path]) -> str:
@@ -108,23 +132,35 @@ def pooled_merges_markdown(runs: dict[str, Path]) -> str:
         m = m[(m["metric"] == "val_loss") & (m.get("harness", "") == "")]
         t1 = pd.read_csv(p.of("table", name="table1", ext="csv"))
         per_run[name] = (p, m, t1)
-    lines = ["| task | scheme | precision | method | replicates | Δ vs mean single, mean over replicates [95% CI] |"
-             " beats every run in |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | scheme | precision | method | replicates | Δ vs mean single, mean over replicates [95% CI] |"
+        " beats every run in |",
+        "|---|---|---|---|---|---|---|",
+    ]
     first = next(iter(per_run.values()))[2]
     for r in first[first["method"] != "single"].itertuples():
         key, deltas, beats = _group_key(r), [], 0
-        present = [n for n, (_, _, t1) in per_run.items()
-                   if ((t1["method"] == r.method) & (t1.apply(_group_key, axis=1) == key)).any()]
+        present = [
+            n
+            for n, (_, _, t1) in per_run.items()
+            if ((t1["method"] == r.method) & (t1.apply(_group_key, axis=1) == key)).any()
+        ]
         if len(present) < 2:
             continue
         for name in present:
             p, m, t1 = per_run[name]
             w = dict(zip(("model", "task", "scheme", "precision"), key))
-            g = m[(m["model"] == w["model"]) & (m["task"] == w["task"]) & (m["scheme"] == w["scheme"])
-                  & (m["precision"] == w["precision"])]
+            g = m[
+                (m["model"] == w["model"])
+                & (m["task"] == w["task"])
+                & (m["scheme"] == w["scheme"])
+                & (m["precision"] == w["precision"])
+            ]
             singles = [p.of("eval_single", **w, run=int(float(k))) for k in g[g["kind"] == "single"]["run"]]
-            merged = [p.of("eval_merged", **w, method=r.method, mseed=int(float(s)))
-                      for s in g[(g["kind"] == "merged") & (g["method"] == r.method)]["seed"]]
+            merged = [
+                p.of("eval_merged", **w, method=r.method, mseed=int(float(s)))
+                for s in g[(g["kind"] == "merged") & (g["method"] == r.method)]["seed"]
+            ]
             ids, s_loss, s_tok = _val_matrix(singles)
             _, m_loss, m_tok = _val_matrix(merged)
             deltas.append((s_loss, s_tok, m_loss, m_tok))
@@ -132,13 +168,16 @@ def pooled_merges_markdown(runs: dict[str, Path]) -> str:
             beats += bool(row["val_loss_beats_best_single"])
 
         def delta(idx, deltas=deltas):  # token-weighted val loss, as Table 1's
-            return float(np.mean([_weighted(ml, mt, idx).mean() - _weighted(sl, st, idx).mean()
-                                  for sl, st, ml, mt in deltas]))
+            return float(
+                np.mean([_weighted(ml, mt, idx).mean() - _weighted(sl, st, idx).mean() for sl, st, ml, mt in deltas])
+            )
 
         n = deltas[0][0].shape[1]
         lo, hi = bootstrap_ci(delta, n, SEED, f"pooled-{'-'.join(key)}-{r.method}")
-        lines.append(f"| {r.task} | {r.scheme} | {r.precision} | {r.method} | {len(present)} | "
-                     f"{delta(np.arange(n)):+.4f}{format_ci(lo, hi)} | {beats} of {len(present)} |")
+        lines.append(
+            f"| {r.task} | {r.scheme} | {r.precision} | {r.method} | {len(present)} | "
+            f"{delta(np.arange(n)):+.4f}{format_ci(lo, hi)} | {beats} of {len(present)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -160,14 +199,26 @@ def study_report(runs: dict[str, Path], out: Path) -> list[Path]:
         if timing.exists():
             written.append(Path(shutil.copy2(timing, dest / timing.name)))
         sections.append(f"## {name}\n\n" + "\n".join(f"- [{f.name}]({name}/{f.name})" for f in figures + tables) + "\n")
-    readme = ("# Study results\n\nGenerated by `make study` (`ordermerge study-report`) from the runs of "
-              "`configs/study.yaml`; every number is copied from the runs' own tables.\n\n"
-              "## Position effect (paired ρ: first-epoch position vs final loss, difficulty cancelled)\n\n"
-              + imbalance_markdown(runs) + "\n## Merges vs single runs (Table 1)\n\n" + merges_markdown(runs)
-              + (("\n## Pooled over the replicates\n\nPaired ρ over the fine-tunes of every run together "
-                  "(same samples, new orders):\n\n" + pooled_rho_markdown(runs)
-                  + "\nMerges: Δ val loss vs the mean single run, averaged over the runs that have the merge:\n\n"
-                  + pooled_merges_markdown(runs)) if len(runs) > 1 else "")
-              + "\n" + "\n".join(sections))
+    readme = (
+        "# Study results\n\nGenerated by `make study` (`ordermerge study-report`) from the runs of "
+        "`configs/study.yaml`; every number is copied from the runs' own tables.\n\n"
+        "## Position effect (paired ρ: first-epoch position vs final loss, difficulty cancelled)\n\n"
+        + imbalance_markdown(runs)
+        + "\n## Merges vs single runs (Table 1)\n\n"
+        + merges_markdown(runs)
+        + (
+            (
+                "\n## Pooled over the replicates\n\nPaired ρ over the fine-tunes of every run together "
+                "(same samples, new orders):\n\n"
+                + pooled_rho_markdown(runs)
+                + "\nMerges: Δ val loss vs the mean single run, averaged over the runs that have the merge:\n\n"
+                + pooled_merges_markdown(runs)
+            )
+            if len(runs) > 1
+            else ""
+        )
+        + "\n"
+        + "\n".join(sections)
+    )
     (out / "README.md").write_text(readme)
     return written + [out / "README.md"]

@@ -16,11 +16,24 @@ import pandas as pd
 
 from ordermerge.merging.registry import merge_variants
 from ordermerge.merging.subsets import sweep_plan
-from ordermerge.paths import EVAL_FILES, Paths
+from ordermerge.paths import Paths
 from ordermerge.plan import figure_name
 
 METRICS = ("val_loss", "exact_match")
-IDS = ["model", "task", "scheme", "precision", "kind", "method", "seed", "run", "epoch", "subset_size", "subset", "merged"]
+IDS = [
+    "model",
+    "task",
+    "scheme",
+    "precision",
+    "kind",
+    "method",
+    "seed",
+    "run",
+    "epoch",
+    "subset_size",
+    "subset",
+    "merged",
+]
 
 
 def token_mean_loss(df: pd.DataFrame) -> float:
@@ -38,6 +51,7 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
 
 
 # --- K-sweep -----------------------------------------------------------------------------------
+
 
 def ksweep_table(sweep: pd.DataFrame, single: pd.DataFrame) -> pd.DataFrame:
     """Per (model, task, scheme, method, subset size): mean ± std over the random subsets, beside the
@@ -62,17 +76,23 @@ def ksweep_table(sweep: pd.DataFrame, single: pd.DataFrame) -> pd.DataFrame:
 
 
 def ksweep_markdown(t: pd.DataFrame) -> str:
-    lines = ["# K-sweep: merges of random subsets of the K runs", "",
-             "Mean ± std over the random subsets of each size; Δ against the mean of the single runs (lower val",
-             "loss, higher exact match are better). Exact match is blank unless `ksweep.exact_match: true`.", "",
-             "| model | task | scheme | precision | method | size | subsets | val loss | single val loss | Δ val loss |"
-             " exact match % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# K-sweep: merges of random subsets of the K runs",
+        "",
+        "Mean ± std over the random subsets of each size; Δ against the mean of the single runs (lower val",
+        "loss, higher exact match are better). Exact match is blank unless `ksweep.exact_match: true`.",
+        "",
+        "| model | task | scheme | precision | method | size | subsets | val loss | single val loss | Δ val loss |"
+        " exact match % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in t.itertuples():
         em = "" if np.isnan(r.exact_match_mean) else f"{100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f}"
-        lines.append(f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.subset_size} | {r.n_subsets} | "
-                     f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | {r.single_val_loss_mean:.4f} | "
-                     f"{r.val_loss_delta:+.4f} | {em} |")
+        lines.append(
+            f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.subset_size} | {r.n_subsets} | "
+            f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | {r.single_val_loss_mean:.4f} | "
+            f"{r.val_loss_delta:+.4f} | {em} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -88,16 +108,28 @@ def load_ksweep(results: Path, cfg: dict) -> pd.DataFrame:
                 for size, subsets in plan.items():
                     for i, runs in enumerate(subsets):
                         for method in ks["methods"]:
-                            files = {kind: f.format(**w, size=size, subset=i, method=method)
-                                     for kind, f in p.eval_outputs("ksweep_merged").items()}
+                            files = {
+                                kind: f.format(**w, size=size, subset=i, method=method)
+                                for kind, f in p.eval_outputs("ksweep_merged").items()
+                            }
                             em = float("nan")
                             if ks["exact_match"]:
                                 em = json.loads(Path(files["metrics"]).read_text())["exact_match"]
-                            rows.append({**w, "kind": "ksweep",
-                                         "method": method, "seed": seed, "run": None, "epoch": cfg["train"]["epochs"],
-                                         "subset_size": size, "subset": i, "merged": " ".join(f"run{k}" for k in runs),
-                                         "val_loss": token_mean_loss(pd.read_csv(files["val_losses"])),
-                                         "exact_match": em})
+                            rows.append(
+                                {
+                                    **w,
+                                    "kind": "ksweep",
+                                    "method": method,
+                                    "seed": seed,
+                                    "run": None,
+                                    "epoch": cfg["train"]["epochs"],
+                                    "subset_size": size,
+                                    "subset": i,
+                                    "merged": " ".join(f"run{k}" for k in runs),
+                                    "val_loss": token_mean_loss(pd.read_csv(files["val_losses"])),
+                                    "exact_match": em,
+                                }
+                            )
     return pd.DataFrame(rows)
 
 
@@ -113,15 +145,25 @@ def plot_ksweep(table: pd.DataFrame, single: pd.DataFrame, title: str, path: Pat
     for ax, (metric, label) in zip(axes[0], panels):
         scale = 100.0 if metric == "exact_match" else 1.0
         ref_mean, ref_std = _mean_std(single[metric])
-        ax.axhline(scale * ref_mean, color="black", ls="--", lw=1.5,
-                   label=f"single runs: mean ({len(single)} runs)")
-        ax.axhspan(scale * (ref_mean - ref_std), scale * (ref_mean + ref_std), color="gray", alpha=0.15,
-                   label="single runs: ± std")
+        ax.axhline(scale * ref_mean, color="black", ls="--", lw=1.5, label=f"single runs: mean ({len(single)} runs)")
+        ax.axhspan(
+            scale * (ref_mean - ref_std),
+            scale * (ref_mean + ref_std),
+            color="gray",
+            alpha=0.15,
+            label="single runs: ± std",
+        )
         for i, (method, g) in enumerate(table.groupby("method", sort=False)):
             g = g.sort_values("subset_size")
-            ax.errorbar(g["subset_size"] + 0.05 * i, scale * g[f"{metric}_mean"], yerr=scale * g[f"{metric}_std"],
-                        fmt="o-", capsize=3, color=method_colour(method),
-                        label=f"merged: {method} (mean ± std over subsets)")
+            ax.errorbar(
+                g["subset_size"] + 0.05 * i,
+                scale * g[f"{metric}_mean"],
+                yerr=scale * g[f"{metric}_std"],
+                fmt="o-",
+                capsize=3,
+                color=method_colour(method),
+                label=f"merged: {method} (mean ± std over subsets)",
+            )
         sizes = sorted(table["subset_size"].unique())
         ax.set_xticks(sizes)
         ax.set_xlim(min(sizes) - 0.5, max(sizes) + 0.5)  # one size alone would otherwise stretch the offsets
@@ -135,6 +177,7 @@ def plot_ksweep(table: pd.DataFrame, single: pd.DataFrame, title: str, path: Pat
 
 # --- Multi-task merge (Table 3) ------------------------------------------------------------------
 
+
 def table3(merged: pd.DataFrame, single: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     """Per evaluated task, its single-task model vs the multi-task merge of each method (mean ± std
     over merge seeds), Δ vs single; then per method the mean Δ over tasks (task '(mean)', the
@@ -146,8 +189,16 @@ def table3(merged: pd.DataFrame, single: pd.DataFrame, methods: list[str]) -> pd
     rows = []
     for (model, precision, task), s in single.groupby(["model", "precision", "task"], sort=False):
         ref = {m: _mean_std(s[m])[0] for m in METRICS}
-        rows.append({"model": model, "precision": precision, "task": task, "method": "single-task", "n": len(s),
-                     **{f"{m}_{stat}": v for m in METRICS for stat, v in (("mean", ref[m]), ("std", 0.0), ("delta", 0.0))}})
+        rows.append(
+            {
+                "model": model,
+                "precision": precision,
+                "task": task,
+                "method": "single-task",
+                "n": len(s),
+                **{f"{m}_{stat}": v for m in METRICS for stat, v in (("mean", ref[m]), ("std", 0.0), ("delta", 0.0))},
+            }
+        )
         g = merged[(merged["model"] == model) & (merged["task"] == task) & (merged["precision"] == precision)]
         for method in methods:
             r = g[g["method"] == method]
@@ -163,26 +214,36 @@ def table3(merged: pd.DataFrame, single: pd.DataFrame, methods: list[str]) -> pd
         return out
     merges = out[out["method"] != "single-task"]
     deltas = [f"{m}_delta" for m in METRICS]
-    avg = merges.groupby(["model", "precision", "method"], sort=False).agg(n=("task", "size"), **{d: (d, "mean") for d in deltas})
+    avg = merges.groupby(["model", "precision", "method"], sort=False).agg(
+        n=("task", "size"), **{d: (d, "mean") for d in deltas}
+    )
     return pd.concat([out, avg.reset_index().assign(task="(mean)")], ignore_index=True)
 
 
 def table3_markdown(t: pd.DataFrame) -> str:
-    lines = ["# Table 3: multi-task merge vs single-task fine-tunes", "",
-             "Each task's single-task model (one fine-tune) vs the merge of all tasks' single-task models,",
-             "evaluated on that task; merges: mean ± std over merge seeds. Δ vs single-task; '(mean over tasks)'",
-             "rows average Δ over the tasks (the paper's avg Δ). Lower val loss, higher exact match are better.", "",
-             "| model | precision | task | method | n | val loss | Δ val loss | exact match % | Δ EM (pts) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Table 3: multi-task merge vs single-task fine-tunes",
+        "",
+        "Each task's single-task model (one fine-tune) vs the merge of all tasks' single-task models,",
+        "evaluated on that task; merges: mean ± std over merge seeds. Δ vs single-task; '(mean over tasks)'",
+        "rows average Δ over the tasks (the paper's avg Δ). Lower val loss, higher exact match are better.",
+        "",
+        "| model | precision | task | method | n | val loss | Δ val loss | exact match % | Δ EM (pts) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in t.itertuples():
         if r.task == "(mean)":
-            lines.append(f"| {r.model} | {r.precision} | (mean over {r.n} tasks) | {r.method} | | | {r.val_loss_delta:+.4f} | | "
-                         f"{100 * r.exact_match_delta:+.1f} |")
+            lines.append(
+                f"| {r.model} | {r.precision} | (mean over {r.n} tasks) | {r.method} | | | {r.val_loss_delta:+.4f} | | "
+                f"{100 * r.exact_match_delta:+.1f} |"
+            )
             continue
-        lines.append(f"| {r.model} | {r.precision} | {r.task} | {r.method} | {r.n} | "
-                     f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | {r.val_loss_delta:+.4f} | "
-                     f"{100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | "
-                     f"{100 * r.exact_match_delta:+.1f} |")
+        lines.append(
+            f"| {r.model} | {r.precision} | {r.task} | {r.method} | {r.n} | "
+            f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | {r.val_loss_delta:+.4f} | "
+            f"{100 * r.exact_match_mean:.1f} ± {100 * r.exact_match_std:.1f} | "
+            f"{100 * r.exact_match_delta:+.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -194,14 +255,19 @@ def load_multitask(results: Path, cfg: dict) -> pd.DataFrame:
             for method, seed in merge_variants(mt["methods"], mt["seeds"]):
                 for precision in cfg["precisions"]:
                     metrics = Paths(str(results)).eval_outputs("eval_multitask")["metrics"]
-                    m = json.loads(Path(metrics.format(model=model, task=task, precision=precision, method=method,
-                                                       mseed=seed)).read_text())
-                    rows.append({**{k: m.get(k) for k in IDS}, "val_loss": m["val_loss"],
-                                 "exact_match": m["exact_match"]})
+                    m = json.loads(
+                        Path(
+                            metrics.format(model=model, task=task, precision=precision, method=method, mseed=seed)
+                        ).read_text()
+                    )
+                    rows.append(
+                        {**{k: m.get(k) for k in IDS}, "val_loss": m["val_loss"], "exact_match": m["exact_match"]}
+                    )
     return pd.DataFrame(rows)
 
 
 # --- tidy rows and the stage itself --------------------------------------------------------------
+
 
 def tidy_extra(frame: pd.DataFrame) -> pd.DataFrame:
     """Tidy rows (as metrics.csv) for K-sweep / multi-task models; ``kind`` tells them apart, and
@@ -213,7 +279,9 @@ def tidy_extra(frame: pd.DataFrame) -> pd.DataFrame:
     return tidy.dropna(subset=["value"]).reset_index(drop=True)
 
 
-def analyze_ksweep_and_multitask(cfg: dict, results: Path, out: Path, metrics: pd.DataFrame, write_table) -> pd.DataFrame:
+def analyze_ksweep_and_multitask(
+    cfg: dict, results: Path, out: Path, metrics: pd.DataFrame, write_table
+) -> pd.DataFrame:
     """Writes ksweep.csv/.md + figures and table3.csv/.md as configured; returns their tidy rows."""
     frames = []
     single = metrics[metrics["kind"] == "single"] if not metrics.empty else metrics
@@ -222,11 +290,19 @@ def analyze_ksweep_and_multitask(cfg: dict, results: Path, out: Path, metrics: p
         t = ksweep_table(sweep, single)
         write_table(out, "ksweep", t, ksweep_markdown(t))
         for (model, task, scheme, precision), g in t.groupby(["model", "task", "scheme", "precision"]):
-            s = single[(single["model"] == model) & (single["task"] == task) & (single["scheme"] == scheme)
-                       & (single["precision"] == precision)]
-            plot_ksweep(g, s, f"K-sweep — {model}, {task}, {scheme}, stored in {precision}:\nmerges of random subsets "
-                        f"of the {cfg['runs']} runs vs the single runs",
-                        Path(Paths(str(out)).of("figure", name=figure_name("ksweep", model, task, scheme, precision))))
+            s = single[
+                (single["model"] == model)
+                & (single["task"] == task)
+                & (single["scheme"] == scheme)
+                & (single["precision"] == precision)
+            ]
+            plot_ksweep(
+                g,
+                s,
+                f"K-sweep — {model}, {task}, {scheme}, stored in {precision}:\nmerges of random subsets "
+                f"of the {cfg['runs']} runs vs the single runs",
+                Path(Paths(str(out)).of("figure", name=figure_name("ksweep", model, task, scheme, precision))),
+            )
         frames.append(sweep)
         print(ksweep_markdown(t))
     mt = cfg.get("multitask") or {}

@@ -62,8 +62,15 @@ def _weighted(values: np.ndarray, weights: np.ndarray, idx: np.ndarray) -> np.nd
     return (values[:, idx] * weights[:, idx]).sum(axis=1) / weights[:, idx].sum(axis=1)
 
 
-def delta_intervals(single: list[pd.DataFrame], merged: list[pd.DataFrame], column: str, weight: str | None,
-                    lower_is_better: bool, seed: int, name: str) -> dict:
+def delta_intervals(
+    single: list[pd.DataFrame],
+    merged: list[pd.DataFrame],
+    column: str,
+    weight: str | None,
+    lower_is_better: bool,
+    seed: int,
+    name: str,
+) -> dict:
     """Δ of a merge (mean over seeds) against the mean single run and against the best single run, each with
     a 95 % bootstrap interval over evaluation samples (a sample is resampled with all its runs and seeds;
     runs and merge seeds stay as they are). The best run is re-chosen inside every resample, so
@@ -88,13 +95,17 @@ def delta_intervals(single: list[pd.DataFrame], merged: list[pd.DataFrame], colu
 
     everything = np.arange(len(ids))
     d_best = float(delta_best(everything))
-    return {"delta_ci": bootstrap_ci(delta, len(ids), seed, f"{name}-delta"), "delta_best": d_best,
-            "delta_best_ci": bootstrap_ci(delta_best, len(ids), seed, f"{name}-delta-best"),
-            "beats_best": bool(d_best < 0) if lower_is_better else bool(d_best > 0)}
+    return {
+        "delta_ci": bootstrap_ci(delta, len(ids), seed, f"{name}-delta"),
+        "delta_best": d_best,
+        "delta_best_ci": bootstrap_ci(delta_best, len(ids), seed, f"{name}-delta-best"),
+        "beats_best": bool(d_best < 0) if lower_is_better else bool(d_best > 0),
+    }
 
 
-def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict, test_scores: dict | None = None,
-           seed: int = 0) -> pd.DataFrame:
+def table1(
+    metrics: pd.DataFrame, methods: list[str], val_losses: dict, test_scores: dict | None = None, seed: int = 0
+) -> pd.DataFrame:
     """Single SFT (mean ± std over runs) vs each merge (mean ± std over merge seeds), with each Δ's 95 %
     bootstrap interval and whether the merge beats the best single run.
 
@@ -112,26 +123,46 @@ def table1(metrics: pd.DataFrame, methods: list[str], val_losses: dict, test_sco
             rows = single if method == "single" else g[(g["kind"] == "merged") & (g["method"] == method)]
             if rows.empty:
                 continue
-            rec = {"model": model, "task": task, "scheme": scheme, "precision": precision, "method": method,
-                   "n": len(rows),
-                   "task_metric": rows["task_metric"].iloc[0]}
+            rec = {
+                "model": model,
+                "task": task,
+                "scheme": scheme,
+                "precision": precision,
+                "method": method,
+                "n": len(rows),
+                "task_metric": rows["task_metric"].iloc[0],
+            }
             for metric in METRICS:
                 mean = rows[metric].mean()
                 rec[f"{metric}_mean"] = mean
                 rec[f"{metric}_std"] = rows[metric].std(ddof=1) if len(rows) > 1 else 0.0
                 rec[f"{metric}_delta"] = mean - ref[metric]
             for metric, frames, column, weight, lower in (
-                    ("val_loss", val_losses, "loss", "tokens", True),
-                    ("task_score", test_scores, "correct", None, False)):
-                ci = delta_intervals(frames.get((*key, "single"), []), frames.get((*key, method), []), column, weight,
-                                     lower, seed, f"{model}-{task}-{scheme}-{precision}-{method}-{metric}") \
-                    if method != "single" else delta_intervals([], [], column, weight, lower, seed, "")
+                ("val_loss", val_losses, "loss", "tokens", True),
+                ("task_score", test_scores, "correct", None, False),
+            ):
+                ci = (
+                    delta_intervals(
+                        frames.get((*key, "single"), []),
+                        frames.get((*key, method), []),
+                        column,
+                        weight,
+                        lower,
+                        seed,
+                        f"{model}-{task}-{scheme}-{precision}-{method}-{metric}",
+                    )
+                    if method != "single"
+                    else delta_intervals([], [], column, weight, lower, seed, "")
+                )
                 rec[f"{metric}_delta_ci_low"], rec[f"{metric}_delta_ci_high"] = ci["delta_ci"]
                 rec[f"{metric}_delta_best"] = ci["delta_best"]
                 rec[f"{metric}_delta_best_ci_low"], rec[f"{metric}_delta_best_ci_high"] = ci["delta_best_ci"]
                 rec[f"{metric}_beats_best_single"] = ci["beats_best"]
-            rec["p_paired_val_loss"] = float("nan") if method == "single" else paired_p(
-                val_losses.get((*key, "single"), []), val_losses.get((*key, method), []))
+            rec["p_paired_val_loss"] = (
+                float("nan")
+                if method == "single"
+                else paired_p(val_losses.get((*key, "single"), []), val_losses.get((*key, method), []))
+            )
             out.append(rec)
     return pd.DataFrame(out)
 
@@ -150,22 +181,32 @@ def _beats(value) -> str:
 
 def _score(r) -> str:
     """Mean ± std in per cent; '–' where no test sample was scored (eval.n_generate: 0)."""
-    return "–" if r.task_score_mean != r.task_score_mean else f"{100 * r.task_score_mean:.1f} ± {100 * r.task_score_std:.1f}"
+    return (
+        "–"
+        if r.task_score_mean != r.task_score_mean
+        else f"{100 * r.task_score_mean:.1f} ± {100 * r.task_score_std:.1f}"
+    )
 
 
 def table1_markdown(t: pd.DataFrame, title: str = "Table 1: single fine-tunes vs merges") -> str:
-    lines = [f"# {title}", "",
-             "Single: mean ± std over the K runs. Merges: mean ± std over merge seeds (average is deterministic).",
-             "Δ is against the single-run mean, Δ best against the best single run (re-chosen in every resample);",
-             "[brackets]: 95 % bootstrap intervals over evaluation samples. Lower val loss and higher task scores",
-             "are better; 'beats best' = better than every single run. p: Wilcoxon signed-rank test of per-sample",
-             "val losses, merge (mean over seeds) vs the mean single run. Task metric: exact_match (final numeric",
-             "answer) or mc_accuracy (multiple choice, by log-likelihood).", "",
-             "| model | task | scheme | precision | method | n | val loss | Δ val loss [95% CI] | p | Δ best [95% CI] |"
-             " beats best | task metric | score % | Δ score pts [95% CI] | Δ best pts [95% CI] | beats best |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {title}",
+        "",
+        "Single: mean ± std over the K runs. Merges: mean ± std over merge seeds (average is deterministic).",
+        "Δ is against the single-run mean, Δ best against the best single run (re-chosen in every resample);",
+        "[brackets]: 95 % bootstrap intervals over evaluation samples. Lower val loss and higher task scores",
+        "are better; 'beats best' = better than every single run. p: Wilcoxon signed-rank test of per-sample",
+        "val losses, merge (mean over seeds) vs the mean single run. Task metric: exact_match (final numeric",
+        "answer) or mc_accuracy (multiple choice, by log-likelihood).",
+        "",
+        "| model | task | scheme | precision | method | n | val loss | Δ val loss [95% CI] | p | Δ best [95% CI] |"
+        " beats best | task metric | score % | Δ score pts [95% CI] | Δ best pts [95% CI] | beats best |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in t.itertuples():
-        best_pts = _delta(r.task_score_delta_best, r.task_score_delta_best_ci_low, r.task_score_delta_best_ci_high, 100, 1)
+        best_pts = _delta(
+            r.task_score_delta_best, r.task_score_delta_best_ci_low, r.task_score_delta_best_ci_high, 100, 1
+        )
         lines.append(
             f"| {r.model} | {r.task} | {r.scheme} | {r.precision} | {r.method} | {r.n} | "
             f"{r.val_loss_mean:.4f} ± {r.val_loss_std:.4f} | "
@@ -188,13 +229,19 @@ def comparison(t1: pd.DataFrame, by: str, merged_method: str) -> pd.DataFrame:
         single, merged = g[g["method"] == "single"], g[g["method"] == merged_method]
         if single.empty or merged.empty:
             continue
-        rows.append({**dict(zip(keys + [by], key)), "method": merged_method,
-                     "single_val_loss": single["val_loss_mean"].item(), "merged_val_loss": merged["val_loss_mean"].item(),
-                     "delta_val_loss": merged["val_loss_mean"].item() - single["val_loss_mean"].item(),
-                     "task_metric": single["task_metric"].item(),
-                     "single_task_score": single["task_score_mean"].item(),
-                     "merged_task_score": merged["task_score_mean"].item(),
-                     "delta_task_score": merged["task_score_mean"].item() - single["task_score_mean"].item()})
+        rows.append(
+            {
+                **dict(zip(keys + [by], key)),
+                "method": merged_method,
+                "single_val_loss": single["val_loss_mean"].item(),
+                "merged_val_loss": merged["val_loss_mean"].item(),
+                "delta_val_loss": merged["val_loss_mean"].item() - single["val_loss_mean"].item(),
+                "task_metric": single["task_metric"].item(),
+                "single_task_score": single["task_score_mean"].item(),
+                "merged_task_score": merged["task_score_mean"].item(),
+                "delta_task_score": merged["task_score_mean"].item() - single["task_score_mean"].item(),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -52,8 +52,13 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, revision: str |
     return tokenizer
 
 
-def build_base_model(source: str, out_dir: str | Path, dtype: str = "bfloat16", trust_remote_code: bool = False,
-                     revision: str | None = None) -> None:
+def build_base_model(
+    source: str,
+    out_dir: str | Path,
+    dtype: str = "bfloat16",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

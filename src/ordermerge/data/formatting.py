@@ -52,8 +52,9 @@ def prompt_text(tokenizer, prompt: str, system_prompt: str | None) -> str:
     """What the model sees before its answer: the chat template's turn, or the plain format, with
     any BOS token the tokenizer adds (so tokenize it with add_special_tokens=False)."""
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(build_messages(prompt, system_prompt), tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            build_messages(prompt, system_prompt), tokenize=False, add_generation_prompt=True
+        )
     return (tokenizer.bos_token or "") + plain_prompt(prompt, system_prompt)
 
 
@@ -63,7 +64,7 @@ def _encode_plain(tokenizer, prompt: str, response: str, system_prompt: str | No
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither a chat template nor an EOS token; generation could not stop")
     full_ids = list(prompt_ids) + list(answer_ids) + [tokenizer.eos_token_id]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     return {"input_ids": full_ids[:max_length], "labels": labels[:max_length], "length": len(full_ids)}
 
 
@@ -76,9 +77,7 @@ def encode_example(tokenizer, prompt: str, response: str, system_prompt: str | N
         return _encode_plain(tokenizer, prompt, response, system_prompt, max_length)
     messages = build_messages(prompt, system_prompt)
     prompt_ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    full_ids = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": response}], tokenize=True
-    )
+    full_ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
     if hasattr(prompt_ids, "input_ids") or isinstance(prompt_ids, dict):
         prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
     prompt_ids, full_ids = list(prompt_ids), list(full_ids)
@@ -87,5 +86,5 @@ def encode_example(tokenizer, prompt: str, response: str, system_prompt: str | N
     # Drop the template's trailing newline after the end-of-turn token: not part of the answer.
     while full_ids and tokenizer.decode(full_ids[-1:]).strip() == "":
         full_ids = full_ids[:-1]
-    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids) :]
     return {"input_ids": full_ids[:max_length], "labels": labels[:max_length], "length": len(full_ids)}

@@ -47,11 +47,15 @@ def infer(task: str, spec: dict, rows: list[dict]) -> tuple[str, str]:
     if with_choices == len(rows) and rows:
         return "choice", f"every record has a {field!r} field"
     if not with_choices and spec.get("choices_field"):
-        raise AnswerError(f"tasks.{task}.choices_field: {field!r} — no record has that field; name the field that "
-                          f"holds the choices, or drop choices_field")
+        raise AnswerError(
+            f"tasks.{task}.choices_field: {field!r} — no record has that field; name the field that "
+            f"holds the choices, or drop choices_field"
+        )
     if with_choices:
-        raise AnswerError(f"tasks.{task}: {with_choices} of {len(rows)} records have a {field!r} field and the rest "
-                          f"do not; set tasks.{task}.answer: choice (and fix the records without it) or text/numeric")
+        raise AnswerError(
+            f"tasks.{task}: {with_choices} of {len(rows)} records have a {field!r} field and the rest "
+            f"do not; set tasks.{task}.answer: choice (and fix the records without it) or text/numeric"
+        )
     golds = [g[0] if isinstance(g, list) and g else g for g in (gold_value(spec, r) for r in rows)]
     golds = [g for g in golds if g is not None and str(g).strip()]  # empty: no evidence (``check`` reads them)
     numeric = [g for g in golds if extract_number(str(g)) is not None]
@@ -60,9 +64,11 @@ def infer(task: str, spec: dict, rows: list[dict]) -> tuple[str, str]:
     if not numeric:
         return "text", f"none of the {len(golds)} gold answers holds a number"
     words = [g for g in golds if extract_number(str(g)) is None]
-    raise AnswerError(f"tasks.{task}: {len(numeric)} of {len(golds)} gold answers hold a number and {len(words)} do "
-                      f"not (e.g. {_examples(words)}), so the kind is unclear; set tasks.{task}.answer: numeric "
-                      f"(score the final number) or text (score the whole answer)")
+    raise AnswerError(
+        f"tasks.{task}: {len(numeric)} of {len(golds)} gold answers hold a number and {len(words)} do "
+        f"not (e.g. {_examples(words)}), so the kind is unclear; set tasks.{task}.answer: numeric "
+        f"(score the final number) or text (score the whole answer)"
+    )
 
 
 def check(task: str, kind: str, records: list[dict]) -> dict:
@@ -74,15 +80,19 @@ def check(task: str, kind: str, records: list[dict]) -> dict:
     if kind == "numeric":
         unread = [r["answer"] or r["response"] for r in records if extract_number(str(r["answer"])) is None]
         if len(unread) * 2 > len(records):
-            raise AnswerError(f"tasks.{task}: {len(unread)} of {len(records)} gold answers hold no number (e.g. "
-                              f"{_examples(unread)}); set tasks.{task}.answer: text")
+            raise AnswerError(
+                f"tasks.{task}: {len(unread)} of {len(records)} gold answers hold no number (e.g. "
+                f"{_examples(unread)}); set tasks.{task}.answer: text"
+            )
         return {"gold_without_number": len(unread)} if unread else {}
     if kind == "text":
         empty = [r["answers"] for r in records if not any(normalize_answer(a) for a in r["answers"])]
         if empty:
-            raise AnswerError(f"tasks.{task}: {len(empty)} of {len(records)} records have no gold answer left after "
-                              f"normalisation (lower-case, no punctuation or articles: e.g. {_examples(empty)}); "
-                              f"give them a word or phrase, or drop them")
+            raise AnswerError(
+                f"tasks.{task}: {len(empty)} of {len(records)} records have no gold answer left after "
+                f"normalisation (lower-case, no punctuation or articles: e.g. {_examples(empty)}); "
+                f"give them a word or phrase, or drop them"
+            )
     return {}
 
 
@@ -97,6 +107,7 @@ def describe(task: str, spec: dict, records: list[dict]) -> dict:
         origin = f"inferred: every record has a {spec.get('choices_field') or DEFAULT_CHOICES_FIELD!r} field"
     else:
         holding = sum(1 for r in records if extract_number(str(r["answer"])) is not None)
-        origin = (f"inferred: {holding} of {len(records)} gold answers hold a number; set tasks.{task}.answer to "
-                  f"change it")
+        origin = (
+            f"inferred: {holding} of {len(records)} gold answers hold a number; set tasks.{task}.answer to change it"
+        )
     return {"answer": kind, "answer_from": origin, **check(task, kind, records)}

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ordermerge.storage.atomic import atomic_path
 from ordermerge.seeding import numpy_rng
+from ordermerge.storage.atomic import atomic_path
 
 SCHEMES = ("shuffle", "fixbatch")
 
 
-def make_order(
-    n_samples: int, epochs: int, scheme: str, batch_size: int, seed: int, task: str, run: int
-) -> np.ndarray:
+def make_order(n_samples: int, epochs: int, scheme: str, batch_size: int, seed: int, task: str, run: int) -> np.ndarray:
     if n_samples < 1 or epochs < 1:
         raise ValueError(f"need n_samples >= 1 and epochs >= 1, got {n_samples}, {epochs}")
     rng = numpy_rng(seed, "order", task, scheme, run)

@@ -26,12 +26,14 @@ def split_records(records: list[dict], sizes: dict[str, int], seed: int, task: s
     names = [*SPLITS[:3], *(["heldout"] if "heldout" in sizes else [])]
     need = sum(sizes[name] for name in names)
     if len(records) < need:
-        raise DataError(f"task {task}: only {len(records)} usable samples but {'+'.join(names)} = {need}; "
-                         "lower the split sizes or raise max_length")
+        raise DataError(
+            f"task {task}: only {len(records)} usable samples but {'+'.join(names)} = {need}; "
+            "lower the split sizes or raise max_length"
+        )
     perm = numpy_rng(seed, "split", task).permutation(len(records))
     out, start = {}, 0
     for name in names:
-        out[name] = [records[i] for i in sorted(perm[start:start + sizes[name]])]
+        out[name] = [records[i] for i in sorted(perm[start : start + sizes[name]])]
         start += sizes[name]
     return out
 
@@ -66,9 +68,15 @@ def check_task(task: str, spec: dict, tokenizer, seed: int) -> dict:
         raise DataError(
             f"task {task}: only {len(fitting)} of the {len(pool)} samples in the pool fit in max_length "
             f"{spec['max_length']} tokens, but {'+'.join(sizes)} = {need} are needed; raise tasks.{task}.max_length, "
-            f"raise tasks.{task}.pool_size (where the source generates its samples), or lower the split sizes")
-    return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), "needed": need,
-            **kinds.describe(task, spec, pool)}
+            f"raise tasks.{task}.pool_size (where the source generates its samples), or lower the split sizes"
+        )
+    return {
+        "task": task,
+        "pool": len(pool),
+        "fitting_max_length": len(fitting),
+        "needed": need,
+        **kinds.describe(task, spec, pool),
+    }
 
 
 def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Path) -> dict:
@@ -82,8 +90,13 @@ def prepare_task(task: str, spec: dict, tokenizer, seed: int, out_dir: str | Pat
     for name, rows in splits.items():
         with atomic_path(out_dir / f"{name}.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    return {"task": task, "pool": len(pool), "fitting_max_length": len(fitting), **{k: len(v) for k, v in splits.items()},
-            **kinds.describe(task, spec, pool)}
+    return {
+        "task": task,
+        "pool": len(pool),
+        "fitting_max_length": len(fitting),
+        **{k: len(v) for k, v in splits.items()},
+        **kinds.describe(task, spec, pool),
+    }
 
 
 class Records(list):
@@ -105,12 +118,16 @@ def read_jsonl(path: str | Path) -> Records:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{n}: not JSON ({exc.msg}); the file is truncated or corrupt: {fix}") from None
             if isinstance(r.get("response"), str) and not r["response"].strip():
-                raise DataError(f"{path}:{n}: sample {r.get('sample_id')!r} has an empty response "
-                                 f"(nothing to learn or score): {fix}")
+                raise DataError(
+                    f"{path}:{n}: sample {r.get('sample_id')!r} has an empty response "
+                    f"(nothing to learn or score): {fix}"
+                )
             sid = r.get("sample_id")
             if sid is not None and sid in first_line:
-                raise DataError(f"{path}:{n}: duplicate sample_id {sid!r} (first on line {first_line[sid]}); "
-                                 f"losses and pairings are keyed by it: {fix}")
+                raise DataError(
+                    f"{path}:{n}: duplicate sample_id {sid!r} (first on line {first_line[sid]}); "
+                    f"losses and pairings are keyed by it: {fix}"
+                )
             if sid is not None:
                 first_line[sid] = n
             records.append(r)
@@ -123,5 +140,7 @@ def refuse_over_long(examples: list[dict], records: list[dict], max_length: int)
     for i, (e, r) in enumerate(zip(examples, records)):
         if e["length"] > max_length:
             where = f"{getattr(records, 'path', '<records>')}: sample {r.get('sample_id', i)!r} (record {i + 1})"
-            raise DataError(f"{where} is {e['length']} tokens, over max_length {max_length}; prepare-data drops "
-                             "such samples, so re-run it with this max_length, or raise tasks.<task>.max_length")
+            raise DataError(
+                f"{where} is {e['length']} tokens, over max_length {max_length}; prepare-data drops "
+                "such samples, so re-run it with this max_length, or raise tasks.<task>.max_length"
+            )

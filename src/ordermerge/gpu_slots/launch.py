@@ -10,10 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ordermerge.gpu_slots.claim import (EXIT_NOT_FOUND, EXIT_USAGE, FORWARDED_SIGNALS, LOCK_DIR_ENV, SCHEDULER_ENV,
-                                        Claim, SlotError, claim, default_lock_dir, discover_devices, parse_devices,
-                                        prepare_lock_dir)
-
+from ordermerge.gpu_slots.claim import (
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    FORWARDED_SIGNALS,
+    LOCK_DIR_ENV,
+    SCHEDULER_ENV,
+    Claim,
+    SlotError,
+    claim,
+    default_lock_dir,
+    discover_devices,
+    parse_devices,
+    prepare_lock_dir,
+)
 
 # --- running the command ---------------------------------------------------------------------------
 
@@ -69,15 +79,28 @@ def _parser() -> argparse.ArgumentParser:
         "set, holding the slots until it exits. Put the command after --.",
     )
     p.add_argument("--gpus", type=int, default=1, help="GPUs the command needs (default 1; 0 runs it unchanged)")
-    p.add_argument("--devices", help="comma list of device ids to share out (default: CUDA_VISIBLE_DEVICES, "
-                   "else the GPUs nvidia-smi lists)")
-    p.add_argument("--lock-dir", type=Path, help=f"directory of the slot lock files (default: ${LOCK_DIR_ENV}, "
-                   "else a per-user directory under the temp dir)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="give up (exit 75) after this many seconds without enough free slots (default: wait)")
-    p.add_argument("--respect-scheduler", action="store_true",
-                   help="the scheduler already set this job's CUDA_VISIBLE_DEVICES: run the command unchanged "
-                   f"(automatic when ${SCHEDULER_ENV} is set)")
+    p.add_argument(
+        "--devices",
+        help="comma list of device ids to share out (default: CUDA_VISIBLE_DEVICES, else the GPUs nvidia-smi lists)",
+    )
+    p.add_argument(
+        "--lock-dir",
+        type=Path,
+        help=f"directory of the slot lock files (default: ${LOCK_DIR_ENV}, "
+        "else a per-user directory under the temp dir)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up (exit 75) after this many seconds without enough free slots (default: wait)",
+    )
+    p.add_argument(
+        "--respect-scheduler",
+        action="store_true",
+        help="the scheduler already set this job's CUDA_VISIBLE_DEVICES: run the command unchanged "
+        f"(automatic when ${SCHEDULER_ENV} is set)",
+    )
     return p
 
 
@@ -94,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     if "--" not in argv:
         parser.print_usage(sys.stderr)
-        print("gpu_slots: put the command after --, e.g. python -m ordermerge.gpu_slots --gpus 1 -- ordermerge "
-              "fine-tune ...", file=sys.stderr)
+        print(
+            "gpu_slots: put the command after --, e.g. python -m ordermerge.gpu_slots --gpus 1 -- ordermerge "
+            "fine-tune ...",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     split = argv.index("--")
-    args, command = parser.parse_args(argv[:split]), argv[split + 1:]
+    args, command = parser.parse_args(argv[:split]), argv[split + 1 :]
     if not command:
         parser.error("no command after --")
     if args.gpus < 0:
@@ -106,9 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.respect_scheduler or under_scheduler():
         why = "--respect-scheduler" if args.respect_scheduler else f"{SCHEDULER_ENV}={os.environ[SCHEDULER_ENV]}"
-        print(f"gpu_slots: {why}: the scheduler confines this job; running it unchanged "
-              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})", file=sys.stderr,
-              flush=True)
+        print(
+            f"gpu_slots: {why}: the scheduler confines this job; running it unchanged "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')})",
+            file=sys.stderr,
+            flush=True,
+        )
         return _exec(command)
     if args.gpus == 0:
         return _exec(command)
@@ -122,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             devices, source = discover_devices(args.gpus)
         private = args.lock_dir is None and not os.environ.get(LOCK_DIR_ENV)
         lock_dir = prepare_lock_dir(args.lock_dir or default_lock_dir(), private)
-        held = claim(lock_dir, devices, args.gpus, timeout=args.timeout,
-                     on_wait=lambda msg: print(f"gpu_slots: {msg}", file=sys.stderr, flush=True))
+        held = claim(
+            lock_dir,
+            devices,
+            args.gpus,
+            timeout=args.timeout,
+            on_wait=lambda msg: print(f"gpu_slots: {msg}", file=sys.stderr, flush=True),
+        )
     except SlotError as exc:
         print(f"gpu_slots: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -131,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     held.record_holder(command)
     ids = ",".join(held.devices)
-    print(f"gpu_slots: slot{'s' if len(held.devices) > 1 else ''} {ids} of devices {','.join(devices)} "
-          f"(from {source}; locks in {lock_dir}): CUDA_VISIBLE_DEVICES={ids}", file=sys.stderr, flush=True)
+    print(
+        f"gpu_slots: slot{'s' if len(held.devices) > 1 else ''} {ids} of devices {','.join(devices)} "
+        f"(from {source}; locks in {lock_dir}): CUDA_VISIBLE_DEVICES={ids}",
+        file=sys.stderr,
+        flush=True,
+    )
     return run_holding(command, held)

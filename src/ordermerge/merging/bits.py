@@ -125,13 +125,16 @@ class SelectStats:
     zero_after: int = 0  # elements whose drawn value still equals the base's
 
     def __add__(self, other: SelectStats) -> SelectStats:
-        return SelectStats([a + b for a, b in zip(self.counts, other.counts)],
-                           [a + b for a, b in zip(self.resampled, other.resampled)],
-                           self.zero_after + other.zero_after)
+        return SelectStats(
+            [a + b for a, b in zip(self.counts, other.counts)],
+            [a + b for a, b in zip(self.resampled, other.resampled)],
+            self.zero_after + other.zero_after,
+        )
 
 
-def select_bits(stack: np.ndarray, probs: list[float], rng: np.random.PCG64,
-                base: np.ndarray | None = None, resample: int = 0) -> tuple[np.ndarray, SelectStats]:
+def select_bits(
+    stack: np.ndarray, probs: list[float], rng: np.random.PCG64, base: np.ndarray | None = None, resample: int = 0
+) -> tuple[np.ndarray, SelectStats]:
     """Select on one chunk: ``stack`` is (K, n) C-contiguous raw bits, ``base`` (n,) the base's bits."""
     if resample > 0 and base is None:
         raise ValueError("resample needs the base tensor to find zero task-vector elements")
@@ -174,8 +177,14 @@ def select_bits(stack: np.ndarray, probs: list[float], rng: np.random.PCG64,
     return out, stats
 
 
-def select(tensors: list[torch.Tensor], probs: list[float], seed: int, name: str = "",
-           base: torch.Tensor | None = None, resample: int = 0) -> tuple[torch.Tensor, SelectStats]:
+def select(
+    tensors: list[torch.Tensor],
+    probs: list[float],
+    seed: int,
+    name: str = "",
+    base: torch.Tensor | None = None,
+    resample: int = 0,
+) -> tuple[torch.Tensor, SelectStats]:
     """Parameter selection (+ resampling) of whole tensors; the streaming merge gives the same bytes."""
     if resample > 0 and base is None:
         raise ValueError("resample needs the base tensor to find zero task-vector elements")
@@ -186,8 +195,13 @@ def select(tensors: list[torch.Tensor], probs: list[float], seed: int, name: str
     stats = SelectStats([0] * len(tensors), [0] * resample)
     for c, lo in enumerate(range(0, out.size, CHUNK)):
         hi = min(lo + CHUNK, out.size)
-        part, s = select_bits(np.ascontiguousarray(stack[:, lo:hi]), probs, chunk_rng(seed, name, c),
-                              None if base_bits is None else base_bits[lo:hi], resample)
+        part, s = select_bits(
+            np.ascontiguousarray(stack[:, lo:hi]),
+            probs,
+            chunk_rng(seed, name, c),
+            None if base_bits is None else base_bits[lo:hi],
+            resample,
+        )
         out[lo:hi] = part
         stats = stats + s
     return torch.from_numpy(out).view(dtype).reshape(shape), stats

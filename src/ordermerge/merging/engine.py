@@ -31,17 +31,27 @@ from ordermerge.merging.bits import CHUNK, INT_VIEW, normalized_weights
 from ordermerge.merging.digests import Budget, StreamingDigest, sha256_of_dir  # noqa: F401  (sha256_of_dir: re-exported)
 from ordermerge.merging.methods import MergeMethod, load
 from ordermerge.storage.atomic import atomic_path
+from ordermerge.storage.checkpoint import (
+    CheckpointError,
+    LazyCheckpoint,
+    ShardedWriter,
+    copy_sidecars,
+    parse_size,
+    widened_base,
+)
 from ordermerge.storage.guards import refuse_duplicates
-from ordermerge.storage.checkpoint import (CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars, parse_size,
-                                         widened_base)
+
 _DTYPE_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors -> config.json
+
 
 def _check_device(device: str) -> None:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}; use cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                         "use --device cpu, which gives the same bytes")
+        raise ValueError(
+            "--device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+            "use --device cpu, which gives the same bytes"
+        )
 
 
 def _check_compatible(base: LazyCheckpoint, models: list[LazyCheckpoint]) -> None:
@@ -49,13 +59,17 @@ def _check_compatible(base: LazyCheckpoint, models: list[LazyCheckpoint]) -> Non
     for m in models:
         if m.keys() != names:
             extra = sorted(set(m.keys()) ^ set(names))
-            raise CheckpointError(f"{m.directory}: tensor names differ from the base {base.directory} (e.g. {extra[0]}); "
-                                  "merge only fine-tunes of this base")
+            raise CheckpointError(
+                f"{m.directory}: tensor names differ from the base {base.directory} (e.g. {extra[0]}); "
+                "merge only fine-tunes of this base"
+            )
         for name in names:
             if m.meta(name) != base.meta(name):
-                raise CheckpointError(f"{m.directory}: tensor {name} is {m.meta(name)} but the base has {base.meta(name)}; "
-                                      "save every fine-tune in the base's shapes and in one dtype: the base's, or one "
-                                      "that holds its values exactly (float32 for a bfloat16 or float16 base)")
+                raise CheckpointError(
+                    f"{m.directory}: tensor {name} is {m.meta(name)} but the base has {base.meta(name)}; "
+                    "save every fine-tune in the base's shapes and in one dtype: the base's, or one "
+                    "that holds its values exactly (float32 for a bfloat16 or float16 base)"
+                )
 
 
 class MergeContext:
@@ -64,8 +78,9 @@ class MergeContext:
     statistics from its ``prepare``; and, for methods that choose on data, ``data`` and ``task_spec``.
     """
 
-    def __init__(self, base, models, writer, probs, seed, params=None, device="cpu",
-                 weights=None, data=None, task_spec=None):
+    def __init__(
+        self, base, models, writer, probs, seed, params=None, device="cpu", weights=None, data=None, task_spec=None
+    ):
         self.base, self.models, self.writer = base, models, writer
         self.probs, self.seed, self.weights = probs, seed, weights
         self.params, self.device = params or {}, torch.device(device)
@@ -184,6 +199,7 @@ def _file_order(checkpoint: LazyCheckpoint):
     def key(task):
         info = checkpoint.info(task[0])
         return files[info.file], info.offset, task[1]
+
     return key
 
 
@@ -284,8 +300,9 @@ def _check_request(method, params, device, model_dirs, data, task_spec) -> dict:
     return params
 
 
-def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, out_dir, shard_size, progress,
-           config=None) -> dict:
+def _write(
+    ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, out_dir, shard_size, progress, config=None
+) -> dict:
     """Runs the merge into a temporary directory that becomes ``out_dir`` only when complete."""
     base, names = ctx.base, ctx.base.keys()
     tasks = []
@@ -307,8 +324,11 @@ def _write(ctx: MergeContext, impl: MergeMethod, method, base_dir, model_dirs, o
             if digest_cache.stat_key(dirs[i]) == keys[i]:
                 digest_cache.store(keys[i], digests[i], digest_cache.cache_dir())
         if progress:
-            print(f"inputs' sha256 (merge.json): {len(streams) - len(hashed)} of {len(streams)} from the digest cache, "
-                  f"{len(hashed)} hashed while read", file=sys.stderr)
+            print(
+                f"inputs' sha256 (merge.json): {len(streams) - len(hashed)} of {len(streams)} from the digest cache, "
+                f"{len(hashed)} hashed while read",
+                file=sys.stderr,
+            )
         refuse_duplicates("ordermerge merge", model_dirs, digests[1:])  # nothing is renamed into place
         floats = {base.info(n).dtype for n in names if base.info(n).torch_dtype.is_floating_point}
         copy_sidecars(Path(base_dir), tmp, _DTYPE_NAME.get(floats.pop()) if len(floats) == 1 else None)
@@ -342,12 +362,20 @@ def _provenance(base_dir, model_dirs, method, key, seed, probs, digests) -> dict
 
 def _model_card(p: dict) -> str:
     lines = [
-        "---", "tags: [ordermerge, merge]", "---", "",
-        f"# Merged model ({p['method_key']})", "",
+        "---",
+        "tags: [ordermerge, merge]",
+        "---",
+        "",
+        f"# Merged model ({p['method_key']})",
+        "",
         f"Merged by {p['tool']} from {len(p['inputs'])} fine-tunes of `{p['base']['path']}` "
         f"with method `{p['method']}`, seed={p['seed']}, parameters {p['parameters']}.",
-        f"Method: {registry.get(p['method']).citation}.", "",
-        "Inputs:", *[f"- `{i['path']}` (sha256 {i['sha256'][:16]}…)" for i in p["inputs"]], "",
-        "Full provenance and per-tensor statistics: `merge.json`.", "",
+        f"Method: {registry.get(p['method']).citation}.",
+        "",
+        "Inputs:",
+        *[f"- `{i['path']}` (sha256 {i['sha256'][:16]}…)" for i in p["inputs"]],
+        "",
+        "Full provenance and per-tensor statistics: `merge.json`.",
+        "",
     ]
     return "\n".join(lines)

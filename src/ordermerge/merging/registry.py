@@ -60,8 +60,7 @@ class Param:
         return v
 
     def schema(self) -> dict:
-        out: dict = {"type": "integer" if self.integer else "number", "default": self.default,
-                     "description": self.help}
+        out: dict = {"type": "integer" if self.integer else "number", "default": self.default, "description": self.help}
         if self.low != -math.inf:
             out["exclusiveMinimum" if self.low_open else "minimum"] = self.low
         if self.high != math.inf:
@@ -74,20 +73,58 @@ def _num(x: float) -> str:
 
 
 # Every parameter any method takes. Weights are normalised to sum 1, so scale = K adds the task vectors.
-PARAMETERS = {p.name: p for p in (
-    Param("resample", 0, 0, 8, integer=True,
-          help="redraw exact-zero task-vector elements from all K up to N times (the key resampleN)"),
-    Param("scale", 1.0, 0, math.inf, low_open=True, high_open=True,
-          help="λ on the merged task vector (weights sum to 1, so 1.0 is the mean task vector)"),
-    Param("density", 0.2, 0, 1, low_open=True,
-          help="fraction of each task vector's largest magnitudes kept, per tensor (TIES keeps 20 %)"),
-    Param("drop_rate", 0.9, 0, 1, high_open=True,
-          help="probability of dropping each task-vector element, the rest rescaled by 1/(1-p) (DARE drops 90 %)"),
-    Param("t", 0.5, 0, 1, help="interpolation from the first model (0) to the second (1), along the arc between them"),
-    Param("max_iter", 10, 1, 1000, integer=True, help="iterations of the Karcher mean at most (mergekit's default 10)"),
-    Param("tol", 1e-5, 0, 1, low_open=True,
-          help="Karcher mean: stop when the tangent step is shorter; angles and norms below it count as 0"),
-)}
+PARAMETERS = {
+    p.name: p
+    for p in (
+        Param(
+            "resample",
+            0,
+            0,
+            8,
+            integer=True,
+            help="redraw exact-zero task-vector elements from all K up to N times (the key resampleN)",
+        ),
+        Param(
+            "scale",
+            1.0,
+            0,
+            math.inf,
+            low_open=True,
+            high_open=True,
+            help="λ on the merged task vector (weights sum to 1, so 1.0 is the mean task vector)",
+        ),
+        Param(
+            "density",
+            0.2,
+            0,
+            1,
+            low_open=True,
+            help="fraction of each task vector's largest magnitudes kept, per tensor (TIES keeps 20 %)",
+        ),
+        Param(
+            "drop_rate",
+            0.9,
+            0,
+            1,
+            high_open=True,
+            help="probability of dropping each task-vector element, the rest rescaled by 1/(1-p) (DARE drops 90 %)",
+        ),
+        Param(
+            "t", 0.5, 0, 1, help="interpolation from the first model (0) to the second (1), along the arc between them"
+        ),
+        Param(
+            "max_iter", 10, 1, 1000, integer=True, help="iterations of the Karcher mean at most (mergekit's default 10)"
+        ),
+        Param(
+            "tol",
+            1e-5,
+            0,
+            1,
+            low_open=True,
+            help="Karcher mean: stop when the tangent step is shorter; angles and norms below it count as 0",
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -111,29 +148,72 @@ class Method:
 
 
 PAPER = "Ju et al., arXiv 2410.03743"
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("average", "θ = Σ w_i θ_i in fp32, stored in the inputs' dtype", f"{PAPER} (Eq. 1)", needs_base=False),
-    Method("select", "each element taken whole from one sub-model drawn with p_i = w_i; resampleN redraws "
-           "exact-zero task-vector elements", f"{PAPER} (parameter selection, Eq. 2; resampling, Eq. 3)",
-           params=("resample",), seeded=True, key_param="resample", key_prefix="resample"),
-    Method("task_arithmetic", "θ_base + λ Σ w_i τ_i", "Ilharco et al., ICLR 2023 (task arithmetic)", params=("scale",)),
-    Method("ties", "trim each τ_i to its top-density magnitudes per tensor, elect signs, mean of the agreeing",
-           "Yadav et al., NeurIPS 2023 (TIES-merging)", params=("density", "scale")),
-    Method("dare", "drop τ elements with probability p, rescale by 1/(1-p), add", "Yu et al., ICML 2024 (DARE)",
-           params=("drop_rate", "scale"), seeded=True),
-    Method("model_stock", "interpolate the average toward the base by the task vectors' angle, per tensor",
-           "Jang et al., ECCV 2024 (Model Stock)"),
-    Method("tsv", "per 2-D tensor: top 1/K singular triplets of each τ_i, decorrelated (Procrustes), summed; 1-D: task arithmetic", "Gargiulo et al., CVPR 2025 (TSV-Merge)", params=("scale",)),
-    Method("greedy_soup", "rank the K by held-out loss; add each to the uniform soup only if its held-out loss does "
-           "not rise", "Wortsman et al., ICML 2022 (Model soups, greedy soup)", needs_base=False, needs_data=True),
-    Method("slerp", "per tensor: the arc between the 2 models' weights at t (lerp where their cosine exceeds 0.9995)",
-           "Shoemake, SIGGRAPH 1985; mergekit's slerp (Goddard et al., EMNLP 2024)", params=("t",), needs_base=False,
-           max_models=2),
-    Method("karcher", "per tensor: the weighted Karcher mean of the K weight directions on the sphere, times "
-           "the mean norm",
-           "Karcher, CPAM 1977; mergekit's karcher (Goddard et al., EMNLP 2024)", params=("max_iter", "tol"),
-           needs_base=False),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("average", "θ = Σ w_i θ_i in fp32, stored in the inputs' dtype", f"{PAPER} (Eq. 1)", needs_base=False),
+        Method(
+            "select",
+            "each element taken whole from one sub-model drawn with p_i = w_i; resampleN redraws "
+            "exact-zero task-vector elements",
+            f"{PAPER} (parameter selection, Eq. 2; resampling, Eq. 3)",
+            params=("resample",),
+            seeded=True,
+            key_param="resample",
+            key_prefix="resample",
+        ),
+        Method(
+            "task_arithmetic", "θ_base + λ Σ w_i τ_i", "Ilharco et al., ICLR 2023 (task arithmetic)", params=("scale",)
+        ),
+        Method(
+            "ties",
+            "trim each τ_i to its top-density magnitudes per tensor, elect signs, mean of the agreeing",
+            "Yadav et al., NeurIPS 2023 (TIES-merging)",
+            params=("density", "scale"),
+        ),
+        Method(
+            "dare",
+            "drop τ elements with probability p, rescale by 1/(1-p), add",
+            "Yu et al., ICML 2024 (DARE)",
+            params=("drop_rate", "scale"),
+            seeded=True,
+        ),
+        Method(
+            "model_stock",
+            "interpolate the average toward the base by the task vectors' angle, per tensor",
+            "Jang et al., ECCV 2024 (Model Stock)",
+        ),
+        Method(
+            "tsv",
+            "per 2-D tensor: top 1/K singular triplets of each τ_i, decorrelated (Procrustes), summed; "
+            "1-D: task arithmetic",
+            "Gargiulo et al., CVPR 2025 (TSV-Merge)",
+            params=("scale",),
+        ),
+        Method(
+            "greedy_soup",
+            "rank the K by held-out loss; add each to the uniform soup only if its held-out loss does not rise",
+            "Wortsman et al., ICML 2022 (Model soups, greedy soup)",
+            needs_base=False,
+            needs_data=True,
+        ),
+        Method(
+            "slerp",
+            "per tensor: the arc between the 2 models' weights at t (lerp where their cosine exceeds 0.9995)",
+            "Shoemake, SIGGRAPH 1985; mergekit's slerp (Goddard et al., EMNLP 2024)",
+            params=("t",),
+            needs_base=False,
+            max_models=2,
+        ),
+        Method(
+            "karcher",
+            "per tensor: the weighted Karcher mean of the K weight directions on the sphere, times the mean norm",
+            "Karcher, CPAM 1977; mergekit's karcher (Goddard et al., EMNLP 2024)",
+            params=("max_iter", "tol"),
+            needs_base=False,
+        ),
+    )
+}
 
 
 def get(name: str) -> Method:
@@ -165,8 +245,11 @@ def key_pattern() -> str:
         p = _keyed(m)
         if p is not None:
             lo, hi = int(p.low) + 1, int(p.high)
-            parts.append(f"{re.escape(m.key_prefix)}[{lo}-{hi}]" if hi <= 9 else
-                         "|".join(f"{m.key_prefix}{n}" for n in range(lo, hi + 1)))
+            parts.append(
+                f"{re.escape(m.key_prefix)}[{lo}-{hi}]"
+                if hi <= 9
+                else "|".join(f"{m.key_prefix}{n}" for n in range(lo, hi + 1))
+            )
     return "|".join(parts)
 
 
@@ -175,13 +258,15 @@ def parse_key(key: str) -> tuple[Method, dict]:
     if key in METHODS:
         return METHODS[key], {}
     for m in METHODS.values():
-        if m.key_prefix and key.startswith(m.key_prefix) and key[len(m.key_prefix):].isdigit():
+        if m.key_prefix and key.startswith(m.key_prefix) and key[len(m.key_prefix) :].isdigit():
             p = _keyed(m)
-            n = int(key[len(m.key_prefix):])
+            n = int(key[len(m.key_prefix) :])
             if p.low < n <= p.high:
                 return m, {p.name: n}
-            raise ValueError(f"merge method {key!r}: {p.name} must be {int(p.low) + 1}..{int(p.high)}; "
-                             f"use {m.key_prefix}1 ... {m.key_prefix}{int(p.high)}, or {m.name}")
+            raise ValueError(
+                f"merge method {key!r}: {p.name} must be {int(p.low) + 1}..{int(p.high)}; "
+                f"use {m.key_prefix}1 ... {m.key_prefix}{int(p.high)}, or {m.name}"
+            )
     raise ValueError(f"unknown merge method {key!r}; use {describe_keys()}")
 
 
@@ -222,8 +307,10 @@ def check_models(name: str, k: int) -> None:
     """Refuses ``k`` inputs for method ``name`` when it merges fewer (slerp: exactly 2)."""
     m = get(name)
     if m.max_models is not None and k > m.max_models:
-        raise ValueError(f"{name} merges at most {m.max_models} models, got {k}; pass {m.max_models} MODEL_DIRs, "
-                         f"or use a method that merges any K ({', '.join(any_k_methods())})")
+        raise ValueError(
+            f"{name} merges at most {m.max_models} models, got {k}; pass {m.max_models} MODEL_DIRs, "
+            f"or use a method that merges any K ({', '.join(any_k_methods())})"
+        )
 
 
 def any_k_methods() -> list[str]:
@@ -262,8 +349,7 @@ def workflow_params() -> list[str]:
 
 def schema_fragment() -> dict:
     """What the config schema says about methods: the key pattern and the ``merge.<param>`` properties."""
-    return {"pattern": f"^({key_pattern()})$",
-            "params": {p: PARAMETERS[p].schema() for p in workflow_params()}}
+    return {"pattern": f"^({key_pattern()})$", "params": {p: PARAMETERS[p].schema() for p in workflow_params()}}
 
 
 def markdown_table() -> str:
@@ -272,10 +358,22 @@ def markdown_table() -> str:
     for m in METHODS.values():
         name = f"`{m.name}`" + (f", `{m.key_prefix}N`" if m.key_prefix else "")
         params = ", ".join(f"`{PARAMETERS[p].flag}` ({PARAMETERS[p].default})" for p in m.params) or "—"
-        needs = ", ".join(w for w, flag in (("base", m.needs_base), ("held-out data", m.needs_data),
-                                            (f"K = {m.max_models}", m.max_models)) if flag) or "—"
+        needs = (
+            ", ".join(
+                w
+                for w, flag in (
+                    ("base", m.needs_base),
+                    ("held-out data", m.needs_data),
+                    (f"K = {m.max_models}", m.max_models),
+                )
+                if flag
+            )
+            or "—"
+        )
         what = m.summary.replace("|", "\\|")
-        rows.append(f"| {name} | {what} | {params} | {'yes' if m.seeded else 'no (built once)'} | {needs} | {m.citation} |")
+        rows.append(
+            f"| {name} | {what} | {params} | {'yes' if m.seeded else 'no (built once)'} | {needs} | {m.citation} |"
+        )
     return "\n".join(rows)
 
 

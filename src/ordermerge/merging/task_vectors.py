@@ -94,16 +94,18 @@ def dare_keep_mask(k: int, n: int, drop_rate: float, rng: np.random.PCG64, out: 
     One 32-bit word per element from the chunk's own stream (raw output: stable across numpy),
     drawn in pieces (the stream is the same) into ``out`` if given: no chunk-sized temporaries.
     """
-    keep = (np.empty(k * n, dtype=bool) if out is None else out.reshape(-1)[: k * n])
+    keep = np.empty(k * n, dtype=bool) if out is None else out.reshape(-1)[: k * n]
     limit = np.uint32(int(drop_rate * 2**32))
     for lo in range(0, k * n, 2 * _WORDS):
         m = min(2 * _WORDS, k * n - lo)
         words = rng.random_raw(-(-m // 2)).astype("<u8", copy=False).view("<u4")[:m]
-        np.greater_equal(words, limit, out=keep[lo:lo + m])
+        np.greater_equal(words, limit, out=keep[lo : lo + m])
     return keep.reshape(k, n)
 
 
-def dare(rows, base, weights, scale, keep: torch.Tensor, drop_rate: float, scratch=None) -> tuple[torch.Tensor, list[int]]:
+def dare(
+    rows, base, weights, scale, keep: torch.Tensor, drop_rate: float, scratch=None
+) -> tuple[torch.Tensor, list[int]]:
     """DARE on one chunk with its keep mask; also returns the kept count per input."""
     taus = task_vectors(rows, base, scratch)
     # times 1.0 or 0.0 (a float copy of the mask: a bool operand takes torch's slow mixed-type loop)
@@ -207,9 +209,14 @@ def ties(rows, base, weights, scale, thresholds: torch.Tensor, scratch=None) -> 
     taus = task_vectors(rows, base, scratch)
     shape, dev = taus.shape, taus.device
     f32 = _empty(scratch, "ties_f32", shape, torch.float32, dev)
-    kept = torch.ge(torch.abs(taus, out=f32), thresholds.to(dev).unsqueeze(1),
-                    out=_empty(scratch, "ties_kept", shape, torch.bool, dev))
-    kept.logical_and_(torch.ne(taus, 0, out=_empty(scratch, "ties_agree", shape, torch.bool, dev)))  # ties at the threshold all stay
+    kept = torch.ge(
+        torch.abs(taus, out=f32),
+        thresholds.to(dev).unsqueeze(1),
+        out=_empty(scratch, "ties_kept", shape, torch.bool, dev),
+    )
+    kept.logical_and_(
+        torch.ne(taus, 0, out=_empty(scratch, "ties_agree", shape, torch.bool, dev))
+    )  # ties at the threshold all stay
     # Masks multiply as float copies (1.0 / 0.0): a bool operand takes torch's slow mixed-type loop.
     mask = _empty(scratch, "ties_mask", shape, torch.float32, dev)
     taus.mul_(mask.copy_(kept))
@@ -218,9 +225,11 @@ def ties(rows, base, weights, scale, thresholds: torch.Tensor, scratch=None) -> 
     elected = _empty(scratch, "ties_elected", shape[1:], torch.float32, dev).zero_()
     for row in weighted:
         elected.add_(row)
-    agree = torch.eq(torch.sign(weighted, out=f32),
-                     torch.sign(elected, out=_empty(scratch, "ties_sign", shape[1:], torch.float32, dev)),
-                     out=_empty(scratch, "ties_agree", shape, torch.bool, dev))
+    agree = torch.eq(
+        torch.sign(weighted, out=f32),
+        torch.sign(elected, out=_empty(scratch, "ties_sign", shape[1:], torch.float32, dev)),
+        out=_empty(scratch, "ties_agree", shape, torch.bool, dev),
+    )
     agree.logical_and_(kept)
     num = _empty(scratch, "ties_num", shape[1:], torch.float32, dev).zero_()
     den = _empty(scratch, "ties_den", shape[1:], torch.float32, dev).zero_()
@@ -247,8 +256,11 @@ def model_stock_ratio(gram: np.ndarray) -> tuple[float, float]:
     """
     k = gram.shape[0]
     norms = np.sqrt(np.diag(gram))
-    cosines = [gram[i, j] / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else 0.0
-               for i in range(k) for j in range(i + 1, k)]
+    cosines = [
+        gram[i, j] / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else 0.0
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
     cos = max(0.0, float(np.mean(cosines)))
     return k * cos / (1 + (k - 1) * cos), cos
 

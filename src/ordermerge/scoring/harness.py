@@ -49,13 +49,23 @@ NO_GOLD = "[no gold]"  # a gold answer without a number: ours scores it wrong, s
 # lm-eval's own answer extraction for GSM8K (lm_eval/tasks/gsm8k/gsm8k.yaml), run beside ours on the same
 # generations: where they score a sample differently, tables/harness_agreement.md lists it.
 STOCK_FILTERS = [
-    {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
-                                        {"function": "take_first"}]},
-    {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
-                                             "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
-                                            {"function": "take_first"}]},
+    {
+        "name": "strict-match",
+        "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"}, {"function": "take_first"}],
+    },
+    {
+        "name": "flexible-extract",
+        "filter": [
+            {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+            {"function": "take_first"},
+        ],
+    },
 ]
-STOCK_MATCH = {"ignore_case": True, "ignore_punctuation": False, "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}
+STOCK_MATCH = {
+    "ignore_case": True,
+    "ignore_punctuation": False,
+    "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
+}
 
 
 def mirror_name(task: str) -> str:
@@ -80,8 +90,10 @@ def text_results(doc: dict, results: list[str]) -> dict:
     from lm_eval.tasks.qasper.metrics import f1_abstractive, normalize_answer
 
     pred = results[0]
-    return {"exact_match": max(float(normalize_answer(pred) == normalize_answer(g)) for g in doc["targets"]),
-            "f1": max(float(f1_abstractive([pred], [g])) for g in doc["targets"])}
+    return {
+        "exact_match": max(float(normalize_answer(pred) == normalize_answer(g)) for g in doc["targets"]),
+        "f1": max(float(f1_abstractive([pred], [g])) for g in doc["targets"]),
+    }
 
 
 def answer_turn(tokenizer, prompt: str, response: str, system_prompt: str | None) -> str:
@@ -103,8 +115,11 @@ def mirror_docs(tokenizer, records: list[dict], task_spec: dict) -> list[dict]:
         if kind == "text":
             doc["targets"] = r["answers"]
         elif kind == "choice":
-            doc.update(choices=r["choices"], label=r["label"],
-                       continuations=[answer_turn(tokenizer, r["prompt"], c, system_prompt) for c in r["choices"]])
+            doc.update(
+                choices=r["choices"],
+                label=r["label"],
+                continuations=[answer_turn(tokenizer, r["prompt"], c, system_prompt) for c in r["choices"]],
+            )
         else:
             doc["target"] = extract_number(r["answer"]) or NO_GOLD
         docs.append(doc)
@@ -135,17 +150,39 @@ def task_config(name: str, data_file: Path, kind: str, eos: str | None, max_new_
         "metadata": {"version": 1.0},
     }
     if kind == "choice":
-        return {**cfg, "output_type": "multiple_choice", "doc_to_choice": "continuations", "doc_to_target": "label",
-                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]}
-    ours = {"name": FILTER, "filter": [{"function": "custom", "filter_fn": _Function("utils.filter_answers")},
-                                       {"function": "take_first"}]}
-    generate = {**cfg, "output_type": "generate_until",
-                "generation_kwargs": {"until": [eos] if eos else [], "max_gen_toks": max_new_tokens, "do_sample": False,
-                                      "temperature": 0.0}}
+        return {
+            **cfg,
+            "output_type": "multiple_choice",
+            "doc_to_choice": "continuations",
+            "doc_to_target": "label",
+            "metric_list": [
+                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+            ],
+        }
+    ours = {
+        "name": FILTER,
+        "filter": [{"function": "custom", "filter_fn": _Function("utils.filter_answers")}, {"function": "take_first"}],
+    }
+    generate = {
+        **cfg,
+        "output_type": "generate_until",
+        "generation_kwargs": {
+            "until": [eos] if eos else [],
+            "max_gen_toks": max_new_tokens,
+            "do_sample": False,
+            "temperature": 0.0,
+        },
+    }
     if kind == "text":
-        return {**generate, "doc_to_target": "targets", "filter_list": [ours],
-                "process_results": _Function("utils.text_results"),
-                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("exact_match", "f1")]}
+        return {
+            **generate,
+            "doc_to_target": "targets",
+            "filter_list": [ours],
+            "process_results": _Function("utils.text_results"),
+            "metric_list": [
+                {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("exact_match", "f1")
+            ],
+        }
     return {
         **generate,
         "doc_to_target": "target",
@@ -155,8 +192,9 @@ def task_config(name: str, data_file: Path, kind: str, eos: str | None, max_new_
     }
 
 
-def write_mirror_task(task_dir: str | Path, task: str, tokenizer, records: list[dict], task_spec: dict,
-                      eval_cfg: dict) -> str:
+def write_mirror_task(
+    task_dir: str | Path, task: str, tokenizer, records: list[dict], task_spec: dict, eval_cfg: dict
+) -> str:
     """Write ``task_dir``/{<name>.yaml, <name>.jsonl, utils.py}; returns the lm-eval task name."""
     task_dir, name = Path(task_dir), mirror_name(task)
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +204,9 @@ def write_mirror_task(task_dir: str | Path, task: str, tokenizer, records: list[
     kind = kind_of(records[0]) if records else "numeric"
     cfg = task_config(name, data, kind, tokenizer.eos_token, eval_cfg["max_new_tokens"])
     (task_dir / f"{name}.yaml").write_text(yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
-    (task_dir / "utils.py").write_text("from ordermerge.scoring.harness import filter_answers, text_results  # noqa: F401\n")
+    (task_dir / "utils.py").write_text(
+        "from ordermerge.scoring.harness import filter_answers, text_results  # noqa: F401\n"
+    )
     return name
 
 
@@ -176,18 +216,28 @@ def _model_args(model_dir: str | Path) -> dict:
     return {"pretrained": str(model_dir), "dtype": "float32", "device": default_device(), "add_bos_token": False}
 
 
-def run_harness(model_dir: str | Path, tasks: list[str], batch_size: int, include_path: str | Path | None = None
-                ) -> dict:
+def run_harness(
+    model_dir: str | Path, tasks: list[str], batch_size: int, include_path: str | Path | None = None
+) -> dict:
     """lm-eval's ``simple_evaluate`` on a local model directory, offline unless a standard task needs data."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     standard = [t for t in tasks if not t.startswith(TASK_PREFIX)]
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=bool(standard))
-    return lm_eval.simple_evaluate(model="hf", model_args=_model_args(model_dir), tasks=list(tasks),
-                                   batch_size=batch_size, task_manager=manager, log_samples=True,
-                                   apply_chat_template=False, random_seed=0, numpy_random_seed=0,
-                                   torch_random_seed=0, fewshot_random_seed=0)
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args=_model_args(model_dir),
+        tasks=list(tasks),
+        batch_size=batch_size,
+        task_manager=manager,
+        log_samples=True,
+        apply_chat_template=False,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
 
 
 def tidy_rows(results: dict, identity: dict) -> list[dict]:
@@ -200,8 +250,17 @@ def tidy_rows(results: dict, identity: dict) -> list[dict]:
                 continue
             metric, filt = key.split(",", 1)
             stderr = metrics.get(f"{metric}_stderr,{filt}")
-            rows.append({**identity, "harness": name, "metric": metric, "filter": filt, "value": float(value),
-                         "stderr": stderr if isinstance(stderr, (int, float)) else None, "n": n})
+            rows.append(
+                {
+                    **identity,
+                    "harness": name,
+                    "metric": metric,
+                    "filter": filt,
+                    "value": float(value),
+                    "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                    "n": n,
+                }
+            )
     return rows
 
 
@@ -214,8 +273,12 @@ def sample_rows(results: dict) -> list[dict]:
     for name, samples in results.get("samples", {}).items():
         for s in samples:
             doc = s["doc"]
-            row = {"harness": name, "sample_id": doc.get("sample_id", s.get("doc_id")), "filter": s.get("filter"),
-                   "target": s.get("target")}
+            row = {
+                "harness": name,
+                "sample_id": doc.get("sample_id", s.get("doc_id")),
+                "filter": s.get("filter"),
+                "target": s.get("target"),
+            }
             if "choices" in doc and "continuations" in doc:
                 row["logprobs"] = [float(r[0][0]) for r in s["resps"]]
             else:
@@ -228,8 +291,15 @@ def sample_rows(results: dict) -> list[dict]:
     return rows
 
 
-def harness_stage(model_dir: str | Path, test_path: str | Path | None, task_spec: dict, eval_cfg: dict,
-                  identity: dict, out_json: str | Path, out_samples: str | Path | None = None) -> dict:
+def harness_stage(
+    model_dir: str | Path,
+    test_path: str | Path | None,
+    task_spec: dict,
+    eval_cfg: dict,
+    identity: dict,
+    out_json: str | Path,
+    out_samples: str | Path | None = None,
+) -> dict:
     """The harness job of one model: what ``eval_cfg["harness"]`` names (default: ``mirror``), the mirror
     being ``identity["task"]``'s test split; writes tidy rows (and per-sample rows) atomically."""
     import tempfile
@@ -246,13 +316,22 @@ def harness_stage(model_dir: str | Path, test_path: str | Path | None, task_spec
             if test_path is None:
                 raise ValueError("eval.harness names mirror: the task's test split (--test) is needed")
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            names.insert(0, write_mirror_task(tmp, identity.get("task", "task"), tokenizer, read_jsonl(test_path),
-                                              task_spec, eval_cfg))
+            names.insert(
+                0,
+                write_mirror_task(
+                    tmp, identity.get("task", "task"), tokenizer, read_jsonl(test_path), task_spec, eval_cfg
+                ),
+            )
         results = run_harness(model_dir, names, eval_cfg["batch_size"], tmp if MIRROR in harness else None)
     import lm_eval
 
-    out = {**identity, "model_dir": str(model_dir), "lm_eval": getattr(lm_eval, "__version__", None),
-           "rows": tidy_rows(results, identity), "seconds": round(time.perf_counter() - t0, 2)}
+    out = {
+        **identity,
+        "model_dir": str(model_dir),
+        "lm_eval": getattr(lm_eval, "__version__", None),
+        "rows": tidy_rows(results, identity),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     if out_samples is not None:
         with atomic_path(out_samples) as path:
             path.write_text("".join(json.dumps(r, default=str) + "\n" for r in sample_rows(results)))

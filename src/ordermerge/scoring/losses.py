@@ -14,31 +14,45 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ordermerge.storage.dtypes import torch_dtype
 from ordermerge.batching import collate_for, per_sample_sums, token_losses
-from ordermerge.storage.checkpoint import DTYPES, CheckpointError, LazyCheckpoint
 from ordermerge.data.formatting import encode_example
 from ordermerge.data.prepare import read_jsonl, refuse_over_long
+from ordermerge.storage.checkpoint import DTYPES, CheckpointError, LazyCheckpoint
+from ordermerge.storage.dtypes import torch_dtype
 
 
 @torch.no_grad()
-def per_sample_losses(model, tokenizer, records: list[dict], task_spec: dict, batch_size: int,
-                      progress: bool = False, desc: str = "losses", packing: bool = False) -> list[dict]:
-    examples = [encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"),
-                               task_spec["max_length"]) for r in records]
+def per_sample_losses(
+    model,
+    tokenizer,
+    records: list[dict],
+    task_spec: dict,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "losses",
+    packing: bool = False,
+) -> list[dict]:
+    examples = [
+        encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"), task_spec["max_length"])
+        for r in records
+    ]
     refuse_over_long(examples, records, task_spec["max_length"])
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     rows: list[dict | None] = [None] * len(examples)
     device = next(model.parameters()).device
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = collate_for(packing)([examples[i] for i in idx], tokenizer.pad_token_id)
         losses, scored = token_losses(model, {k: v.to(device) for k, v in batch.items()})
         sums, counts = per_sample_sums(losses.cpu(), scored.cpu(), batch)
         for j, i in enumerate(idx):
-            rows[i] = {"sample_id": records[i]["sample_id"], "row": i, "loss": float(sums[j] / counts[j]),
-                       "tokens": int(counts[j])}
+            rows[i] = {
+                "sample_id": records[i]["sample_id"],
+                "row": i,
+                "loss": float(sums[j] / counts[j]),
+                "tokens": int(counts[j]),
+            }
     return rows  # type: ignore[return-value]
 
 
@@ -61,17 +75,21 @@ def check_weights(model_dir: str | Path) -> None:
     fix = "re-create it (rerun the stage that wrote it) or re-copy it"
     missing = sorted(set(want) - set(weights.keys()))
     if missing:
-        raise CheckpointError(f"{model_dir}: {len(missing)} tensors the config needs are missing "
-                              f"(e.g. {missing[0]}); {fix}")
+        raise CheckpointError(
+            f"{model_dir}: {len(missing)} tensors the config needs are missing (e.g. {missing[0]}); {fix}"
+        )
     for name, t in want.items():
         shape, dtype = weights.meta(name)
         if tuple(shape) != tuple(t.shape):
-            raise CheckpointError(f"{model_dir}: {name} has shape {list(shape)}, the config needs {list(t.shape)}; {fix}")
+            raise CheckpointError(
+                f"{model_dir}: {name} has shape {list(shape)}, the config needs {list(t.shape)}; {fix}"
+            )
         torch_dt = DTYPES[dtype]
         other = bool(stored) and torch_dt != getattr(torch, stored, torch_dt)
         if t.is_floating_point() and (not torch_dt.is_floating_point or other):
-            raise CheckpointError(f"{model_dir}: {name} is stored as {dtype}, config.json says {stored or 'float'}; "
-                                  f"{fix}")
+            raise CheckpointError(
+                f"{model_dir}: {name} is stored as {dtype}, config.json says {stored or 'float'}; {fix}"
+            )
     weights.close()
 
 
@@ -90,15 +108,22 @@ def load_model(model_dir: str | Path, compute_dtype: str = "float32", device: st
     return model, tokenizer
 
 
-def sample_losses_stage(model_dir: str | Path, split_paths: dict[str, str], task_spec: dict, batch_size: int,
-                        out_csv: str | Path, compute_dtype: str = "float32") -> pd.DataFrame:
+def sample_losses_stage(
+    model_dir: str | Path,
+    split_paths: dict[str, str],
+    task_spec: dict,
+    batch_size: int,
+    out_csv: str | Path,
+    compute_dtype: str = "float32",
+) -> pd.DataFrame:
     from ordermerge.storage.atomic import atomic_path
 
     model, tokenizer = load_model(model_dir, compute_dtype)
     frames = []
     for split, path in split_paths.items():
-        rows = per_sample_losses(model, tokenizer, read_jsonl(path), task_spec, batch_size, progress=True,
-                                 desc=f"losses {split}")
+        rows = per_sample_losses(
+            model, tokenizer, read_jsonl(path), task_spec, batch_size, progress=True, desc=f"losses {split}"
+        )
         frames.append(pd.DataFrame(rows).assign(split=split))
     df = pd.concat(frames, ignore_index=True)
     with atomic_path(out_csv) as tmp:

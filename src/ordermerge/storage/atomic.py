@@ -25,10 +25,14 @@ class DiskFullError(OSError):
 
 def disk_full(exc: OSError, target: Path) -> DiskFullError:
     free = shutil.disk_usage(target.parent).free if target.parent.exists() else 0
-    return DiskFullError(exc.errno, (
-        f"disk full while writing {target} ({exc.strerror or exc}): the partial write was removed and the "
-        f"previous {target.name}, if any, is intact. Free space on the filesystem of {target.parent} "
-        f"({free / 2**20:.0f} MiB free now) or move results_dir to a larger disk, then rerun"))
+    return DiskFullError(
+        exc.errno,
+        (
+            f"disk full while writing {target} ({exc.strerror or exc}): the partial write was removed and the "
+            f"previous {target.name}, if any, is intact. Free space on the filesystem of {target.parent} "
+            f"({free / 2**20:.0f} MiB free now) or move results_dir to a larger disk, then rerun"
+        ),
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -95,8 +99,11 @@ def atomic_path(target: str | Path, directory: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) \
-                and not isinstance(exc, DiskFullError):
+        if (
+            isinstance(exc, OSError)
+            and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            and not isinstance(exc, DiskFullError)
+        ):
             raise disk_full(exc, target) from exc
         raise
 

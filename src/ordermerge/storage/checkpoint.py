@@ -37,10 +37,21 @@ SIDECAR_FILES = (
     "merges.txt",
 )
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # the limit safetensors itself enforces
@@ -140,7 +151,8 @@ class LazyCheckpoint:
             if pickled:
                 raise CheckpointError(
                     f"{self.directory}: only pickled weights ({', '.join(pickled)}); ordermerge never unpickles. "
-                    "Convert them once with transformers: from_pretrained(...).save_pretrained(dir, safe_serialization=True)"
+                    "Convert them once with transformers: "
+                    "from_pretrained(...).save_pretrained(dir, safe_serialization=True)"
                 )
             raise CheckpointError(f"{self.directory}: no {SINGLE_NAME} or {INDEX_NAME}; is this a model directory?")
         self._tensors: dict[str, TensorInfo] = {}
@@ -152,8 +164,10 @@ class LazyCheckpoint:
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._tensors))
             if missing:
-                raise CheckpointError(f"{index}: {len(missing)} tensors in the index are in no shard "
-                                      f"(e.g. {missing[0]}); re-save the model")
+                raise CheckpointError(
+                    f"{index}: {len(missing)} tensors in the index are in no shard "
+                    f"(e.g. {missing[0]}); re-save the model"
+                )
 
     def keys(self) -> list[str]:
         return sorted(self._tensors)
@@ -258,7 +272,9 @@ class WidenedCheckpoint:
 def widened_base(base: LazyCheckpoint, models: list[LazyCheckpoint]) -> LazyCheckpoint | WidenedCheckpoint:
     """The base as the fine-tunes store their floats: itself, or exactly widened when every fine-tune stores
     every tensor the base stores in a narrower dtype in one wider dtype (``EXACT_WIDENING``)."""
-    names = [n for n in base.keys() if base.info(n).torch_dtype.is_floating_point and all(n in m.keys() for m in models)]
+    names = [
+        n for n in base.keys() if base.info(n).torch_dtype.is_floating_point and all(n in m.keys() for m in models)
+    ]
     stored = {m.info(n).dtype for m in models for n in names}
     if len(stored) != 1 or not names:
         return base  # mixed dtypes: _check_compatible names the odd tensor
@@ -289,7 +305,9 @@ def _writeback_starter():
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
-    return lambda fd, offset, nbytes: call(fd, offset, nbytes, 2)  # 2: SYNC_FILE_RANGE_WRITE; errors: fsync reports them
+    return lambda fd, offset, nbytes: call(
+        fd, offset, nbytes, 2
+    )  # 2: SYNC_FILE_RANGE_WRITE; errors: fsync reports them
 
 
 _START_WRITEBACK = _writeback_starter()
@@ -332,7 +350,7 @@ class ShardedWriter:
             self._fds.append(fd)
             os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
             os.ftruncate(fd, 8 + len(raw) + offset)
-            for name, shape, dtype in entries:
+            for name, _shape, dtype in entries:
                 self._where[name] = (shard, 8 + len(raw) + header[name]["data_offsets"][0], DTYPES[dtype].itemsize)
             self.total_bytes += offset
 
@@ -382,8 +400,13 @@ def copy_sidecars(source: Path, target: Path, dtype: str | None = None) -> None:
             config.write_text(json.dumps({**data, "dtype": dtype}, indent=2) + "\n")
 
 
-def save_state_dict_dir(state: dict[str, torch.Tensor], out_dir: str | Path, sidecar_source: Path | None,
-                        shard_size: int = 5 * 10**9, extra_files: dict[str, str] | None = None) -> None:
+def save_state_dict_dir(
+    state: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    sidecar_source: Path | None,
+    shard_size: int = 5 * 10**9,
+    extra_files: dict[str, str] | None = None,
+) -> None:
     """Atomically write a complete HF directory (weights + base's config/tokenizer + extras)."""
     with atomic_path(out_dir, directory=True) as tmp:
         if sidecar_source is not None:

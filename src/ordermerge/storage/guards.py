@@ -55,9 +55,11 @@ def refuse_overlap(command: str, outputs: Mapping[str, object], inputs: Mapping[
             if relation:
                 problems.append(f"the output {out_label} {out} {relation} the input {in_label} {inp}")
     if problems:
-        raise OverlapError(f"{command}: refusing to write: " + "; ".join(problems) + ". Nothing was written "
-                           "and no input was touched; choose an output path outside every input "
-                           "(--force never allows replacing an input).")
+        raise OverlapError(
+            f"{command}: refusing to write: " + "; ".join(problems) + ". Nothing was written "
+            "and no input was touched; choose an output path outside every input "
+            "(--force never allows replacing an input)."
+        )
 
 
 def refuse_duplicates(label: str, paths: Iterable[str | os.PathLike], digests: Iterable[str] | None = None) -> None:
@@ -76,5 +78,7 @@ def refuse_duplicates(label: str, paths: Iterable[str | os.PathLike], digests: I
         what = "identical weights (same sha256)"
     if same:
         listed = "; ".join(" = ".join(g) for g in same)
-        raise OverlapError(f"{label}: {listed} are {what}. Merging K copies of one run is a mistake, not a "
-                           "merge: pass each fine-tune once (check the run numbers in the paths).")
+        raise OverlapError(
+            f"{label}: {listed} are {what}. Merging K copies of one run is a mistake, not a "
+            "merge: pass each fine-tune once (check the run numbers in the paths)."
+        )

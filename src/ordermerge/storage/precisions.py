@@ -34,15 +34,28 @@ class Precision:
         return self.rounding == "stochastic"
 
 
-PRECISIONS = {p.name: p for p in (
-    Precision("fp32", "float32", "nearest", "the fp32 checkpoint as trained: nothing lost to rounding"),
-    Precision("bf16", "bfloat16", "nearest", "each fp32 checkpoint rounded to nearest bf16 (what save_dtype: "
-              "bfloat16 stores): small updates round back to the base"),
-    Precision("fp16", "float16", "nearest", "each fp32 checkpoint rounded to nearest fp16"),
-    Precision("bf16sr", "bfloat16", "stochastic", "each fp32 checkpoint rounded to bf16 stochastically (seeded "
-              "per run and tensor): an update below half a bf16 step survives with probability |update| / step, "
-              "so the stored task vector is unbiased"),
-)}
+PRECISIONS = {
+    p.name: p
+    for p in (
+        Precision("fp32", "float32", "nearest", "the fp32 checkpoint as trained: nothing lost to rounding"),
+        Precision(
+            "bf16",
+            "bfloat16",
+            "nearest",
+            "each fp32 checkpoint rounded to nearest bf16 (what save_dtype: "
+            "bfloat16 stores): small updates round back to the base",
+        ),
+        Precision("fp16", "float16", "nearest", "each fp32 checkpoint rounded to nearest fp16"),
+        Precision(
+            "bf16sr",
+            "bfloat16",
+            "stochastic",
+            "each fp32 checkpoint rounded to bf16 stochastically (seeded "
+            "per run and tensor): an update below half a bf16 step survives with probability |update| / step, "
+            "so the stored task vector is unbiased",
+        ),
+    )
+}
 
 
 def get(name: str) -> Precision:

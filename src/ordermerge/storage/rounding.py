@@ -23,8 +23,7 @@ import torch
 
 from ordermerge.seeding import derive_seed
 from ordermerge.storage.atomic import atomic_path
-from ordermerge.storage.checkpoint import CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars
-from ordermerge.storage.checkpoint import _DTYPE_NAMES
+from ordermerge.storage.checkpoint import _DTYPE_NAMES, CheckpointError, LazyCheckpoint, ShardedWriter, copy_sidecars
 from ordermerge.storage.dtypes import torch_dtype
 from ordermerge.storage.precisions import get as get_precision
 
@@ -50,18 +49,27 @@ def round_tensor(t: torch.Tensor, precision: str, seed: int, name: str) -> torch
     if not t.is_floating_point() or t.dtype == dtype:
         return t
     if t.element_size() < dtype.itemsize:
-        raise CheckpointError(f"tensor {name} is {t.dtype}, narrower than {precision} ({p.dtype}): stored values "
-                              "cannot be widened back to what was trained; round the fp32 checkpoint instead")
+        raise CheckpointError(
+            f"tensor {name} is {t.dtype}, narrower than {precision} ({p.dtype}): stored values "
+            "cannot be widened back to what was trained; round the fp32 checkpoint instead"
+        )
     if p.rounding == "nearest":
         return t.to(dtype)
     if t.dtype != torch.float32 or dtype != torch.bfloat16:
-        raise CheckpointError(f"stochastic rounding is implemented for float32 -> bfloat16 only, not {t.dtype} -> "
-                              f"{p.dtype}")
+        raise CheckpointError(
+            f"stochastic rounding is implemented for float32 -> bfloat16 only, not {t.dtype} -> {p.dtype}"
+        )
     return stochastic_bf16(t, derive_seed(seed, "stochastic-rounding", name))
 
 
-def round_checkpoint(model_dir: str | Path, base_dir: str | Path, precision: str, seed: int, out_dir: str | Path,
-                     shard_size: int = 5 * 10**9) -> dict:
+def round_checkpoint(
+    model_dir: str | Path,
+    base_dir: str | Path,
+    precision: str,
+    seed: int,
+    out_dir: str | Path,
+    shard_size: int = 5 * 10**9,
+) -> dict:
     """Writes ``model_dir`` rounded to ``precision`` into ``out_dir`` (atomically) and returns the storage-loss
     statistics it records in ``round.json``."""
     model_dir, base_dir, out_dir = Path(model_dir), Path(base_dir), Path(out_dir)
@@ -70,11 +78,18 @@ def round_checkpoint(model_dir: str | Path, base_dir: str | Path, precision: str
     names = model.keys()
     missing = sorted(set(names) - set(base.keys()))
     if missing:
-        raise CheckpointError(f"{model_dir}: tensor {missing[0]} is not in the base {base_dir}; round fine-tunes of "
-                              "this base only")
+        raise CheckpointError(
+            f"{model_dir}: tensor {missing[0]} is not in the base {base_dir}; round fine-tunes of this base only"
+        )
     target = torch_dtype(p.dtype)
-    layout = [(n, model.info(n).shape, _DTYPE_NAMES[target] if model.info(n).torch_dtype.is_floating_point
-               else model.info(n).dtype) for n in names]
+    layout = [
+        (
+            n,
+            model.info(n).shape,
+            _DTYPE_NAMES[target] if model.info(n).torch_dtype.is_floating_point else model.info(n).dtype,
+        )
+        for n in names
+    ]
     stats = {"elements": 0, "changed_fp32": 0, "zero_after": 0, "erased": 0, "norm2_tau": 0.0, "norm2_lost": 0.0}
     with atomic_path(out_dir, directory=True) as tmp:
         copy_sidecars(model_dir, tmp, p.dtype)
@@ -100,12 +115,18 @@ def round_checkpoint(model_dir: str | Path, base_dir: str | Path, precision: str
             meta = json.loads(meta_path.read_text())
             meta["zero_task_vector_fraction"] = stats["zero_after"] / max(1, stats["elements"])
             (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
-        summary = {"source": str(model_dir), "base": str(base_dir), "precision": precision, "dtype": p.dtype,
-                   "rounding": p.rounding, "seed": seed if p.random else None, **stats,
-                   "erased_fraction": stats["erased"] / max(1, stats["elements"]),
-                   "zero_fraction": stats["zero_after"] / max(1, stats["elements"]),
-                   "relative_norm_lost": (stats["norm2_lost"] / stats["norm2_tau"]) ** 0.5 if stats["norm2_tau"]
-                   else 0.0}
+        summary = {
+            "source": str(model_dir),
+            "base": str(base_dir),
+            "precision": precision,
+            "dtype": p.dtype,
+            "rounding": p.rounding,
+            "seed": seed if p.random else None,
+            **stats,
+            "erased_fraction": stats["erased"] / max(1, stats["elements"]),
+            "zero_fraction": stats["zero_after"] / max(1, stats["elements"]),
+            "relative_norm_lost": (stats["norm2_lost"] / stats["norm2_tau"]) ** 0.5 if stats["norm2_tau"] else 0.0,
+        }
         (tmp / ROUND_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     model.close()
     base.close()

@@ -31,8 +31,15 @@ def zero_task_vector_fraction(model_state: dict[str, torch.Tensor], base_dir: Pa
     return zeros / max(1, total)
 
 
-def save_checkpoint(model, base_dir: Path, out_dir: Path, save_dtype: str, meta: dict, lora: bool = False,
-                    full: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(
+    model,
+    base_dir: Path,
+    out_dir: Path,
+    save_dtype: str,
+    meta: dict,
+    lora: bool = False,
+    full: dict[str, torch.Tensor] | None = None,
+) -> None:
     """The epoch's full HF directory in ``save_dtype``; a LoRA model is merged, its adapter kept in ``adapter/``.
 
     ``full``: the model's state already gathered from sharded ranks (fsdp.full_model_state).
@@ -61,8 +68,7 @@ def save_checkpoint(model, base_dir: Path, out_dir: Path, save_dtype: str, meta:
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_epoch(job, trainable, epoch: int, step: int, log_rows: list[dict], train_loss: float,
-               t_epoch: float) -> None:
+def save_epoch(job, trainable, epoch: int, step: int, log_rows: list[dict], train_loss: float, t_epoch: float) -> None:
     """End of epoch ``epoch`` (0-based): checkpoint and resume state under ``.resume/``, then the
     published ``epoch{e}`` output. Sharded, every rank takes part in gathering the full tensors
     (up to 16 bytes per parameter on rank 0's host, freed on return); rank 0 alone writes."""
@@ -72,17 +78,30 @@ def save_epoch(job, trainable, epoch: int, step: int, log_rows: list[dict], trai
     if not job.ranks.main:
         return
     e, cfg = epoch + 1, job.train_cfg
-    meta = {"run": job.run_name, "epoch": e, "step": step, "method": cfg.get("method", "full"),
-            "train_loss_epoch": train_loss}
+    meta = {
+        "run": job.run_name,
+        "epoch": e,
+        "step": step,
+        "method": cfg.get("method", "full"),
+        "train_loss_epoch": train_loss,
+    }
     info = {"fingerprint": job.fingerprint, "epoch": e, "step": step, "world": job.ranks.world, "log": log_rows}
     try:
-        save_checkpoint(model, job.base_dir, job.resume_dir / f"epoch{e}", cfg["save_dtype"], meta, trainable.lora,
-                        full)
-        resume.save_state(job.resume_dir / "state", model, optimizer, trainable.scheduler, info, tensors=not last,
-                          gathered=gathered)
+        save_checkpoint(
+            model, job.base_dir, job.resume_dir / f"epoch{e}", cfg["save_dtype"], meta, trainable.lora, full
+        )
+        resume.save_state(
+            job.resume_dir / "state", model, optimizer, trainable.scheduler, info, tensors=not last, gathered=gathered
+        )
         resume.publish(job.resume_dir / f"epoch{e}", job.out_dir / f"epoch{e}")
     except DiskFullError as exc:
-        raise DiskFullError(exc.errno, f"{exc.strerror}. fine-tune {job.run_name} stopped in epoch {e}; "
-                            "a rerun resumes after the last epoch whose training state was saved") from exc
-    print(f"[{job.run_name}] epoch {e}/{job.epochs}: train loss {train_loss:.4f}, "
-          f"{time.perf_counter() - t_epoch:.1f}s, step {step}/{job.total_steps}", flush=True)
+        raise DiskFullError(
+            exc.errno,
+            f"{exc.strerror}. fine-tune {job.run_name} stopped in epoch {e}; "
+            "a rerun resumes after the last epoch whose training state was saved",
+        ) from exc
+    print(
+        f"[{job.run_name}] epoch {e}/{job.epochs}: train loss {train_loss:.4f}, "
+        f"{time.perf_counter() - t_epoch:.1f}s, step {step}/{job.total_steps}",
+        flush=True,
+    )

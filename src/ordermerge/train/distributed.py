@@ -1,13 +1,13 @@
 """One fine-tune over several processes (``torchrun --nproc_per_node N -m ordermerge fine-tune ...``).
 
-The global batch and the order do not change with the number of processes: every rank reads the
-whole order, takes a contiguous slice of each optimizer batch (cut further into micro-batches of
-``micro_batch_size``) and scales its loss by the GLOBAL number of scored tokens; summing the
-ranks' gradients then gives the single-process gradient (up to the order of floating-point sums). The sum is an explicit all-reduce after
-the rank's micro-batches rather than DDP hooks, so a rank whose slice is empty (a short last
-batch) or has fewer micro-batches still takes part. Every rank then takes the same optimizer step;
-rank 0 alone writes checkpoints, logs and resume state. With ``train.parallel: fsdp`` the ranks hold
-shards of the model instead of copies, and FSDP sums the gradients during backward (fsdp.py).
+The global batch and the order do not change with the number of processes: every rank reads the whole order,
+takes a contiguous slice of each optimizer batch (cut further into micro-batches of ``micro_batch_size``)
+and scales its loss by the GLOBAL number of scored tokens; summing the ranks' gradients then gives the
+single-process gradient (up to the order of floating-point sums). The sum is an explicit all-reduce after
+the rank's micro-batches rather than DDP hooks, so a rank whose slice is empty (a short last batch) or has
+fewer micro-batches still takes part. Every rank then takes the same optimizer step; rank 0 alone writes
+checkpoints, logs and resume state. With ``train.parallel: fsdp`` the ranks hold shards of the model instead
+of copies, and FSDP sums the gradients during backward (fsdp.py).
 
 The device is chosen automatically: ``cuda:LOCAL_RANK`` with NCCL when CUDA is present, else the
 CPU with gloo. Without torchrun's environment (WORLD_SIZE unset) this is a single process.
@@ -65,7 +65,7 @@ def barrier(ranks: Ranks) -> None:
 def my_slice(items: list, ranks: Ranks) -> list:
     """Rank r's contiguous share of one optimizer batch (shares differ by at most one item)."""
     n, w, r = len(items), ranks.world, ranks.rank
-    return items[r * n // w:(r + 1) * n // w]
+    return items[r * n // w : (r + 1) * n // w]
 
 
 def sum_gradients(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
@@ -86,7 +86,7 @@ def sum_gradients(params: list[torch.nn.Parameter], ranks: Ranks) -> None:
         dist.all_reduce(flat)
         offset = 0
         for p in bucket:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
 
 

@@ -93,8 +93,7 @@ def full_training_tensors(model, optimizer, model_state: dict[str, torch.Tensor]
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    optim = get_optimizer_state_dict(model, optimizer,
-                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not model_state:
         return {}
     names = _optimizer_names(model, optimizer)
@@ -106,8 +105,7 @@ def full_training_tensors(model, optimizer, model_state: dict[str, torch.Tensor]
 
 def load_training_tensors(model, optimizer, flat: dict[str, torch.Tensor], groups: list[dict]) -> None:
     """Inverse of full_training_tensors (collective): rank 0 passes the tensors, others ``{}``."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     names = _optimizer_names(model, optimizer)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
@@ -119,8 +117,11 @@ def load_training_tensors(model, optimizer, flat: dict[str, torch.Tensor], group
             if key.startswith("optim."):
                 _, i, k = key.split(".", 2)
                 state.setdefault(names[int(i)], {})[k] = t
-        optim = {"state": state,
-                 "param_groups": [{**g, "betas": tuple(g["betas"]), "params": [names[i] for i in g["params"]]}
-                                  for g in groups]}
+        optim = {
+            "state": state,
+            "param_groups": [
+                {**g, "betas": tuple(g["betas"]), "params": [names[i] for i in g["params"]]} for g in groups
+            ],
+        }
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, optim, options=options)

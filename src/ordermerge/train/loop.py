@@ -48,8 +48,18 @@ from ordermerge.train.setup import Job, Trainable, build, checked_inputs, total_
 TIMING_COLUMNS = ("seconds", "tokens_per_s")
 
 
-def backward_batch(model, examples: list[dict], micro: int, pad_id: int, n_scored: int, device: torch.device,
-                   bf16: bool, n_micro: int = 0, filler: dict | None = None, packing: bool = False) -> float:
+def backward_batch(
+    model,
+    examples: list[dict],
+    micro: int,
+    pad_id: int,
+    n_scored: int,
+    device: torch.device,
+    bf16: bool,
+    n_micro: int = 0,
+    filler: dict | None = None,
+    packing: bool = False,
+) -> float:
     """Forward/backward of one (share of an) optimizer batch in micro-batches; returns its loss share.
 
     Each micro-batch's summed token loss is divided by the whole batch's scored-token count, so
@@ -57,7 +67,7 @@ def backward_batch(model, examples: list[dict], micro: int, pad_id: int, n_score
     ``n_micro`` forward/backward passes (they are collectives): missing ones run ``filler`` with
     weight 0, which adds exact zeros to the gradients. ``packing``: each micro-batch is one padding-free row.
     """
-    chunks = [(examples[s:s + micro], 1.0) for s in range(0, len(examples), micro)]
+    chunks = [(examples[s : s + micro], 1.0) for s in range(0, len(examples), micro)]
     chunks += [([filler], 0.0)] * (n_micro - len(chunks))
     loss_sum = 0.0
     collate = collate_for(packing)
@@ -71,7 +81,9 @@ def backward_batch(model, examples: list[dict], micro: int, pad_id: int, n_score
     return loss_sum
 
 
-def _optimizer_step(job: Job, tr: Trainable, examples: list[dict], batch_indices, epoch: int, step: int) -> tuple[dict, int]:
+def _optimizer_step(
+    job: Job, tr: Trainable, examples: list[dict], batch_indices, epoch: int, step: int
+) -> tuple[dict, int]:
     """One optimizer step on one batch (every rank its slice); returns its steps.csv row and scored tokens."""
     ranks = job.ranks
     t0 = time.perf_counter()
@@ -79,8 +91,18 @@ def _optimizer_step(job: Job, tr: Trainable, examples: list[dict], batch_indices
     n_scored = sum(sum(1 for y in e["labels"][1:] if y >= 0) for e in batch_examples)
     mine = distributed.my_slice(batch_examples, ranks)
     n_micro = fsdp.micro_batch_count(len(batch_examples), ranks.world, job.micro) if tr.sharded else 0
-    loss_sum = backward_batch(tr.hf_model, mine, job.micro, job.pad_id, n_scored, ranks.device, job.bf16,
-                              n_micro, batch_examples[0], job.packing)
+    loss_sum = backward_batch(
+        tr.hf_model,
+        mine,
+        job.micro,
+        job.pad_id,
+        n_scored,
+        ranks.device,
+        job.bf16,
+        n_micro,
+        batch_examples[0],
+        job.packing,
+    )
     if not tr.sharded:  # FSDP has reduce-scattered (summed) them during backward
         distributed.sum_gradients(tr.params, ranks)
     loss_sum = distributed.sum_scalar(loss_sum, ranks)
@@ -92,14 +114,29 @@ def _optimizer_step(job: Job, tr: Trainable, examples: list[dict], batch_indices
     seconds = time.perf_counter() - t0
     n_tokens = sum(len(e["input_ids"]) for e in batch_examples)
     return {
-        "epoch": epoch + 1, "step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": fsdp.as_float(grad_norm),
-        "tokens": n_tokens, "seconds": round(seconds, 4), "tokens_per_s": round(n_tokens / seconds, 1),
+        "epoch": epoch + 1,
+        "step": step + 1,
+        "loss": loss_sum,
+        "lr": lr,
+        "grad_norm": fsdp.as_float(grad_norm),
+        "tokens": n_tokens,
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(n_tokens / seconds, 1),
         "sample_indices": " ".join(str(int(i)) for i in batch_indices),
     }, n_scored
 
 
-def _train_epoch(job: Job, tr: Trainable, examples: list[dict], epoch_order, epoch: int, step: int,
-                 log_rows: list[dict], bar, tracker: tracking.Tracker | None = None) -> tuple[int, float]:
+def _train_epoch(
+    job: Job,
+    tr: Trainable,
+    examples: list[dict],
+    epoch_order,
+    epoch: int,
+    step: int,
+    log_rows: list[dict],
+    bar,
+    tracker: tracking.Tracker | None = None,
+) -> tuple[int, float]:
     """Epoch ``epoch`` (0-based) in consecutive batches of its order; returns the step count after it and
     its train loss per scored token. The RNG (LoRA dropout) is reseeded from (seed, run, epoch, rank)."""
     torch.manual_seed(derive_seed(job.seed, "train", job.run_name, epoch, job.ranks.rank))
@@ -137,13 +174,30 @@ def fine_tune(
     tracking.check(report_to, tracker_identity)
     ranks = distributed.setup()
     order, examples, tokenizer = checked_inputs(base_dir, train_path, order_path, task_spec, train_cfg["epochs"])
-    fp = resume.fingerprint(base_dir=base_dir, train_path=train_path, order=order, task_spec=task_spec,
-                            train_cfg=train_cfg, seed=seed, run_name=run_name)
+    fp = resume.fingerprint(
+        base_dir=base_dir,
+        train_path=train_path,
+        order=order,
+        task_spec=task_spec,
+        train_cfg=train_cfg,
+        seed=seed,
+        run_name=run_name,
+    )
     info = resume.saved_info(out_dir / ".resume", out_dir, fp, ranks)
     start_epoch, step = (info["epoch"], info["step"]) if info else (0, 0)
     log_rows: list[dict] = info["log"] if info else []
-    job = Job(base_dir, out_dir, run_name, seed, train_cfg, fp, ranks, total_steps(len(examples), train_cfg),
-              tokenizer.pad_token_id, use_bf16(train_cfg, ranks.device))
+    job = Job(
+        base_dir,
+        out_dir,
+        run_name,
+        seed,
+        train_cfg,
+        fp,
+        ranks,
+        total_steps(len(examples), train_cfg),
+        tokenizer.pad_token_id,
+        use_bf16(train_cfg, ranks.device),
+    )
     if start_epoch < job.epochs:
         torch.manual_seed(derive_seed(seed, "train", run_name))  # LoRA's initial A (overwritten on resume)
         tr = build(base_dir, train_cfg, ranks.device, job.total_steps, ranks.world)
@@ -151,17 +205,28 @@ def fine_tune(
             resume.load_state(job.resume_dir / "state", tr.model, tr.optimizer, tr.scheduler, ranks.main)
     if info and ranks.main:
         print(f"[{run_name}] resuming after epoch {start_epoch} (step {step}/{job.total_steps})", flush=True)
-    bar = tqdm(total=job.total_steps, initial=step, desc=f"fine-tune {run_name}", unit="step",
-               disable=not (progress and ranks.main))
-    tracker = tracking.open_trackers(report_to, tracker_identity, step,
-                                     {**train_cfg, "seed": seed, "run_name": run_name, "fingerprint": fp}, ranks.main)
+    bar = tqdm(
+        total=job.total_steps,
+        initial=step,
+        desc=f"fine-tune {run_name}",
+        unit="step",
+        disable=not (progress and ranks.main),
+    )
+    tracker = tracking.open_trackers(
+        report_to,
+        tracker_identity,
+        step,
+        {**train_cfg, "seed": seed, "run_name": run_name, "fingerprint": fp},
+        ranks.main,
+    )
     try:
         for epoch in range(start_epoch, job.epochs):
             t_epoch = time.perf_counter()
             step, train_loss = _train_epoch(job, tr, examples, order[epoch], epoch, step, log_rows, bar, tracker)
             # Flushed before the state is saved: a rerun never re-logs steps up to the saved one.
-            tracker.log_epoch(step, tracking.epoch_summary([r for r in log_rows if r["epoch"] == epoch + 1],
-                                                           train_loss))
+            tracker.log_epoch(
+                step, tracking.epoch_summary([r for r in log_rows if r["epoch"] == epoch + 1], train_loss)
+            )
             checkpointing.save_epoch(job, tr, epoch, step, log_rows, train_loss, t_epoch)
             distributed.barrier(ranks)
     finally:

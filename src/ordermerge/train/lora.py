@@ -10,7 +10,6 @@ unmerging round-trip in floating point and would perturb the frozen base between
 from __future__ import annotations
 
 import json
-
 import warnings
 from pathlib import Path
 
@@ -24,9 +23,14 @@ def wrap(model, train_cfg: dict):
     from peft import LoraConfig, get_peft_model
 
     targets = train_cfg.get("lora_target_modules", "all-linear")
-    config = LoraConfig(r=train_cfg.get("lora_r", 16), lora_alpha=train_cfg.get("lora_alpha", 32),
-                        lora_dropout=train_cfg.get("lora_dropout", 0.05), bias="none", task_type="CAUSAL_LM",
-                        target_modules=targets if isinstance(targets, str) else list(targets))
+    config = LoraConfig(
+        r=train_cfg.get("lora_r", 16),
+        lora_alpha=train_cfg.get("lora_alpha", 32),
+        lora_dropout=train_cfg.get("lora_dropout", 0.05),
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=targets if isinstance(targets, str) else list(targets),
+    )
     with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5; nothing to act on here
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, config)
@@ -52,8 +56,11 @@ def save_adapter(peft_model, directory: Path) -> None:
 
     directory.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER, save_embedding_layers=False)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(directory / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        str(directory / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     peft_model.peft_config[ADAPTER].save_pretrained(str(directory))
     # peft keeps target_modules as a set: its JSON order follows the string hash (PYTHONHASHSEED), so two
     # identical runs would write different bytes; sorted, the file is deterministic and loads the same.

@@ -21,13 +21,15 @@ from ordermerge.storage.atomic import atomic_path
 from ordermerge.train import distributed, fsdp
 
 
-def fingerprint(*, base_dir: Path, train_path: Path, order, task_spec: dict, train_cfg: dict, seed: int,
-                run_name: str) -> str:
+def fingerprint(
+    *, base_dir: Path, train_path: Path, order, task_spec: dict, train_cfg: dict, seed: int, run_name: str
+) -> str:
     h = hashlib.sha256()
     # How the work is split over processes changes no result beyond rounding, nor the state's format;
     # where the numbers are also reported (report_to) changes nothing.
-    train_cfg = {k: v for k, v in train_cfg.items()
-                 if k not in ("parallel", "report_to") and not (k == "packing" and not v)}
+    train_cfg = {
+        k: v for k, v in train_cfg.items() if k not in ("parallel", "report_to") and not (k == "packing" and not v)
+    }
     h.update(json.dumps([task_spec, train_cfg, seed, run_name], sort_keys=True).encode())
     h.update(order.tobytes())
     h.update(train_path.read_bytes())
@@ -37,8 +39,9 @@ def fingerprint(*, base_dir: Path, train_path: Path, order, task_spec: dict, tra
     return h.hexdigest()
 
 
-def save_state(state_dir: Path, model, optimizer, scheduler, info: dict, tensors: bool,
-               gathered: dict | None = None) -> None:
+def save_state(
+    state_dir: Path, model, optimizer, scheduler, info: dict, tensors: bool, gathered: dict | None = None
+) -> None:
     """``gathered``: the tensors already collected from sharded ranks (fsdp.full_training_tensors)."""
     from safetensors.torch import save_file
 
@@ -47,7 +50,9 @@ def save_state(state_dir: Path, model, optimizer, scheduler, info: dict, tensors
         if tensors and gathered is not None:
             save_file(gathered, str(tmp / "training.safetensors"))
         elif tensors:
-            flat = {f"param.{n}": p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+            flat = {
+                f"param.{n}": p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad
+            }
             for i, s in opt["state"].items():
                 flat.update({f"optim.{i}.{k}": v.detach().to("cpu").contiguous() for k, v in s.items()})
             save_file(flat, str(tmp / "training.safetensors"))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ordermerge.data.orders import load_order
 from ordermerge.data.formatting import encode_example
+from ordermerge.data.orders import load_order
 from ordermerge.data.prepare import read_jsonl, refuse_over_long
 from ordermerge.train import fsdp
 
@@ -18,6 +18,7 @@ from ordermerge.train import fsdp
 @dataclass
 class Job:
     """The constants of one run: where it reads and writes, and how it cuts and computes batches."""
+
     base_dir: Path
     out_dir: Path
     run_name: str
@@ -53,6 +54,7 @@ class Job:
 @dataclass
 class Trainable:
     """The model being trained, the module token_losses needs (the HF body/head), and its optimizer."""
+
     model: object
     hf_model: object
     lora: bool
@@ -77,8 +79,10 @@ def checked_inputs(base_dir: Path, train_path: Path, order_path, task_spec: dict
     if order.shape[0] < epochs:
         raise ValueError(f"{order_path} has {order.shape[0]} epochs, training needs {epochs}")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    examples = [encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"),
-                               task_spec["max_length"]) for r in records]
+    examples = [
+        encode_example(tokenizer, r["prompt"], r["response"], task_spec.get("system_prompt"), task_spec["max_length"])
+        for r in records
+    ]
     refuse_over_long(examples, records, task_spec["max_length"])
     return order, examples, tokenizer
 
@@ -130,9 +134,13 @@ def build(base_dir: Path, train_cfg: dict, device: torch.device, total_steps: in
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": train_cfg["weight_decay"]},
-         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-        lr=train_cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": train_cfg["weight_decay"]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=train_cfg["lr"],
+        betas=(0.9, 0.999),
+        eps=1e-8,
         # The fused kernel: one pass over each tensor instead of ~10 (measured 0.15 s vs 0.68 s per step
         # for 120 M fp32 parameters on one CPU thread, ~11 % of a default step). FSDP's sharded DTensor
         # parameters keep the foreach path.

@@ -60,6 +60,7 @@ NOT_LOGGED = ("epoch", "step", "sample_indices")  # steps.csv columns that are n
 class RunIdentity:
     """Which of the K runs this is: ``group`` = ``<model>/<task>/<scheme>``, ``run`` = ``run<k>``;
     ``tensorboard_dir``: its TensorBoard directory (paths.py's ``tensorboard`` template)."""
+
     group: str
     run: str
     tensorboard_dir: Path | None = None
@@ -80,8 +81,10 @@ def problems(report_to) -> list[str]:
         if name not in BACKENDS:
             out.append(f"{name!r} — unknown tracker; use any of {', '.join(BACKENDS)} (or [] for steps.csv only)")
         elif not installed(BACKENDS[name]):
-            out.append(f"{name!r} — the {BACKENDS[name]} package is not installed; pip install {BACKENDS[name]}, "
-                       f"or drop {name} from train.report_to")
+            out.append(
+                f"{name!r} — the {BACKENDS[name]} package is not installed; pip install {BACKENDS[name]}, "
+                f"or drop {name} from train.report_to"
+            )
     return out
 
 
@@ -89,11 +92,15 @@ def check(report_to, identity: RunIdentity | None) -> None:
     """Refuse, before any training, trackers that cannot run here or have no run identity."""
     found = problems(report_to)
     if report_to and not found and identity is None:
-        found.append(f"{report_to} — no run identity (model/task/scheme/run) to track under; pass --tracker-group, "
-                     "--tracker-run and --tracker-dir (the workflow does), or set report_to: []")
+        found.append(
+            f"{report_to} — no run identity (model/task/scheme/run) to track under; pass --tracker-group, "
+            "--tracker-run and --tracker-dir (the workflow does), or set report_to: []"
+        )
     elif "tensorboard" in (report_to or []) and identity is not None and identity.tensorboard_dir is None:
-        found.append("'tensorboard' — no TensorBoard directory for this run; pass --tracker-dir (the workflow does), "
-                     "or drop tensorboard from train.report_to")
+        found.append(
+            "'tensorboard' — no TensorBoard directory for this run; pass --tracker-dir (the workflow does), "
+            "or drop tensorboard from train.report_to"
+        )
     if found:
         raise ValueError("train.report_to: " + "; ".join(found))
 
@@ -110,8 +117,12 @@ def epoch_summary(epoch_rows: list[dict], train_loss: float) -> dict[str, float]
     out = {"train_loss": float(train_loss)}
     if len(losses):
         p10, p50, p90 = np.quantile(losses, [0.1, 0.5, 0.9])
-        out.update(step_loss_mean=float(losses.mean()), step_loss_p10=float(p10), step_loss_p50=float(p50),
-                   step_loss_p90=float(p90))
+        out.update(
+            step_loss_mean=float(losses.mean()),
+            step_loss_p10=float(p10),
+            step_loss_p50=float(p50),
+            step_loss_p90=float(p90),
+        )
     return out
 
 
@@ -141,8 +152,11 @@ class TensorBoard(Tracker):
                 old.unlink()
         log_dir.mkdir(parents=True, exist_ok=True)
         # A unique suffix: two writers opened within one second must not share (and truncate) a file.
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None,
-                                    filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+        self.writer = SummaryWriter(
+            str(log_dir),
+            purge_step=start_step + 1 if start_step else None,
+            filename_suffix=f".{os.getpid()}.{time.time_ns()}",
+        )
 
     def log_step(self, row):
         for key, value in step_metrics(row).items():
@@ -163,8 +177,15 @@ class Wandb(Tracker):
 
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
         run_id = hashlib.sha256(f"{identity.group}/{identity.run}/{config.get('fingerprint', '')}".encode())
-        self.run = wandb.init(project=PROJECT, group=identity.group, name=identity.run, id=run_id.hexdigest()[:16],
-                              resume="allow", mode=mode, config=config)
+        self.run = wandb.init(
+            project=PROJECT,
+            group=identity.group,
+            name=identity.run,
+            id=run_id.hexdigest()[:16],
+            resume="allow",
+            mode=mode,
+            config=config,
+        )
 
     def log_step(self, row):
         self.run.log({f"train/{k}": v for k, v in step_metrics(row).items()}, step=int(row["step"]))
@@ -182,8 +203,15 @@ class MLflow(Tracker):
 
         self.mlflow = mlflow
         experiment = mlflow.set_experiment(f"{PROJECT}/{identity.group}")
-        found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.runName = '{identity.run}'",
-                                   output_format="list") if start_step else []
+        found = (
+            mlflow.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.mlflow.runName = '{identity.run}'",
+                output_format="list",
+            )
+            if start_step
+            else []
+        )
         if found:
             self.run = mlflow.start_run(run_id=found[0].info.run_id)
         else:
@@ -205,8 +233,13 @@ class Trackio(Tracker):
         import trackio
 
         self.trackio = trackio
-        trackio.init(project=PROJECT, name=f"{identity.group}/{identity.run}", group=identity.group, config=config,
-                     resume="allow")
+        trackio.init(
+            project=PROJECT,
+            name=f"{identity.group}/{identity.run}",
+            group=identity.group,
+            config=config,
+            resume="allow",
+        )
 
     def log_step(self, row):
         self.trackio.log({f"train/{k}": v for k, v in step_metrics(row).items()}, step=int(row["step"]))

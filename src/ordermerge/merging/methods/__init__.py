@@ -36,6 +36,7 @@ class MergeMethod:
 
     def chunk_size(self, info) -> int:
         from ordermerge.merging.bits import CHUNK
+
         return CHUNK
 
     def merge_chunk(self, ctx, name: str, start: int, count: int):
@@ -72,5 +73,7 @@ class TaskVectorMethod(MergeMethod):
         for name, counts in kept.items():
             per_tensor[name]["kept_fraction"] = counts.fractions()
         if kept:  # ties and dare: the share of each task vector that entered the merge
-            extra["kept_fraction"] = sum(kept.values(), KeptCounts.zero(len(next(iter(kept.values())).kept))).fractions()
+            extra["kept_fraction"] = sum(
+                kept.values(), KeptCounts.zero(len(next(iter(kept.values())).kept))
+            ).fractions()
         return stats, per_tensor, extra

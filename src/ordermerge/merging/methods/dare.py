@@ -19,6 +19,7 @@ class Merger(TaskVectorMethod):
         k = len(ctx.models)
         buf = ctx.scratch("dare_keep", (k, count), torch.bool, "cpu").numpy()  # the draws are made on the CPU
         keep = tv.dare_keep_mask(k, count, p["drop_rate"], chunk_rng(ctx.seed, name, start // CHUNK), out=buf)
-        out, kept = tv.dare(rows, base, ctx.probs, p["scale"], torch.from_numpy(keep).to(ctx.device), p["drop_rate"],
-                            ctx.scratch)
+        out, kept = tv.dare(
+            rows, base, ctx.probs, p["scale"], torch.from_numpy(keep).to(ctx.device), p["drop_rate"], ctx.scratch
+        )
         return stored_bits(out).cpu().numpy(), tv.KeptCounts(kept, count)

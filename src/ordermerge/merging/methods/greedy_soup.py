@@ -58,17 +58,30 @@ class Merger(MergeMethod):
             for n, i in enumerate(ranking[1:]):
                 trial = sorted(chosen + [i])
                 out = Path(tmp) / f"soup{n}"
-                merge_models(ctx.base.directory, [dirs[j] for j in trial], out, method="average",
-                             progress=progress, device=str(ctx.device))
+                merge_models(
+                    ctx.base.directory,
+                    [dirs[j] for j in trial],
+                    out,
+                    method="average",
+                    progress=progress,
+                    device=str(ctx.device),
+                )
                 loss = heldout_loss(out, records, ctx.task_spec, ctx.device)
                 accepted = loss <= best
                 candidates.append({"ingredients": [str(dirs[j]) for j in trial], "loss": loss, "accepted": accepted})
                 if accepted:
                     chosen, best = trial, loss
-        return {"split": "heldout", "data": str(ctx.data), "samples": len(records),
-                "losses": {str(d): x for d, x in zip(dirs, losses)}, "ranking": [str(dirs[i]) for i in ranking],
-                "candidates": candidates, "chosen": chosen, "ingredients": [str(dirs[i]) for i in sorted(chosen)],
-                "soup_loss": best}
+        return {
+            "split": "heldout",
+            "data": str(ctx.data),
+            "samples": len(records),
+            "losses": {str(d): x for d, x in zip(dirs, losses)},
+            "ranking": [str(dirs[i]) for i in ranking],
+            "candidates": candidates,
+            "chosen": chosen,
+            "ingredients": [str(dirs[i]) for i in sorted(chosen)],
+            "soup_loss": best,
+        }
 
     def merge_chunk(self, ctx, name, start, count):
         return Average().merge_chunk(ctx, name, start, count)

@@ -32,8 +32,9 @@ from ordermerge.merging.methods import MergeMethod
 from ordermerge.merging.methods.slerp import combine, input_grams, input_rows
 
 
-def karcher_coefficients(gram: np.ndarray, weights: list[float], max_iter: int, tol: float
-                         ) -> tuple[np.ndarray, int, bool]:
+def karcher_coefficients(
+    gram: np.ndarray, weights: list[float], max_iter: int, tol: float
+) -> tuple[np.ndarray, int, bool]:
     """(c, steps, converged): Σ c_i θ_i is the Karcher mean of θ_i (module docstring) from their Gram matrix."""
     k = len(weights)
     norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
@@ -91,6 +92,8 @@ class Merger(MergeMethod):
 
     def summary(self, ctx, tasks, results):
         stats = ctx.tensor_stats.values()
-        headline = {"most_steps": max((s["steps"] for s in stats), default=0),
-                    "not_converged_tensors": sum(not s["converged"] for s in stats)}
+        headline = {
+            "most_steps": max((s["steps"] for s in stats), default=0),
+            "not_converged_tensors": sum(not s["converged"] for s in stats),
+        }
         return headline, {name: ctx.tensor_stats[name] for name in sorted(ctx.tensor_stats)}, {}

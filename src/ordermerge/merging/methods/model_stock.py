@@ -15,8 +15,13 @@ class Merger(TaskVectorMethod):
 
     def prepare(self, ctx, pool, tasks, progress):
         """Per tensor: the Gram matrix of task vectors, summed over chunks in chunk order (fp64, CPU)."""
-        grams = tensor_totals(pool, lambda n, lo, c: tv.gram_fp64(*ctx.rows(n, lo, c, device="cpu"), ctx.scratch),
-                              tasks, progress, "model_stock angles")
+        grams = tensor_totals(
+            pool,
+            lambda n, lo, c: tv.gram_fp64(*ctx.rows(n, lo, c, device="cpu"), ctx.scratch),
+            tasks,
+            progress,
+            "model_stock angles",
+        )
         for name, gram in grams.items():
             ratio, cosine = tv.model_stock_ratio(gram)
             ctx.per_tensor[name] = ratio

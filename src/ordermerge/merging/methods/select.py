@@ -34,8 +34,15 @@ class Merger(MergeMethod):
             "resampled_per_round": total.resampled,
             "zero_task_vector_after": total.zero_after,
         }
-        return stats, {
-            name: {"fraction_from": [c / max(1, sum(s.counts)) for c in s.counts],
-                   "resampled": s.resampled, "zero_after": s.zero_after}
-            for name, s in sorted(per_tensor.items())
-        }, {}
+        return (
+            stats,
+            {
+                name: {
+                    "fraction_from": [c / max(1, sum(s.counts)) for c in s.counts],
+                    "resampled": s.resampled,
+                    "zero_after": s.zero_after,
+                }
+                for name, s in sorted(per_tensor.items())
+            },
+            {},
+        )

@@ -56,12 +56,15 @@ def input_rows(ctx, name: str, start: int, count: int, device=None) -> torch.Ten
 
 def input_grams(ctx, pool, tasks, progress: bool, desc: str) -> dict[str, np.ndarray]:
     """Per tensor: the (K, K) fp64 Gram matrix of the K inputs' weights; refuses non-finite weights."""
-    grams = tensor_totals(pool, lambda n, lo, c: gram_fp64(input_rows(ctx, n, lo, c, "cpu"), ctx.scratch),
-                          tasks, progress, desc)
+    grams = tensor_totals(
+        pool, lambda n, lo, c: gram_fp64(input_rows(ctx, n, lo, c, "cpu"), ctx.scratch), tasks, progress, desc
+    )
     for name, gram in grams.items():
         if not np.all(np.isfinite(gram)):
-            raise ValueError(f"tensor {name}: an input holds inf or NaN weights (or norms beyond fp64), so its "
-                             "angle is undefined; merge finite checkpoints")
+            raise ValueError(
+                f"tensor {name}: an input holds inf or NaN weights (or norms beyond fp64), so its "
+                "angle is undefined; merge finite checkpoints"
+            )
     return grams
 
 

@@ -10,4 +10,6 @@ from ordermerge.merging.methods import TaskVectorMethod
 class Merger(TaskVectorMethod):
     def merge_chunk(self, ctx, name, start, count):
         rows, base = ctx.rows(name, start, count)
-        return stored_bits(tv.task_arithmetic(rows, base, ctx.probs, ctx.params["scale"], ctx.scratch)).cpu().numpy(), None
+        return stored_bits(
+            tv.task_arithmetic(rows, base, ctx.probs, ctx.params["scale"], ctx.scratch)
+        ).cpu().numpy(), None

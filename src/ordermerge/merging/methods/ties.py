@@ -30,13 +30,22 @@ class Merger(TaskVectorMethod):
         chunks = chunks_per_tensor(tasks)
         rank = {n: torch.full((k,), tv.ties_rank(ctx.base.info(n).numel, ctx.params["density"])) for n in chunks}
         high = TensorSums(chunks, lambda n, hist: tv.first_pass(hist, rank[n]))
-        gather(pool, lambda n, lo, c: high.add(n, tv.key_histogram(self._taus(ctx, n, lo, c), ctx.scratch)),
-               tasks, progress, "ties thresholds")
+        gather(
+            pool,
+            lambda n, lo, c: high.add(n, tv.key_histogram(self._taus(ctx, n, lo, c), ctx.scratch)),
+            tasks,
+            progress,
+            "ties thresholds",
+        )
         second = [t for t in tasks if high.done[t[0]][2]]
         low = TensorSums(chunks_per_tensor(second), lambda n, hist: tv.top_bin(hist, high.done[n][1])[0])
-        gather(pool, lambda n, lo, c: low.add(n, tv.low_histogram(self._taus(ctx, n, lo, c), high.done[n][0],
-                                                                  ctx.scratch)),
-               second, progress, "ties thresholds, low bits")
+        gather(
+            pool,
+            lambda n, lo, c: low.add(n, tv.low_histogram(self._taus(ctx, n, lo, c), high.done[n][0], ctx.scratch)),
+            second,
+            progress,
+            "ties thresholds, low bits",
+        )
         for n in chunks:
             hb = high.done[n][0]
             ctx.per_tensor[n] = tv.magnitude_threshold(hb, low.done[n] if n in low.done else torch.zeros_like(hb))
