@@ -171,22 +171,26 @@ def update_table(cfg: dict, results: Path) -> pd.DataFrame:
                         m: Path(p.of("merged", **w, precision=precision, epoch=epoch, method=m, mseed=seed))
                         for m in methods
                     }  # the first merge seed: every method is built for it
-                    for name, d in dirs.items():
-                        ck = LazyCheckpoint(d)
-                        zeros = total = 0
-                        dot = nn = rr = 0.0
-                        for t in base.keys():
-                            b = base.get(t)
-                            if not b.is_floating_point():
-                                continue
-                            b = b.to(torch.float64)
-                            tau, tau_ref = ck.get(t).to(torch.float64) - b, ref.get(t).to(torch.float64) - b
-                            zeros += int((tau == 0).sum())
-                            total += tau.numel()
-                            dot += float((tau * tau_ref).sum())
-                            nn += float((tau * tau).sum())
-                            rr += float((tau_ref * tau_ref).sum())
+                    cks = {name: LazyCheckpoint(d) for name, d in dirs.items()}
+                    sums = {name: [0, 0, 0.0, 0.0, 0.0] for name in dirs}  # zeros, total, dot, |τ|², |τ_ref|²
+                    for t in base.keys():  # each tensor of the base and the reference read once
+                        b = base.get(t)
+                        if not b.is_floating_point():
+                            continue
+                        b = b.to(torch.float32)  # exact: the base is bf16/fp16/fp32
+                        tau_ref = ref.get(t).to(torch.float32) - b
+                        rr = float(torch.sum(tau_ref * tau_ref, dtype=torch.float64))
+                        for name, ck in cks.items():
+                            tau = ck.get(t).to(torch.float32) - b  # 0 exactly where the stored value is the base's
+                            acc = sums[name]
+                            acc[0] += int(torch.count_nonzero(tau == 0))
+                            acc[1] += tau.numel()
+                            acc[2] += float(torch.sum(tau * tau_ref, dtype=torch.float64))
+                            acc[3] += float(torch.sum(tau * tau, dtype=torch.float64))
+                            acc[4] += rr
+                    for name, ck in cks.items():
                         ck.close()
+                        zeros, total, dot, nn, rr = sums[name]
                         rows.append(
                             {
                                 **w,
