@@ -379,3 +379,23 @@ def test_every_row_names_a_registry_method_or_waits_for_one():
 def test_without_config_the_merge_flags_are_still_required(tmp_path, capsys):
     err = _refusal(capsys, "--out", tmp_path / "out", "--method", "average")
     assert "--base, MODEL_DIR (or --config merge.yml)" in err
+
+
+@pytest.mark.parametrize("t", [0.0, 1.0, 0.3])
+def test_slerp_goes_from_base_model_to_the_other_as_in_mergekit(zoo, tmp_path, t):
+    """mergekit's slerp: t = 0 is base_model, t = 1 the other model, whatever their order under models."""
+    root = zoo["base"].parent
+    config = _config(
+        zoo,
+        f"models:\n  - model: ft1\n  - model: ft0\nmerge_method: slerp\nbase_model: ft0\nparameters:\n  t: {t}\n"
+        "dtype: bfloat16\n",
+        "slerp.yml",
+    )
+    _run("--config", config, "--out", tmp_path / "config")
+    _run("--base", root / "ft0", "--method", "slerp", "--t", t, "--out", tmp_path / "flags", root / "ft0", root / "ft1")
+    got = (tmp_path / "config" / "model.safetensors").read_bytes()
+    assert got == (tmp_path / "flags" / "model.safetensors").read_bytes()
+    if t in (0.0, 1.0):  # the ends are the inputs' own bytes
+        end = read_weights(root / ("ft0" if t == 0.0 else "ft1"))
+        merged = read_weights(tmp_path / "config")
+        assert all(torch.equal(merged[k], end[k]) for k in end if end[k].is_floating_point())  # ints: first input's

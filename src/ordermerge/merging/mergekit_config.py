@@ -272,6 +272,10 @@ def _from_mergekit(name: str, row: Mergekit, base: Path | None, entries: list, s
         )
     for i, _, params in entries:
         _known_keys(params, {"weight", "density"} & known, f"models[{i}].parameters", name)
+    if name == "slerp" and base is not None:
+        # mergekit's slerp goes from base_model (t = 0) to the other model (t = 1); ordermerge's from its
+        # first input to its second: the base first, whatever the order under models
+        entries = sorted(entries, key=lambda e: e[1].resolve() != base.resolve())
     paths = [p for _, p, _ in entries]
     weights = _weights(entries, shared, required=row.weights, method=name)
     if not row.weights and weights is not None:
