@@ -44,6 +44,7 @@ rule analyze:
                 "train": without(config["train"], "report_to"),
             }
         ),
-        results=R,
+        # the results dir, as the answer's path spells it (paths.py: {results}/answer.rst)
+        results=lambda w, output: str(Path(output.answer).parent),
     shell:
         "ordermerge analyze --config-json {params.cfg:q} --results-dir {params.results} --out-dir {params.results} > {log} 2>&1"
