@@ -107,6 +107,16 @@ TABLE: dict[str, Effect] = {
     "tasks.*.n_test": Effect(5, ("prepare_data",)),
     "tasks.*.n_heldout": Effect(3, ("prepare_data",)),
     "tasks.*.system_prompt": Effect("Answer.", ("prepare_data",)),
+    "tasks.*.answer": Effect(
+        "text", ("prepare_data",), entry="qa", why="how gold answers are read and scored (inferred when unset)"
+    ),
+    "tasks.*.choices_field": Effect(
+        "options",
+        ("prepare_data",),
+        entry="qa",
+        also={"tasks": {"qa": {"answer": "choice"}}},
+        why="with answer: choice (refused otherwise)",
+    ),
     "precisions": Effect(["fp32", "bf16", "bf16sr"], adds=True, why="another stored form beside the others"),
     "runs": Effect(3, ("merge", "ksweep_merge"), adds=True, why="a new run; every merge takes it"),
     "schemes": Effect(["shuffle", "fixbatch"], adds=True),
@@ -171,6 +181,9 @@ TABLE: dict[str, Effect] = {
     "merge.scale": Effect(0.5, MERGES, why="the merges of methods that take it"),
     "merge.density": Effect(0.5, ("merge",), why="the merges of methods that take it"),
     "merge.drop_rate": Effect(0.5, ("multitask_merge",), why="the merges of methods that take it"),
+    "merge.t": Effect(0.3, ("multitask_merge",), why="the merges of methods that take it"),
+    "merge.max_iter": Effect(5, ("ksweep_merge",), why="the merges of methods that take it"),
+    "merge.tol": Effect(1.0e-4, ("ksweep_merge",), why="the merges of methods that take it"),
     "eval.batch_size": Effect(
         2,
         (
@@ -197,11 +210,11 @@ TABLE: dict[str, Effect] = {
     "ksweep.subsets": Effect(
         2, ("analyze",), why="here K = 2 has one subset of size 2; with more, new subsets add jobs"
     ),
-    "ksweep.methods": Effect(["task_arithmetic", "greedy_soup", "average"], ("analyze",), adds=True),
+    "ksweep.methods": Effect(["task_arithmetic", "greedy_soup", "karcher", "average"], ("analyze",), adds=True),
     "ksweep.exact_match": Effect(True, ("analyze",), adds=True, why="ksweep_evaluate reruns to decode too"),
     "multitask.tasks": Effect([], ("analyze",), why="fewer targets: Table 3's files are left alone"),
     "multitask.run": Effect(1, ("multitask_merge",), why="another run of each task merged"),
-    "multitask.methods": Effect(["dare", "average"], ("analyze",), adds=True),
+    "multitask.methods": Effect(["dare", "slerp", "average"], ("analyze",), adds=True),
     "multitask.seeds": Effect([0, 1], ("analyze",), adds=True),
     "resources.*.gpus": Effect(
         1,
