@@ -16,7 +16,9 @@ from ordermerge.train import fsdp, resume
 
 
 def zero_task_vector_fraction(model_state: dict[str, torch.Tensor], base_dir: Path) -> float:
-    """Fraction of elements whose stored value equals the base's stored value (what resample acts on)."""
+    """Fraction of float elements whose stored value equals the base's (what resample acts on): stored bits
+    equal in the base's dtype; a checkpoint in a wider dtype (fp32 of a bf16 base) against the base's values
+    widened exactly (the merge engine's WidenedCheckpoint)."""
     from ordermerge.storage.checkpoint import LazyCheckpoint
     from ordermerge.storage.dtypes import stored_bits
 
@@ -25,9 +27,16 @@ def zero_task_vector_fraction(model_state: dict[str, torch.Tensor], base_dir: Pa
     for name in base.keys():
         if name in model_state:
             b, t = base.get(name), model_state[name]
+            if not t.is_floating_point():
+                continue
             if t.dtype == b.dtype:
                 zeros += int((stored_bits(t) == stored_bits(b)).sum())
-                total += t.numel()
+            elif t.element_size() > b.element_size():
+                zeros += int((t == b.to(t.dtype)).sum())
+            else:
+                continue
+            total += t.numel()
+    base.close()
     return zeros / max(1, total)
 
 
