@@ -369,3 +369,23 @@ def test_study_config_has_a_small_val_loss_only_ksweep_and_the_default_none(tmp_
     # precisions: 7 x 2 x 3 = 42 merges + 42 val-loss evaluations
     assert (jobs["ksweep_merge"], jobs["ksweep_evaluate"]) == (42, 42)
     assert "multitask_merge" not in jobs
+
+
+def test_ksweep_table_without_a_decoded_metric():
+    """eval.n_generate: 0 scores no test sample: the single runs have no exact_match column, and the table
+    says NaN for it instead of failing (the default's K-sweep in the study)."""
+    single = _single().drop(columns=["exact_match"])
+    sweep = pd.DataFrame(
+        {
+            "model": "m",
+            "task": "t",
+            "scheme": "shuffle",
+            "precision": "fp32",
+            "method": "average",
+            "subset_size": [2, 2],
+            "val_loss": [2.0, 3.0],
+            "exact_match": np.nan,
+        }
+    )
+    t = ksweep_table(sweep, single)
+    assert t["single_val_loss_mean"].item() == pytest.approx(2.5) and np.isnan(t["single_exact_match_mean"].item())

@@ -68,7 +68,8 @@ def ksweep_table(sweep: pd.DataFrame, single: pd.DataFrame) -> pd.DataFrame:
         for metric in METRICS:
             rec[f"{metric}_mean"], rec[f"{metric}_std"] = _mean_std(g[metric])
             s = ref.get(key[:4])
-            single_mean = _mean_std(s[metric])[0] if s is not None else float("nan")
+            # a metric no single run was scored on (eval.n_generate: 0 decodes nothing) is NaN, not an error
+            single_mean = _mean_std(s[metric])[0] if s is not None and metric in s else float("nan")
             rec[f"single_{metric}_mean"] = single_mean
             rec[f"{metric}_delta"] = rec[f"{metric}_mean"] - single_mean
         rows.append(rec)
@@ -188,7 +189,7 @@ def table3(merged: pd.DataFrame, single: pd.DataFrame, methods: list[str]) -> pd
     """
     rows = []
     for (model, precision, task), s in single.groupby(["model", "precision", "task"], sort=False):
-        ref = {m: _mean_std(s[m])[0] for m in METRICS}
+        ref = {m: _mean_std(s[m])[0] if m in s else float("nan") for m in METRICS}
         rows.append(
             {
                 "model": model,
