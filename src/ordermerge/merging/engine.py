@@ -37,9 +37,9 @@ from ordermerge.storage.checkpoint import (
     ShardedWriter,
     copy_sidecars,
     parse_size,
-    widened_base,
 )
 from ordermerge.storage.guards import refuse_duplicates
+from ordermerge.storage.widening import widened_base
 
 _DTYPE_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors -> config.json
 

@@ -18,7 +18,7 @@ from ordermerge.train import fsdp, resume
 def zero_task_vector_fraction(model_state: dict[str, torch.Tensor], base_dir: Path) -> float:
     """Fraction of float elements whose stored value equals the base's (what resample acts on): stored bits
     equal in the base's dtype; a checkpoint in a wider dtype (fp32 of a bf16 base) against the base's values
-    widened exactly (the merge engine's WidenedCheckpoint)."""
+    widened exactly (storage/widening.py)."""
     from ordermerge.storage.checkpoint import LazyCheckpoint
     from ordermerge.storage.dtypes import stored_bits
 
