@@ -128,19 +128,32 @@ def test_default_config_validates(monkeypatch):
     assert all(m["trust_remote_code"] is False for m in cfg["models"].values())
 
 
+# Overlays and what they are laid over, as `make study`, the README and tests/test_reruns.py use them.
+UNDER = {
+    "study": ["config.yaml"],
+    "study-replicate": ["config.yaml"],
+    "study-schedule": ["config.yaml"],
+    "study-constant": ["config.yaml", "configs/study-schedule.yaml"],
+    "reruns": ["tests/configs/smoke.yaml"],
+}
+
+
 def layered(path: Path) -> dict:
-    """The config a shipped file stands for: itself, or for the study's overlays (configs/study*.yaml,
-    used as `--configfile config.yaml configs/study.yaml [configs/study-constant.yaml]`) the default
-    with the overlays merged over it, as Snakemake merges configfiles."""
+    """The config a shipped file stands for: itself, or for an overlay (UNDER) the files below it with the
+    overlay merged over them, as Snakemake merges configfiles."""
     from snakemake.utils import update_config
 
-    if not path.stem.startswith("study"):
+    if path.stem not in UNDER:
         return yaml.safe_load(path.read_text())
-    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
-    study = ROOT / "configs" / "study.yaml"
-    for layer in [study] if path == study else [study, path]:
+    cfg: dict = {}
+    for layer in [*(ROOT / f for f in UNDER[path.stem]), path]:
         update_config(cfg, yaml.safe_load(layer.read_text()))
     return cfg
+
+
+def test_every_overlay_is_known():
+    overlays = {p.stem for p in CONFIGS if "models" not in yaml.safe_load(p.read_text())}
+    assert overlays <= set(UNDER), f"say what {sorted(overlays - set(UNDER))} is laid over in UNDER"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
