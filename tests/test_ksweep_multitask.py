@@ -339,24 +339,26 @@ def smoke_with_ksweep(smoke_run, tmp_path_factory):
 
 def test_smoke_ksweep_reuses_the_runs_and_writes_its_figure_and_table(smoke_with_ksweep):
     work, jobs = smoke_with_ksweep
-    # K=2: one subset of size 2 (both runs) x 2 methods; nothing upstream reruns
-    assert jobs == {"ksweep_merge": 2, "ksweep_evaluate": 2, "analyze": 1, "all": 1, "total": 6}
+    # K=2: one subset of size 2 (both runs) x 2 methods, in each of the 2 precisions; nothing upstream reruns
+    assert jobs == {"ksweep_merge": 4, "ksweep_evaluate": 4, "analyze": 1, "all": 1, "total": 10}
     results = work / "results"
-    fig = results / "figures" / "ksweep_smollm2-135m_gsm_shuffle.png"
-    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 20_000
+    for precision in ("fp32", "bf16"):
+        fig = results / "figures" / f"ksweep_smollm2-135m_gsm_shuffle_{precision}.png"
+        assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 20_000
     t = pd.read_csv(results / "tables" / "ksweep.csv")
     assert set(t["method"]) == {"average", "select"} and set(t["subset_size"]) == {2}
+    assert set(t["precision"]) == {"fp32", "bf16"}
     assert (t["val_loss_mean"] > 0).all() and t["exact_match_mean"].isna().all()
     assert t["single_val_loss_mean"].notna().all()
-    # the size-K average merges the same checkpoints as the main average merge: same val loss
-    main = pd.read_csv(results / "tables" / "table1.csv").set_index("method")
-    assert t.set_index("method").loc["average", "val_loss_mean"] == pytest.approx(
-        main.loc["average", "val_loss_mean"], abs=1e-6
-    )
+    # the size-K average merges the same checkpoints as the main average merge: same val loss, per precision
+    main = pd.read_csv(results / "tables" / "table1.csv").set_index(["precision", "method"])
+    for precision in ("fp32", "bf16"):
+        got = t.set_index(["precision", "method"]).loc[(precision, "average"), "val_loss_mean"]
+        assert got == pytest.approx(main.loc[(precision, "average"), "val_loss_mean"], abs=1e-6)
     tidy = pd.read_csv(results / "tables" / "metrics.csv")
     sweep = tidy[tidy["kind"] == "ksweep"]
-    assert len(sweep) == 2 and set(sweep["metric"]) == {"val_loss"} and (sweep["merged"] == "run0 run1").all()
-    assert "| average | 2 | 1 |" in (results / "tables" / "ksweep.md").read_text()
+    assert len(sweep) == 4 and set(sweep["metric"]) == {"val_loss"} and (sweep["merged"] == "run0 run1").all()
+    assert "| fp32 | average | 2 | 1 |" in (results / "tables" / "ksweep.md").read_text()
 
 
 def test_study_config_has_a_small_val_loss_only_ksweep_and_the_default_none(tmp_path):
