@@ -273,7 +273,10 @@ def test_study_report_gathers_runs_without_recomputing(smoke_run, tmp_path):
     readme = (tmp_path / "docs" / "README.md").read_text()
     imb = pd.read_csv(results / "tables" / "imbalance.csv").iloc[0]
     assert f"{imb.rho_paired:+.3f} [{imb.rho_paired_ci_low:+.3f}, {imb.rho_paired_ci_high:+.3f}]" in readme
-    assert readme.count("| resample1 |") == 4  # one Table 1 row per run and precision
+    # one Table 1 row per run and precision (4), and one pooled row per precision over the two runs (2)
+    assert readme.count("| resample1 |") == 6
+    pooled = readme[readme.index("## Pooled over the replicates") :]
+    assert pooled.count("| resample1 | 2 |") == 2 and "| 4 |" in pooled  # 2 runs x K = 2 fine-tunes pooled
     assert (tmp_path / "docs" / "a" / "fig1_smollm2-135m_gsm_shuffle_bf16.png").read_bytes() == (
         results / "figures" / "fig1_smollm2-135m_gsm_shuffle_bf16.png"
     ).read_bytes()
